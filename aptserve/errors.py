@@ -1,0 +1,17 @@
+"""Typed errors that say what to change. The server maps InvalidRequestError to HTTP 400."""
+
+
+class AptServeError(Exception):
+    """Base class of the engine's own errors."""
+
+
+class InvalidRequestError(AptServeError, ValueError):
+    """The request cannot be served as given (bad parameters, too long, never fits the cache)."""
+
+
+class UnknownModelError(AptServeError, ValueError):
+    """The model name is neither a known alias nor a local HF folder."""
+
+
+class EngineOverloadedError(AptServeError):
+    """The queue is full; the client should retry later (HTTP 503)."""

@@ -1,0 +1,98 @@
+"""Request: the token ids, status, cache kind and timestamps of one generation request."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from aptserve.cache.manager import CacheKind
+from aptserve.sampling import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Every status after PREEMPTED means finished.
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_s: float
+    ttft_slo_s: float = 1.0
+    tbt_slo_s: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    prompt: str | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    cache_kind: CacheKind = CacheKind.KV
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose cache rows exist (prompt and outputs); a decode step computes the one token after them.
+    num_computed_tokens: int = 0
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+    num_conversions: int = 0
+    stop_reason: int | str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Prompt plus the most tokens this request can generate."""
+        return self.num_prompt_tokens + self.sampling_params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def last_token_s(self) -> float:
+        """When this request last produced a token (its arrival if none yet): the base of its pending time."""
+        return self.token_times_s[-1] if self.token_times_s else self.arrival_s
+
+    def is_past_slo(self, now: float) -> bool:
+        """True when the pending time already exceeds the SLO that applies now (TTFT before the first token)."""
+        slo = self.tbt_slo_s if self.output_token_ids else self.ttft_slo_s
+        return now - self.last_token_s > slo
+
+    def append_output_token(self, token_id: int, now: float) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_times_s.append(now)
+        if self.first_token_s is None:
+            self.first_token_s = now
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASONS.get(self.status)

@@ -1,0 +1,66 @@
+"""The seam between scheduler and executor (vLLM v1's contract, simplified for a stateless runner).
+
+The scheduler sends, per step, the full picture each scheduled request needs (its new tokens, its
+absolute start position, its whole unit table); the executor keeps no cache bookkeeping of its own,
+only per-request sampler state (seeded generators), dropped when a request id appears in
+`finished_req_ids`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aptserve.cache.manager import CacheKind
+from aptserve.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    req_id: str
+    # Tokens fed this step: all_token_ids[start_pos : start_pos + len(token_ids)]. One token for a decode.
+    token_ids: list[int]
+    # Absolute position of token_ids[0]; the cache already holds rows for positions [0, start_pos).
+    start_pos: int
+    cache_kind: CacheKind
+    # The request's whole table after this step's allocation (layout: cache/manager.py).
+    unit_ids: list[int]
+    # True when this step reaches the request's last known token, so a new token is sampled.
+    sample: bool
+    sampling_params: SamplingParams
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens attended to by this step's last token (cached plus new)."""
+        return self.start_pos + len(self.token_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start_pos == 0 or len(self.token_ids) > 1
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    step_id: int
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests that finished or were aborted since the previous step.
+    finished_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    # One new token per scheduled request whose `sample` was True.
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # Wall time of the forward pass, or the cost model's prediction in the simulator.
+    elapsed_s: float | None = None

@@ -1,0 +1,1 @@
+"""Discrete-event simulation around the real scheduler and cache pool (no tensors)."""

@@ -1,0 +1,52 @@
+"""SimClock and CostModelExecutor: the simulator's Clock and Executor.
+
+The executor returns synthetic tokens (never EOS unless asked) and the step time a linear cost model
+predicts; with the SimClock it lets the real engine.step() run without a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aptserve.sched.output import RunnerOutput, SchedulerOutput
+
+
+class SimClock:
+    def __init__(self, start_s: float = 0.0) -> None:
+        self.time_s = start_s
+
+    def now(self) -> float:
+        return self.time_s
+
+    def advance(self, seconds: float) -> None:
+        self.time_s += seconds
+
+
+@dataclass(frozen=True)
+class LinearCostModel:
+    """step time = base + per_token * tokens fed + per_context_token * tokens attended."""
+
+    base_s: float = 0.005
+    per_token_s: float = 0.0002
+    per_context_token_s: float = 0.000002
+
+    def step_time(self, sched_out: SchedulerOutput) -> float:
+        num_context = sum(r.context_len for r in sched_out.scheduled)
+        return (self.base_s + self.per_token_s * sched_out.total_num_scheduled_tokens
+                + self.per_context_token_s * num_context)
+
+
+class CostModelExecutor:
+    def __init__(self, clock: SimClock | None = None, cost_model: LinearCostModel | None = None,
+                 token_id: int = 7) -> None:
+        self.clock = clock
+        self.cost_model = cost_model or LinearCostModel()
+        self.token_id = token_id
+        self.num_steps = 0
+
+    def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
+        elapsed_s = self.cost_model.step_time(sched_out) if sched_out.scheduled else 0.0
+        if self.clock is not None:
+            self.clock.advance(elapsed_s)
+        self.num_steps += 1
+        sampled = {r.req_id: self.token_id for r in sched_out.scheduled if r.sample}
+        return RunnerOutput(sampled_token_ids=sampled, elapsed_s=elapsed_s)

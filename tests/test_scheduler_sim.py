@@ -1,0 +1,129 @@
+"""The real engine loop and scheduler under a simulated clock and executor: nothing lost, no over-commit."""
+import numpy as np
+import pytest
+
+from aptserve.cache import CacheManager
+from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from aptserve.engine import LLMEngine
+from aptserve.errors import InvalidRequestError
+from aptserve.sampling import SamplingParams
+from aptserve.sim.executor import CostModelExecutor, SimClock
+
+MODEL = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4,
+                    num_kv_heads=4, head_dim=16, vocab_size=1000, max_model_len=512, eos_token_ids=(2,))
+
+
+def make_engine(num_units: int, policy: str = "fcfs", max_num_seqs: int = 8, budget: int = 512):
+    clock = SimClock()
+    sched = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                            max_model_len=MODEL.max_model_len)
+    config = EngineConfig(model="sim", scheduler=sched)
+    cache = CacheManager(num_units, block_size=4, units_per_hidden_block=1)
+    return LLMEngine(config, MODEL, cache, CostModelExecutor(clock), clock=clock), clock
+
+
+def run_random_trace(engine, clock, num_requests: int, seed: int, rate: float = 50.0):
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, num_requests))
+    lengths = rng.integers(1, 40, size=(num_requests, 2))
+    finished, next_arrival, num_steps = {}, 0, 0
+    while next_arrival < num_requests or engine.has_unfinished_requests():
+        while next_arrival < num_requests and arrivals[next_arrival] <= clock.now():
+            prompt_len, max_tokens = map(int, lengths[next_arrival])
+            engine.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens),
+                               request_id=f"r{next_arrival}")
+            next_arrival += 1
+        if not engine.has_unfinished_requests():
+            clock.time_s = float(arrivals[next_arrival])
+            continue
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        engine.scheduler.check_invariants()
+        num_steps += 1
+        assert num_steps < 20_000, "livelock: the trace does not drain"
+    return finished, lengths
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fcfs_tiny_pool_loses_nothing_and_preempts(seed):
+    engine, clock = make_engine(num_units=40)  # 80 tokens of KV: far below the offered load
+    finished, lengths = run_random_trace(engine, clock, num_requests=60, seed=seed)
+    assert len(finished) == 60
+    for i, (_, max_tokens) in enumerate(lengths):
+        output = finished[f"r{i}"]
+        assert len(output.outputs[0].token_ids) == max_tokens
+        assert output.outputs[0].finish_reason == "length"
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.cache.num_free_units == engine.cache.num_units
+
+
+def test_preempted_request_keeps_its_tokens_and_timestamps():
+    engine, clock = make_engine(num_units=40, max_num_seqs=8)
+    finished, _ = run_random_trace(engine, clock, num_requests=10, seed=5, rate=1000.0)
+    preempted = [o for o in finished.values() if o.metrics.num_preemptions > 0]
+    assert preempted, "the tiny pool should force preemption"
+    for output in finished.values():
+        times = output.metrics.token_times_s
+        assert len(times) == len(output.outputs[0].token_ids)
+        assert times == sorted(times) and output.metrics.first_token_s == times[0]
+        assert output.metrics.arrival_s <= output.metrics.first_scheduled_s <= times[0]
+
+
+def test_request_that_never_fits_is_rejected_up_front():
+    engine, _ = make_engine(num_units=10)  # 5 KV blocks = 20 tokens
+    with pytest.raises(InvalidRequestError, match="raise kv_cache_memory or lower max_tokens"):
+        engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=11))
+    assert not engine.has_unfinished_requests()
+    engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=10))  # exactly 20 tokens: fits
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(max_tokens=4), "prompt is empty"),
+    (list(range(3, 600)), SamplingParams(max_tokens=4), "maximum context length is 512"),
+    (list(range(3, 500)), SamplingParams(max_tokens=100), "lower max_tokens"),
+    ([5, 1000], SamplingParams(max_tokens=4), "token ids must be integers"),
+])
+def test_bad_requests_are_rejected_and_the_engine_keeps_serving(prompt, params, match):
+    engine, clock = make_engine(num_units=200)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=3), request_id="good")
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.add_request(prompt, params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [o.request_id for o in outputs if o.finished] == ["good"]
+    assert len(outputs[-1].outputs[0].token_ids) == 3
+
+
+def test_max_tokens_below_one_is_a_typed_error():
+    with pytest.raises(InvalidRequestError, match="max_tokens must be an integer >= 1"):
+        SamplingParams(max_tokens=0)
+
+
+def test_abort_returns_every_unit_and_keeps_others_running():
+    engine, _ = make_engine(num_units=100)
+    engine.add_request([5] * 10, SamplingParams(max_tokens=20), request_id="a")
+    engine.add_request([6] * 10, SamplingParams(max_tokens=5), request_id="b")
+    engine.step()
+    engine.step()
+    assert engine.cache.num_free_units < 100
+    engine.abort_request("a")
+    engine.scheduler.check_invariants()
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["b"]
+    assert engine.cache.num_free_units == 100
+
+
+def test_eos_and_stop_token_ids_finish_a_request():
+    engine, _ = make_engine(num_units=100)
+    engine.executor.token_id = 2  # the model's EOS
+    engine.add_request([5, 6], SamplingParams(max_tokens=10), request_id="eos")
+    engine.add_request([5, 6], SamplingParams(max_tokens=10, ignore_eos=True), request_id="ignore")
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["eos"].outputs[0].token_ids == [2] and outs["eos"].outputs[0].finish_reason == "stop"
+    assert len(outs["ignore"].outputs[0].token_ids) == 10
