@@ -111,7 +111,12 @@ class LLMEngine:
             if sched_out.finished_req_ids:  # let the executor drop the state of aborted requests
                 self.executor.execute(sched_out)
             return []
-        runner_out = self.executor.execute(sched_out)
+        try:
+            runner_out = self.executor.execute(sched_out)
+        except Exception as exc:  # a failing batch must not take the engine (or other requests) down
+            logger.exception("step %d failed; aborting its %d requests", sched_out.step_id,
+                             len(sched_out.scheduled))
+            return self._fail_batch(sched_out, f"{type(exc).__name__}: {exc}")
         self.scheduler.update_from_output(sched_out, runner_out, self.clock.now())
         self.num_steps += 1
         outputs = []
@@ -121,6 +126,19 @@ class LLMEngine:
                 outputs.append(self._process_new_tokens(request))
         return outputs
 
+    def _fail_batch(self, sched_out: SchedulerOutput, error: str) -> list[RequestOutput]:
+        outputs = []
+        for scheduled in sched_out.scheduled:
+            request = self._requests.get(scheduled.req_id)
+            if request is None:
+                continue
+            self.scheduler.abort_request(request.req_id)
+            output = self._make_output(request)
+            output.error = error
+            outputs.append(output)
+            self._forget(request.req_id)
+        return outputs
+
     def _process_new_tokens(self, request: Request) -> RequestOutput:
         detok = self._detokenizers.get(request.req_id)
         if detok is not None:
@@ -128,14 +146,17 @@ class LLMEngine:
             if stop is not None and not request.is_finished:
                 request.stop_reason = stop
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
-        output = RequestOutput(
-            request.req_id, request.prompt, request.prompt_token_ids,
-            [CompletionOutput(0, detok.text if detok else "", list(request.output_token_ids),
-                              request.finish_reason, request.stop_reason)],
-            request.is_finished, _metrics(request))
+        output = self._make_output(request)
         if request.is_finished:
             self._forget(request.req_id)
         return output
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        detok = self._detokenizers.get(request.req_id)
+        completion = CompletionOutput(0, detok.text if detok else "", list(request.output_token_ids),
+                                      request.finish_reason, request.stop_reason)
+        return RequestOutput(request.req_id, request.prompt, request.prompt_token_ids, [completion],
+                             request.is_finished, _metrics(request))
 
     def _forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

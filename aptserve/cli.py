@@ -1,0 +1,94 @@
+"""`aptserve serve | generate | bench | sim`: vLLM's flag names where they exist."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from aptserve.config import HYBRID_CACHE_MODES, SCHEDULERS
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512M', '1G', '1.5GiB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgKMG]?)(i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (use e.g. 1073741824, 512M or 1G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default="default",
+                       help="'default' (SmolLM2-135M-Instruct), an OPT shape such as 'opt-125m', or an HF folder")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--device", default="cpu")
+    group.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
+                       help="cache pool size in bytes (like vLLM's kv_cache_memory_bytes); 1G, 512M also work")
+    group.add_argument("--scheduler", default="fcfs", choices=SCHEDULERS)
+    group.add_argument("--hybrid-cache", default="auto", choices=HYBRID_CACHE_MODES)
+    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--max-num-batched-tokens", type=int, default=None)
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                scheduler=args.scheduler, hybrid_cache=args.hybrid_cache, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                block_size=args.block_size, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from aptserve import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    tokenizer = llm.get_tokenizer()
+    use_chat = not args.no_chat_template and getattr(tokenizer, "chat_template", None)
+    if use_chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for output in outputs:
+        print(output.outputs[0].text.strip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aptserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); stdin lines otherwise")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help="send the prompt as raw text instead of a chat turn")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from aptserve.errors import AptServeError
+
+    try:
+        return args.func(args)
+    except AptServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
