@@ -45,9 +45,14 @@ def run_random_trace(engine, clock, num_requests: int, seed: int, rate: float = 
     return finished, lengths
 
 
+POLICIES = ["fcfs", "chunked"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fcfs_tiny_pool_loses_nothing_and_preempts(seed):
-    engine, clock = make_engine(num_units=40)  # 80 tokens of KV: far below the offered load
+def test_tiny_pool_loses_nothing_and_preempts(policy, seed):
+    # 80 tokens of KV, far below the offered load; a small token budget makes chunked split prompts.
+    engine, clock = make_engine(num_units=40, policy=policy, budget=16)
     finished, lengths = run_random_trace(engine, clock, num_requests=60, seed=seed)
     assert len(finished) == 60
     for i, (_, max_tokens) in enumerate(lengths):
@@ -58,8 +63,9 @@ def test_fcfs_tiny_pool_loses_nothing_and_preempts(seed):
     assert engine.cache.num_free_units == engine.cache.num_units
 
 
-def test_preempted_request_keeps_its_tokens_and_timestamps():
-    engine, clock = make_engine(num_units=40, max_num_seqs=8)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_preempted_request_keeps_its_tokens_and_timestamps(policy):
+    engine, clock = make_engine(num_units=40, max_num_seqs=8, policy=policy, budget=16)
     finished, _ = run_random_trace(engine, clock, num_requests=10, seed=5, rate=1000.0)
     preempted = [o for o in finished.values() if o.metrics.num_preemptions > 0]
     assert preempted, "the tiny pool should force preemption"

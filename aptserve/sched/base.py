@@ -136,6 +136,17 @@ class Scheduler:
         self.waiting.appendleft(request)
         out.preempted_req_ids.append(request.req_id)
 
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, protected: list[Request],
+                             out: SchedulerOutput) -> bool:
+        """Give the request cache rows for `num_tokens` tokens, preempting the newest running requests
+        (never one in `protected`, already scheduled this step) until it fits; False if it had to go."""
+        while not self.cache.allocate(request.req_id, request.cache_kind, num_tokens):
+            victims = [r for r in self.running if r is not request and r not in protected]
+            self._preempt(victims[-1] if victims else request, out)
+            if not victims:
+                return False
+        return True
+
     def _admit(self, request: Request, kind: CacheKind = CacheKind.KV) -> None:
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING

@@ -8,7 +8,7 @@ queue) until the slot fits.
 from __future__ import annotations
 
 from aptserve.cache.manager import CacheKind
-from aptserve.request import Request, RequestStatus
+from aptserve.request import Request
 from aptserve.sched.base import Scheduler
 from aptserve.sched.output import SchedulerOutput
 
@@ -38,14 +38,10 @@ class FcfsScheduler(Scheduler):
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
         decodes: list[Request] = []
         for request in list(self.running):
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted below to make room for an older request
+            if request not in self.running:
+                continue  # preempted to make room for an older request
             # One more slot: rows for every token up to and including the one fed this step.
-            while not self.cache.allocate(request.req_id, CacheKind.KV, request.num_tokens):
-                self._preempt(self.running[-1], out)
-                if request.status != RequestStatus.RUNNING:
-                    break
-            if request.status == RequestStatus.RUNNING:
+            if self._allocate_or_preempt(request, request.num_tokens, decodes, out):
                 decodes.append(request)
         for request in decodes:
             self._schedule_tokens(out, request, request.num_tokens - request.num_computed_tokens)
