@@ -6,7 +6,7 @@ import logging
 import math
 
 from aptserve.cache.manager import CacheManager
-from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from aptserve.config import DTYPE_BYTES, EngineConfig, ModelConfig, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,26 @@ def units_per_hidden_block(model_config: ModelConfig) -> int:
     return math.ceil(model_config.hidden_size / model_config.kv_dim)
 
 
+def resolve_hybrid_cache(mode: str, model_config: ModelConfig) -> str:
+    """"auto" -> "on" where the hidden cache is smaller than the KV cache (r < 1), else "off"."""
+    ratio = model_config.hidden_size / (2 * model_config.kv_dim)
+    if mode == "auto":
+        if ratio >= 1:
+            logger.info("hybrid cache off: a hidden row (%d values) is not smaller than K+V (%d values), "
+                        "r = %.2f >= 1 (GQA); it would save no memory", model_config.hidden_size,
+                        2 * model_config.kv_dim, ratio)
+            return "off"
+        return "on"
+    if mode == "all-hidden" and ratio >= 1:
+        logger.warning("all-hidden on a model with r = %.2f >= 1: the hidden cache is the larger one", ratio)
+    return mode
+
+
+def scratch_bytes(model_config: ModelConfig, hidden_scratch_tokens: int, dtype: str) -> int:
+    """Bytes of the per-layer buffer that holds K/V recomputed from hidden rows."""
+    return hidden_scratch_tokens * 2 * model_config.kv_dim * DTYPE_BYTES[dtype]
+
+
 def build_engine_parts(config: EngineConfig):
     from aptserve.model.registry import load_model_config, load_tokenizer, resolve_model
     from aptserve.runner import ModelRunner, bytes_per_unit
@@ -31,7 +51,11 @@ def build_engine_parts(config: EngineConfig):
     model_config = load_model_config(path, config.max_model_len, served_name=config.model)
     scheduler_config = resolve_scheduler_config(config.scheduler, model_config)
     block_size = config.cache.block_size
-    num_units = config.cache.kv_cache_memory // bytes_per_unit(model_config, block_size, config.dtype)
+    hybrid_cache = resolve_hybrid_cache(config.cache.hybrid_cache, model_config)
+    pool_bytes = config.cache.kv_cache_memory
+    if hybrid_cache != "off":
+        pool_bytes -= scratch_bytes(model_config, config.cache.hidden_scratch_tokens, config.dtype)
+    num_units = max(0, pool_bytes) // bytes_per_unit(model_config, block_size, config.dtype)
     if num_units < 2:
         raise ValueError(f"kv_cache_memory={config.cache.kv_cache_memory} bytes holds no KV block of this "
                          f"model; give at least {2 * bytes_per_unit(model_config, block_size, config.dtype)}")
@@ -39,4 +63,4 @@ def build_engine_parts(config: EngineConfig):
     logger.info("cache pool: %d units of %d tokens (%d tokens as KV)", num_units, block_size,
                 cache.max_tokens())
     runner = ModelRunner(model_config, num_units, block_size, config.dtype, config.device, config.seed)
-    return model_config, scheduler_config, cache, runner, load_tokenizer(path)
+    return model_config, scheduler_config, hybrid_cache, cache, runner, load_tokenizer(path)

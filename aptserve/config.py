@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 SCHEDULERS = ("fcfs", "chunked", "apt", "apt-chunked")
 HYBRID_CACHE_MODES = ("auto", "off", "all-hidden")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,9 @@ class CacheConfig:
     hybrid_cache: str = "auto"
     # Fraction of units kept free when admitting new requests, so decodes do not preempt at once.
     watermark: float = 0.01
+    # Tokens of K/V the runner may recompute from hidden rows at once (one layer); its bytes are taken
+    # from kv_cache_memory when the hybrid cache is on, so both engines compare on equal memory.
+    hidden_scratch_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

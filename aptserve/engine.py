@@ -5,12 +5,13 @@ an Executor (the torch ModelRunner, or a cost model) and a Clock (wall or simula
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
 from typing import Protocol
 
-from aptserve.cache.manager import CacheManager
+from aptserve.cache.manager import CacheKind, CacheManager
 from aptserve.config import EngineConfig, ModelConfig
 from aptserve.detokenizer import IncrementalDetokenizer
 from aptserve.errors import InvalidRequestError
@@ -38,15 +39,17 @@ class WallClock:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, cache: CacheManager,
-                 executor: Executor, tokenizer=None, clock: Clock | None = None) -> None:
+                 executor: Executor, tokenizer=None, clock: Clock | None = None,
+                 hybrid_cache: str = "off") -> None:
         self.config = config
         self.model_config = model_config
         self.cache = cache
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock or WallClock()
+        self.hybrid_cache = hybrid_cache
         self.scheduler = create_scheduler(config.scheduler.policy, config.scheduler, cache,
-                                          config.cache.watermark)
+                                          config.cache.watermark, hybrid_cache)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._req_counter = itertools.count()
@@ -57,9 +60,9 @@ class LLMEngine:
         """Resolve the model, size the pool from the byte budget, load weights."""
         from aptserve.builder import build_engine_parts
 
-        model_config, scheduler_config, cache, runner, tokenizer = build_engine_parts(config)
-        config = _replace_scheduler(config, scheduler_config)
-        return cls(config, model_config, cache, runner, tokenizer)
+        model_config, scheduler_config, hybrid_cache, cache, runner, tokenizer = build_engine_parts(config)
+        config = dataclasses.replace(config, scheduler=scheduler_config)
+        return cls(config, model_config, cache, runner, tokenizer, hybrid_cache=hybrid_cache)
 
     # --- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -99,6 +102,10 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
         self._forget(request_id)
+
+    def convert_request(self, request_id: str, kind: CacheKind) -> None:
+        """Change a request's cache kind at the next step (see Scheduler.request_conversion)."""
+        self.scheduler.request_conversion(request_id, kind)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -166,15 +173,11 @@ class LLMEngine:
         """Queue lengths, cache usage by kind and counters, for logs and /metrics."""
         return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
                 "cache_units_total": self.cache.num_units, "cache_units": self.cache.usage(),
-                "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps}
+                "num_preemptions": self.scheduler.num_preemptions,
+                "num_conversions": self.scheduler.num_conversions, "num_steps": self.num_steps,
+                "hybrid_cache": self.hybrid_cache}
 
 
 def _metrics(request: Request) -> RequestMetrics:
     return RequestMetrics(request.arrival_s, request.first_scheduled_s, request.first_token_s,
                           list(request.token_times_s), request.num_preemptions, request.num_conversions)
-
-
-def _replace_scheduler(config: EngineConfig, scheduler_config) -> EngineConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, scheduler=scheduler_config)

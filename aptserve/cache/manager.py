@@ -79,6 +79,23 @@ class CacheManager:
         table.unit_ids.extend(new_ids)
         return True
 
+    def convert(self, req_id: str, new_kind: CacheKind, num_tokens: int) -> tuple[list[int], list[int]] | None:
+        """Give the request a `new_kind` table for `num_tokens` tokens and free its old table.
+
+        Returns (old unit ids, new unit ids), or None (nothing changed) if the new table does not fit
+        while the old one is still held: the rows are copied from old to new, so both exist at once.
+        """
+        table = self._tables[req_id]
+        if table.kind == new_kind:
+            raise RuntimeError(f"request {req_id} already holds a {new_kind.value} table")
+        new_ids = self.pool.allocate(self.num_units_for(new_kind, num_tokens), req_id)
+        if new_ids is None:
+            return None
+        old_ids = table.unit_ids
+        self.pool.free(old_ids, req_id)
+        self._tables[req_id] = RequestTable(new_kind, new_ids)
+        return old_ids, new_ids
+
     def free(self, req_id: str) -> None:
         """Return every unit of the request; a second call does nothing."""
         table = self._tables.pop(req_id, None)

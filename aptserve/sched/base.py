@@ -11,13 +11,19 @@ from aptserve.cache.manager import CacheKind, CacheManager
 from aptserve.config import SchedulerConfig
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
-from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from aptserve.sched.output import CacheConversion, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: CacheManager, watermark: float = 0.01) -> None:
+    def __init__(self, config: SchedulerConfig, cache: CacheManager, watermark: float = 0.01,
+                 hybrid_cache: str = "off") -> None:
+        """`hybrid_cache`: "off" (KV only), "on" (policies may choose HIDDEN) or "all-hidden" (every
+        request is admitted as HIDDEN: a test and measurement setting)."""
         self.config = config
         self.cache = cache
+        self.hybrid_cache = hybrid_cache
+        self._requested_conversions: dict[str, CacheKind] = {}
+        self.num_conversions = 0
         self.watermark_units = int(watermark * cache.num_units)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -31,6 +37,8 @@ class Scheduler:
         if request.req_id in self.requests:
             raise InvalidRequestError(f"request id {request.req_id!r} is already in use")
         self.check_fits(request)
+        if self.hybrid_cache == "all-hidden":
+            request.cache_kind = CacheKind.HIDDEN
         request.status = RequestStatus.WAITING
         self.requests[request.req_id] = request
         self.waiting.append(request)
@@ -49,7 +57,8 @@ class Scheduler:
                 f"this model's maximum context length is {max_len} tokens, but {request.max_num_tokens} "
                 f"were requested ({request.num_prompt_tokens} in the prompt, "
                 f"{request.sampling_params.max_tokens} in max_tokens); lower max_tokens or the prompt")
-        need = self.cache.num_units_for(CacheKind.KV, request.max_num_tokens)
+        kinds = [CacheKind.KV] if self.hybrid_cache == "off" else list(CacheKind)
+        need = min(self.cache.num_units_for(kind, request.max_num_tokens) for kind in kinds)
         if need > self.cache.num_units:
             raise InvalidRequestError(
                 f"the request needs up to {need} cache units ({request.max_num_tokens} tokens) but the "
@@ -76,6 +85,7 @@ class Scheduler:
         out = SchedulerOutput(step_id=self._step_id, finished_req_ids=self._finished_req_ids)
         self._finished_req_ids = []
         self._step_id += 1
+        self._apply_requested_conversions(out)
         self._schedule(now, out)
         for scheduled in out.scheduled:
             request = self.requests[scheduled.req_id]
@@ -115,6 +125,42 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    # --- conversions --------------------------------------------------------------------------
+    def request_conversion(self, req_id: str, kind: CacheKind) -> None:
+        """Ask for a request's cache to change kind at the next step (HIDDEN -> KV in place by
+        projection once memory allows; KV -> HIDDEN by recompute)."""
+        if self.hybrid_cache == "off" and kind == CacheKind.HIDDEN:
+            raise ValueError("the hybrid cache is off for this engine; HIDDEN is not available")
+        if req_id in self.requests:
+            self._requested_conversions[req_id] = kind
+
+    def _apply_requested_conversions(self, out: SchedulerOutput) -> None:
+        for req_id, kind in list(self._requested_conversions.items()):
+            request = self.requests.get(req_id)
+            if request is None or request.cache_kind == kind:
+                del self._requested_conversions[req_id]
+            elif request.status != RequestStatus.RUNNING:
+                request.cache_kind = kind  # nothing cached yet: it is simply admitted as `kind`
+                del self._requested_conversions[req_id]
+            elif kind == CacheKind.HIDDEN:
+                self._preempt(request, out, next_kind=CacheKind.HIDDEN)
+                del self._requested_conversions[req_id]
+            elif self._convert_in_place(request, kind, out):
+                del self._requested_conversions[req_id]
+
+    def _convert_in_place(self, request: Request, kind: CacheKind, out: SchedulerOutput) -> bool:
+        """HIDDEN -> KV by projecting the stored rows; False (nothing changed) if memory is short."""
+        src_kind, num_tokens = request.cache_kind, request.num_computed_tokens
+        unit_ids = self.cache.convert(request.req_id, kind, num_tokens)
+        if unit_ids is None:
+            return False
+        out.conversions.append(CacheConversion(request.req_id, num_tokens, src_kind, unit_ids[0],
+                                               kind, unit_ids[1]))
+        request.cache_kind = kind
+        request.num_conversions += 1
+        self.num_conversions += 1
+        return True
+
     # --- helpers for policies ----------------------------------------------------------------
     def _schedule_tokens(self, out: SchedulerOutput, request: Request, num_tokens: int) -> None:
         """Add `num_tokens` of the request's uncomputed tokens to the batch (units already allocated)."""
@@ -125,10 +171,15 @@ class Scheduler:
             unit_ids=self.cache.unit_ids(request.req_id), sample=start + num_tokens == request.num_tokens,
             sampling_params=request.sampling_params))
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        """Preempt by recompute: free every unit; the request re-prefills prompt + outputs later."""
+    def _preempt(self, request: Request, out: SchedulerOutput, next_kind: CacheKind | None = None) -> None:
+        """Preempt by recompute: free every unit; the request re-prefills prompt + outputs later,
+        into a `next_kind` table if given (that is how KV -> HIDDEN conversion happens)."""
         self.running.remove(request)
         self.cache.free(request.req_id)
+        if next_kind is not None:
+            request.cache_kind = next_kind
+            request.num_conversions += 1
+            self.num_conversions += 1
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -147,10 +198,10 @@ class Scheduler:
                 return False
         return True
 
-    def _admit(self, request: Request, kind: CacheKind = CacheKind.KV) -> None:
+    def _admit(self, request: Request) -> None:
+        """Waiting -> running; the caller has allocated its `request.cache_kind` table."""
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
-        request.cache_kind = kind
         self.running.append(request)
 
     # --- views -------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ running request by recompute, as in FCFS.
 """
 from __future__ import annotations
 
-from aptserve.cache.manager import CacheKind
 from aptserve.request import Request
 from aptserve.sched.base import Scheduler
 from aptserve.sched.output import SchedulerOutput
@@ -43,9 +42,9 @@ class ChunkedScheduler(Scheduler):
             request = self.waiting[0]
             num_new = min(request.num_tokens, budget)
             reserve = self.watermark_units if self.running else 0
-            if not self.cache.can_allocate(request.req_id, CacheKind.KV, num_new, reserve):
+            if not self.cache.can_allocate(request.req_id, request.cache_kind, num_new, reserve):
                 break
-            self.cache.allocate(request.req_id, CacheKind.KV, num_new)
-            self._admit(request, CacheKind.KV)
+            self.cache.allocate(request.req_id, request.cache_kind, num_new)
+            self._admit(request)
             self._schedule_tokens(out, request, num_new)
             budget -= num_new

@@ -7,7 +7,6 @@ queue) until the slot fits.
 """
 from __future__ import annotations
 
-from aptserve.cache.manager import CacheKind
 from aptserve.request import Request
 from aptserve.sched.base import Scheduler
 from aptserve.sched.output import SchedulerOutput
@@ -27,10 +26,10 @@ class FcfsScheduler(Scheduler):
             if out.scheduled and num_batched_tokens + num_new_tokens > self.config.max_num_batched_tokens:
                 break
             reserve = self.watermark_units if self.running else 0
-            if not self.cache.can_allocate(request.req_id, CacheKind.KV, request.num_tokens, reserve):
+            if not self.cache.can_allocate(request.req_id, request.cache_kind, request.num_tokens, reserve):
                 break
-            self.cache.allocate(request.req_id, CacheKind.KV, request.num_tokens)
-            self._admit(request, CacheKind.KV)
+            self.cache.allocate(request.req_id, request.cache_kind, request.num_tokens)
+            self._admit(request)
             self._schedule_tokens(out, request, num_new_tokens)
             num_batched_tokens += num_new_tokens
         return bool(out.scheduled)

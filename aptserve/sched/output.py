@@ -41,6 +41,24 @@ class ScheduledRequest:
         return self.start_pos == 0 or len(self.token_ids) > 1
 
 
+@dataclass(frozen=True, slots=True)
+class CacheConversion:
+    """Move a request's first `num_tokens` cache rows from one table to another, in place.
+
+    Only HIDDEN -> KV (project the stored hidden rows to K/V: one GEMM per layer); KV -> HIDDEN is done
+    by recompute (preempt, re-prefill into HIDDEN). The executor applies every conversion before the
+    step's forward pass; `src_unit_ids` are already free in the pool and may be reused by this step's
+    writes, which happen after the conversion has read them.
+    """
+
+    req_id: str
+    num_tokens: int
+    src_kind: CacheKind
+    src_unit_ids: list[int]
+    dst_kind: CacheKind
+    dst_unit_ids: list[int]
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     step_id: int
@@ -48,6 +66,8 @@ class SchedulerOutput:
     preempted_req_ids: list[str] = field(default_factory=list)
     # Requests that finished or were aborted since the previous step.
     finished_req_ids: list[str] = field(default_factory=list)
+    # Applied by the executor before the forward pass.
+    conversions: list[CacheConversion] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
