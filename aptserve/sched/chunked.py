@@ -14,8 +14,11 @@ from aptserve.sched.output import SchedulerOutput
 
 class ChunkedScheduler(Scheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
+        num_preempted = len(out.preempted_req_ids)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        self._schedule_waiting(out, budget)
+        # Nothing new starts in a step that had to preempt for memory: the memory is not there.
+        if len(out.preempted_req_ids) == num_preempted:
+            self._schedule_waiting(out, budget)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
@@ -36,9 +39,7 @@ class ChunkedScheduler(Scheduler):
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        # Nothing new starts in a step that had to preempt: the memory is not there.
-        while (budget > 0 and self.waiting and not out.preempted_req_ids
-               and len(self.running) < self.config.max_num_seqs):
+        while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             num_new = min(request.num_tokens, budget)
             reserve = self.watermark_units if self.running else 0

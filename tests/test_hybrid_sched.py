@@ -1,0 +1,93 @@
+"""Hybrid cache on the pure side: all-hidden admission, conversions in the plan, nothing leaked."""
+import pytest
+
+from aptserve.cache import CacheKind, CacheManager
+from aptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from aptserve.engine import LLMEngine
+from aptserve.sampling import SamplingParams
+from aptserve.sim.executor import CostModelExecutor, SimClock
+from aptserve.builder import resolve_hybrid_cache, units_per_hidden_block
+
+MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                  head_dim=16, vocab_size=1000, max_model_len=512)
+GQA = ModelConfig(path="sim", architecture="llama", num_layers=2, hidden_size=576, num_heads=9,
+                  num_kv_heads=3, head_dim=64, vocab_size=1000, max_model_len=512)
+
+
+class RecordingExecutor(CostModelExecutor):
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.outputs = []
+
+    def execute(self, sched_out):
+        self.outputs.append(sched_out)
+        return super().execute(sched_out)
+
+
+def make_engine(hybrid: str, num_units: int = 200, policy: str = "fcfs"):
+    clock = SimClock()
+    sched = SchedulerConfig(policy=policy, max_num_batched_tokens=256, max_model_len=512)
+    config = EngineConfig(model="sim", scheduler=sched, cache=CacheConfig(hybrid_cache="auto"))
+    cache = CacheManager(num_units, block_size=4, units_per_hidden_block=units_per_hidden_block(MHA))
+    executor = RecordingExecutor(clock)
+    return LLMEngine(config, MHA, cache, executor, clock=clock, hybrid_cache=hybrid), executor
+
+
+def drain(engine):
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.scheduler.check_invariants()
+    return finished
+
+
+def test_auto_turns_hidden_on_for_mha_and_off_for_gqa():
+    assert resolve_hybrid_cache("auto", MHA) == "on"
+    assert resolve_hybrid_cache("auto", GQA) == "off"
+    assert resolve_hybrid_cache("off", MHA) == "off"
+    assert units_per_hidden_block(MHA) == 1 and units_per_hidden_block(GQA) == 3
+
+
+def test_all_hidden_doubles_the_tokens_the_pool_holds_on_mha():
+    engine, _ = make_engine("all-hidden", num_units=40)
+    assert engine.cache.max_tokens(CacheKind.HIDDEN) == 2 * engine.cache.max_tokens(CacheKind.KV)
+    for i in range(4):  # 4 x 40 tokens = 160 tokens: twice what 40 units hold as KV
+        engine.add_request(list(range(3, 39)), SamplingParams(max_tokens=4), request_id=f"r{i}")
+    engine.step()
+    assert engine.scheduler.num_running == 4
+    assert engine.cache.usage()["hidden"] == 4 * 9 and engine.cache.usage()["kv"] == 0
+    assert len(drain(engine)) == 4
+    assert engine.cache.num_free_units == 40
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "chunked"])
+def test_hidden_to_kv_in_place_then_kv_to_hidden_by_recompute(policy):
+    engine, executor = make_engine("on", policy=policy)
+    engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=12), request_id="a")
+    engine.convert_request("a", CacheKind.HIDDEN)  # before admission: simply admitted as HIDDEN
+    for _ in range(3):
+        engine.step()
+    assert engine.cache.kind_of("a") == CacheKind.HIDDEN
+    engine.convert_request("a", CacheKind.KV)
+    engine.step()
+    conversion = executor.outputs[-1].conversions[0]
+    assert (conversion.src_kind, conversion.dst_kind) == (CacheKind.HIDDEN, CacheKind.KV)
+    assert conversion.num_tokens == 17 + 2 and len(conversion.dst_unit_ids) == 2 * 5
+    assert engine.cache.kind_of("a") == CacheKind.KV
+    engine.convert_request("a", CacheKind.HIDDEN)
+    engine.step()
+    assert executor.outputs[-1].preempted_req_ids == ["a"]
+    assert executor.outputs[-1].scheduled[0].cache_kind == CacheKind.HIDDEN  # re-prefilled as HIDDEN
+    output = drain(engine)["a"]
+    assert len(output.outputs[0].token_ids) == 12 and output.metrics.num_conversions == 2
+    assert engine.cache.num_free_units == engine.cache.num_units
+
+
+def test_conversion_waits_until_memory_allows():
+    engine, executor = make_engine("all-hidden", num_units=12)
+    engine.add_request(list(range(3, 30)), SamplingParams(max_tokens=4), request_id="a")  # 7 hidden units
+    engine.step()
+    engine.convert_request("a", CacheKind.KV)  # needs 14 KV units while holding 7: cannot
+    engine.step()
+    assert not executor.outputs[-1].conversions and engine.cache.kind_of("a") == CacheKind.HIDDEN
+    assert len(drain(engine)) == 1
