@@ -13,8 +13,8 @@ logger = logging.getLogger(__name__)
 
 def resolve_scheduler_config(sched: SchedulerConfig, model_config: ModelConfig) -> SchedulerConfig:
     budget = sched.max_num_batched_tokens
-    if budget is None:
-        budget = max(model_config.max_model_len, 2048)
+    if budget is None:  # whole prompts need room for the longest; chunked policies want small steps
+        budget = 512 if sched.policy.endswith("chunked") else max(model_config.max_model_len, 2048)
     return dataclasses.replace(sched, max_model_len=model_config.max_model_len,
                                max_num_batched_tokens=budget)
 

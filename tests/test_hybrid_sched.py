@@ -91,3 +91,27 @@ def test_conversion_waits_until_memory_allows():
     engine.step()
     assert not executor.outputs[-1].conversions and engine.cache.kind_of("a") == CacheKind.HIDDEN
     assert len(drain(engine)) == 1
+
+
+@pytest.mark.parametrize("policy", ["apt", "apt-chunked"])
+def test_apt_policies_use_hidden_under_pressure_and_lose_nothing(policy):
+    import numpy as np
+
+    engine, executor = make_engine("on", num_units=60, policy=policy)
+    engine.scheduler.alpha_s = 1e-5
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        prompt_len, max_tokens = map(int, rng.integers(4, 40, size=2))
+        engine.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens),
+                           request_id=f"r{i}")
+    hidden_steps = 0
+    finished = {}
+    for _ in range(5000):
+        if not engine.has_unfinished_requests():
+            break
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.scheduler.check_invariants()
+        hidden_steps += any(s.cache_kind == CacheKind.HIDDEN for s in executor.outputs[-1].scheduled)
+    assert len(finished) == 30
+    assert hidden_steps > 0, "with a tight pool and cheap recompute the greedy should pick HIDDEN"
+    assert engine.cache.num_free_units == engine.cache.num_units

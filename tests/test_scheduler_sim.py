@@ -45,7 +45,7 @@ def run_random_trace(engine, clock, num_requests: int, seed: int, rate: float = 
     return finished, lengths
 
 
-POLICIES = ["fcfs", "chunked"]
+POLICIES = ["fcfs", "chunked", "apt", "apt-chunked"]
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -198,6 +198,24 @@ class Scheduler:
                 return False
         return True
 
+    def _schedule_running_chunks(self, out: SchedulerOutput, budget: int) -> int:
+        """Running requests into the token budget: decodes first (one token each), then the rest of
+        part-way prompts in chunks; returns the budget left. Memory pressure preempts the newest."""
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        scheduled: list[tuple[Request, int]] = []
+        for request in decodes + prefills:
+            if budget == 0 or request not in self.running:
+                continue  # out of budget, or preempted to make room for an earlier request
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._allocate_or_preempt(request, request.num_computed_tokens + num_new,
+                                         [r for r, _ in scheduled], out):
+                scheduled.append((request, num_new))
+                budget -= num_new
+        for request, num_new in scheduled:
+            self._schedule_tokens(out, request, num_new)
+        return budget
+
     def _admit(self, request: Request) -> None:
         """Waiting -> running; the caller has allocated its `request.cache_kind` table."""
         self.waiting.remove(request)

@@ -7,7 +7,6 @@ running request by recompute, as in FCFS.
 """
 from __future__ import annotations
 
-from aptserve.request import Request
 from aptserve.sched.base import Scheduler
 from aptserve.sched.output import SchedulerOutput
 
@@ -15,28 +14,10 @@ from aptserve.sched.output import SchedulerOutput
 class ChunkedScheduler(Scheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         num_preempted = len(out.preempted_req_ids)
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens)
         # Nothing new starts in a step that had to preempt for memory: the memory is not there.
         if len(out.preempted_req_ids) == num_preempted:
             self._schedule_waiting(out, budget)
-
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        scheduled: list[tuple[Request, int]] = []
-        for request in decodes + prefills:
-            if budget == 0:
-                break
-            if request not in self.running:
-                continue  # preempted to make room for an earlier request
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, request.num_computed_tokens + num_new,
-                                         [r for r, _ in scheduled], out):
-                scheduled.append((request, num_new))
-                budget -= num_new
-        for request, num_new in scheduled:
-            self._schedule_tokens(out, request, num_new)
-        return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
