@@ -19,6 +19,17 @@ def resolve_scheduler_config(sched: SchedulerConfig, model_config: ModelConfig) 
                                max_num_batched_tokens=budget)
 
 
+def resolve_alpha(config: EngineConfig, model_config: ModelConfig, hybrid_cache: str) -> float:
+    """--alpha if given; else measured (only the apt policies with the hidden cache on need it)."""
+    if config.scheduler.alpha_s is not None:
+        return config.scheduler.alpha_s
+    if hybrid_cache != "on" or not config.scheduler.policy.startswith("apt"):
+        return 0.0
+    from aptserve.calibration import calibrated_alpha
+
+    return calibrated_alpha(model_config, config.cache.block_size, config.dtype, config.device)
+
+
 def units_per_hidden_block(model_config: ModelConfig) -> int:
     return math.ceil(model_config.hidden_size / model_config.kv_dim)
 
@@ -49,9 +60,10 @@ def build_engine_parts(config: EngineConfig):
 
     path = resolve_model(config.model)
     model_config = load_model_config(path, config.max_model_len, served_name=config.model)
-    scheduler_config = resolve_scheduler_config(config.scheduler, model_config)
     block_size = config.cache.block_size
     hybrid_cache = resolve_hybrid_cache(config.cache.hybrid_cache, model_config)
+    scheduler_config = dataclasses.replace(resolve_scheduler_config(config.scheduler, model_config),
+                                           alpha_s=resolve_alpha(config, model_config, hybrid_cache))
     pool_bytes = config.cache.kv_cache_memory
     if hybrid_cache != "off":
         pool_bytes -= scratch_bytes(model_config, config.cache.hidden_scratch_tokens, config.dtype)

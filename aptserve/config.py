@@ -66,6 +66,8 @@ class SchedulerConfig:
     # Default SLOs (seconds) for requests that do not bring their own.
     ttft_slo_s: float = 1.0
     tbt_slo_s: float = 1.0
+    # Seconds to re-project one block's K/V across all layers; None: measured at start-up.
+    alpha_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULERS:

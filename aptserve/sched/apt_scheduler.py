@@ -28,7 +28,9 @@ VIOLATOR_WEIGHT = 1e-6
 
 
 class AptScheduler(Scheduler):
-    alpha_s: float = 0.0  # set by the engine from calibration (or --alpha)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha_s = self.config.alpha_s or 0.0
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         num_live = self._num_live(now)

@@ -1,0 +1,30 @@
+"""alpha calibration: positive, cached per model geometry and device, overridable."""
+import json
+
+from aptserve.builder import resolve_alpha
+from aptserve.calibration import calibrated_alpha
+from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
+
+SMALL = ModelConfig(path="x", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                    head_dim=16, vocab_size=100, max_model_len=128)
+
+
+def test_alpha_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("APTSERVE_CACHE_DIR", str(tmp_path))
+    alpha = calibrated_alpha(SMALL, 16, "float32", "cpu")
+    assert alpha > 0
+    table = json.loads((tmp_path / "alpha.json").read_text())
+    (key,) = table
+    assert "L2-H64-KV64-B16-float32-cpu" in key
+    table[key] = 123.0  # a cached value is trusted, not re-measured
+    (tmp_path / "alpha.json").write_text(json.dumps(table))
+    assert calibrated_alpha(SMALL, 16, "float32", "cpu") == 123.0
+
+
+def test_alpha_override_and_policies_that_need_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("APTSERVE_CACHE_DIR", str(tmp_path))
+    given = EngineConfig(scheduler=SchedulerConfig(policy="apt", alpha_s=0.5))
+    assert resolve_alpha(given, SMALL, "on") == 0.5
+    assert resolve_alpha(EngineConfig(scheduler=SchedulerConfig(policy="fcfs")), SMALL, "on") == 0.0
+    assert resolve_alpha(EngineConfig(scheduler=SchedulerConfig(policy="apt")), SMALL, "off") == 0.0
+    assert not (tmp_path / "alpha.json").exists()
