@@ -21,14 +21,15 @@ class LLM:
                  kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY, scheduler: str = "fcfs",
                  hybrid_cache: str = "auto", max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-                 block_size: int = 16, seed: int = 0, ttft_slo: float = 1.0, tbt_slo: float = 1.0) -> None:
+                 block_size: int = 16, seed: int = 0, ttft_slo: float = 1.0, tbt_slo: float = 1.0,
+                 alpha: float | None = None) -> None:
         config = EngineConfig(
             model=model, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               hybrid_cache=hybrid_cache),
             scheduler=SchedulerConfig(policy=scheduler, max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo))
+                                      ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, alpha_s=alpha))
         self.engine = LLMEngine.from_config(config)
 
     def get_tokenizer(self):
