@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aptserve.cache.manager import CacheKind
 from aptserve.sched.output import RunnerOutput, SchedulerOutput
 
 
@@ -23,16 +24,20 @@ class SimClock:
 
 @dataclass(frozen=True)
 class LinearCostModel:
-    """step time = base + per_token * tokens fed + per_context_token * tokens attended."""
+    """step time = base + per_token * tokens fed + per_context_token * tokens attended
+    + per_recompute_token * context tokens whose K/V are re-projected from hidden rows (and rows converted)."""
 
     base_s: float = 0.005
     per_token_s: float = 0.0002
     per_context_token_s: float = 0.000002
+    per_recompute_token_s: float = 0.00002
 
     def step_time(self, sched_out: SchedulerOutput) -> float:
         num_context = sum(r.context_len for r in sched_out.scheduled)
+        num_recompute = sum(r.context_len for r in sched_out.scheduled if r.cache_kind == CacheKind.HIDDEN)
+        num_recompute += sum(c.num_tokens for c in sched_out.conversions)
         return (self.base_s + self.per_token_s * sched_out.total_num_scheduled_tokens
-                + self.per_context_token_s * num_context)
+                + self.per_context_token_s * num_context + self.per_recompute_token_s * num_recompute)
 
 
 class CostModelExecutor:

@@ -1,0 +1,54 @@
+"""Replay a trace through the real engine.step() on a simulated clock: the nearer of the next arrival
+and the end of the running step is the next event. Policies are never re-implemented here."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aptserve.bench.datasets import TraceRequest
+from aptserve.bench.metrics import RequestRecord
+from aptserve.engine import LLMEngine
+from aptserve.errors import InvalidRequestError
+from aptserve.outputs import RequestOutput
+from aptserve.sampling import SamplingParams
+from aptserve.sim.executor import SimClock
+
+
+def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
+             send_offsets_s: Sequence[float], max_num_steps: int = 10_000_000) -> list[RequestRecord]:
+    """Run every request of the trace to completion; one RequestRecord per request, in trace order."""
+    records: dict[int, RequestRecord] = {}
+    next_index, num_steps = 0, 0
+    start_s = clock.now()
+    while next_index < len(trace) or engine.has_unfinished_requests():
+        while next_index < len(trace) and start_s + send_offsets_s[next_index] <= clock.now():
+            _add(engine, trace[next_index], next_index, start_s + send_offsets_s[next_index], records)
+            next_index += 1
+        if not engine.has_unfinished_requests():
+            clock.time_s = max(clock.time_s, start_s + send_offsets_s[next_index])
+            continue
+        for output in engine.step():
+            if output.finished:
+                records[int(output.request_id)] = _record(output, trace[int(output.request_id)])
+        num_steps += 1
+        if num_steps > max_num_steps:
+            raise RuntimeError(f"simulation did not drain in {max_num_steps} steps")
+    return [records[i] for i in range(len(trace))]
+
+
+def _add(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
+         records: dict[int, RequestRecord]) -> None:
+    prompt = request.prompt_token_ids or list(range(10, 10 + request.prompt_len))
+    params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
+    try:
+        engine.add_request(prompt, params, request_id=str(index), arrival_s=arrival_s)
+    except InvalidRequestError as exc:
+        records[index] = RequestRecord(ok=False, prompt_len=request.prompt_len, output_len=0,
+                                       send_s=arrival_s, error=str(exc))
+
+
+def _record(output: RequestOutput, request: TraceRequest) -> RequestRecord:
+    metrics = output.metrics
+    return RequestRecord(ok=output.error is None, prompt_len=request.prompt_len,
+                         output_len=len(output.outputs[0].token_ids), send_s=metrics.arrival_s,
+                         first_token_s=metrics.first_token_s, token_times_s=list(metrics.token_times_s),
+                         error=output.error)

@@ -1,0 +1,49 @@
+"""The simulator replays a trace through the real engine step on a simulated clock."""
+import pytest
+
+from aptserve.bench.arrivals import gamma_send_offsets_s
+from aptserve.bench.datasets import TraceRequest
+from aptserve.bench.metrics import summarize
+from aptserve.cache import CacheManager
+from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from aptserve.engine import LLMEngine
+from aptserve.sim.executor import CostModelExecutor, SimClock
+from aptserve.sim.simulator import simulate
+
+MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                  head_dim=16, vocab_size=1000, max_model_len=1024)
+
+
+def make_engine(policy: str, num_units: int, hybrid: str = "on"):
+    clock = SimClock()
+    sched = SchedulerConfig(policy=policy, max_num_batched_tokens=256, max_model_len=1024, alpha_s=1e-4,
+                            ttft_slo_s=1.0, tbt_slo_s=0.2)
+    cache = CacheManager(num_units, block_size=16, units_per_hidden_block=1)
+    engine = LLMEngine(EngineConfig(model="sim", scheduler=sched), MHA, cache, CostModelExecutor(clock),
+                       clock=clock, hybrid_cache=hybrid)
+    return engine, clock
+
+
+def trace(num_requests: int):
+    return [TraceRequest("", 20 + (37 * i) % 200, 10 + (53 * i) % 120) for i in range(num_requests)]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "chunked", "apt", "apt-chunked"])
+def test_every_request_of_the_trace_completes_with_its_length(policy):
+    engine, clock = make_engine(policy, num_units=120)
+    requests = trace(80)
+    records = simulate(engine, clock, requests, gamma_send_offsets_s(80, rate=20.0, cv=2.0, seed=1))
+    assert all(r.ok for r in records)
+    assert [r.output_len for r in records] == [t.output_len for t in requests]
+    for record in records:
+        assert record.send_s <= record.first_token_s == record.token_times_s[0]
+    summary = summarize(records, ttft_slo_s=1.0, tbt_slo_s=0.2, duration_s=clock.now())
+    assert summary["completed"] == 80
+    assert engine.cache.num_free_units == engine.cache.num_units
+
+
+def test_oversize_request_is_recorded_as_a_failure_not_a_hang():
+    engine, clock = make_engine("apt", num_units=10)  # 80 tokens as KV, 160 as hidden
+    records = simulate(engine, clock, [TraceRequest("", 100, 100), TraceRequest("", 20, 20)], [0.0, 0.0])
+    assert not records[0].ok and "kv_cache_memory" in records[0].error
+    assert records[1].ok and records[1].output_len == 20
