@@ -16,7 +16,7 @@ MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, 
 
 def make_engine(policy: str, num_units: int, hybrid: str = "on"):
     clock = SimClock()
-    sched = SchedulerConfig(policy=policy, max_num_batched_tokens=256, max_model_len=1024, alpha_s=1e-4,
+    sched = SchedulerConfig(policy=policy, max_num_batched_tokens=256, max_model_len=1024, alpha_s=3.2e-4,
                             ttft_slo_s=1.0, tbt_slo_s=0.2)
     cache = CacheManager(num_units, block_size=16, units_per_hidden_block=1)
     engine = LLMEngine(EngineConfig(model="sim", scheduler=sched), MHA, cache, CostModelExecutor(clock),

@@ -1,19 +1,21 @@
 """The Apt-Serve policies: value = pending time, memory priced per cache kind, the greedy of apt.py.
 
 Value of a request: p = now - last_token_time (since arrival before its first token). Serving it
-from the hidden cache costs every other live request the K/V recompute time: hidden value =
+from the hidden cache costs every live request the K/V recompute time: hidden value =
 p - U * alpha * m, with m its blocks, U the waiting + running requests not yet past their SLO, and
 alpha the seconds to re-project one block's K/V across all layers. A request past its SLO is worth
 almost nothing (KV only), so it goes last and is the first to be preempted.
 
-`apt` (the paper): each step is a prefill or a decode iteration, whichever side has waited longer in
-total (or decode, if no prefill fits). Decode: the greedy over the running requests with the whole
-pool decides who keeps decoding and in which kind; hidden requests keep decoding from their hidden
-rows, KV-chosen hidden requests are converted in place when memory allows, the rest are preempted.
-Prefill: the greedy over the waiting requests with the free memory.
+One greedy (apt.solve) prices, against the free memory, both admissions of waiting requests (KV or
+hidden) and upgrades of running hidden requests to KV (worth U * alpha * m: the recompute they stop
+costing). Running requests keep decoding in the kind they hold (hidden ones from their hidden rows);
+they are preempted only when the pool cannot hold their next tokens, lowest value per unit first.
+Preempting for nothing would throw away a cache that costs a whole prefill to rebuild, which is why
+this departs from the paper's decode greedy (that one may evict a running request to admit nobody).
 
-`apt-chunked` (ours): every step does both, Sarathi-style: the running plan first (decodes never
-stall), then the waiting plan with the memory left, its prompts chunked into the token budget.
+`apt` (the paper's iteration): each step is a prefill or a decode iteration, whichever side has waited
+longer in total (decode if no prefill fits). `apt-chunked` (ours): every step does both,
+Sarathi-style: decodes first, never stalled, then the admitted prompts chunked into the token budget.
 """
 from __future__ import annotations
 
@@ -25,97 +27,109 @@ from aptserve.sched.output import SchedulerOutput
 
 # Value of a request past its SLO, relative to its pending time: tiny, but ordered by waiting time.
 VIOLATOR_WEIGHT = 1e-6
+UPGRADE = "upgrade:"  # item id prefix of a running hidden request's upgrade to KV
 
 
 class AptScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.alpha_s = self.config.alpha_s or 0.0
+        self._now = 0.0
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
+        self._now = now
         num_live = self._num_live(now)
-        prefill_plan = self._plan_waiting(now, num_live, self._free_units_for_waiting())
+        plan = self._plan(now, num_live, upgrades=False)
         running_p = sum(now - r.last_token_s for r in self.running)
         waiting_p = sum(now - r.last_token_s for r in self.waiting)
-        if self.running and (running_p > waiting_p or not prefill_plan):
-            self._schedule_running(now, num_live, out, self.config.max_num_batched_tokens)
+        if self.running and (running_p > waiting_p or not plan):
+            self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, chunked=False)
+            self._schedule_running_chunks(out, self.config.max_num_batched_tokens)
         else:
-            self._schedule_waiting(prefill_plan, out, self.config.max_num_batched_tokens, chunked=False)
+            self._apply_plan(plan, out, self.config.max_num_batched_tokens, chunked=False)
 
     # --- values ------------------------------------------------------------------------------
     def _num_live(self, now: float) -> int:
         """U: requests in the system not yet past their SLO."""
-        return sum(not r.is_past_slo(now) for r in self.waiting) + sum(not r.is_past_slo(now) for r in self.running)
+        return sum(not r.is_past_slo(now) for r in (*self.waiting, *self.running))
 
-    def _item(self, request: Request, now: float, num_live: int, num_tokens: int) -> KnapsackItem:
+    def _value(self, request: Request, now: float) -> float:
         pending_s = now - request.last_token_s
-        kv_units = self.cache.num_units_for(CacheKind.KV, num_tokens)
-        hidden_units = self.cache.num_units_for(CacheKind.HIDDEN, num_tokens)
-        if request.is_past_slo(now):
-            return KnapsackItem(request.req_id, kv_units, VIOLATOR_WEIGHT * pending_s + 1e-12)
-        if self.hybrid_cache == "all-hidden":  # one option: the hidden table
-            return KnapsackItem(request.req_id, hidden_units, pending_s + 1e-12)
-        if self.hybrid_cache == "off" or hidden_units >= kv_units:
-            return KnapsackItem(request.req_id, kv_units, pending_s + 1e-12)
-        hidden_value = pending_s - num_live * self.alpha_s * self.cache.num_blocks(num_tokens)
-        return KnapsackItem(request.req_id, kv_units, pending_s + 1e-12, hidden_units, hidden_value)
+        return (VIOLATOR_WEIGHT if request.is_past_slo(now) else 1.0) * pending_s + 1e-12
+
+    def _waiting_item(self, request: Request, now: float, num_live: int) -> KnapsackItem:
+        value = self._value(request, now)
+        kv_units = self.cache.num_units_for(CacheKind.KV, request.num_tokens)
+        hidden_units = self.cache.num_units_for(CacheKind.HIDDEN, request.num_tokens)
+        if self.hybrid_cache == "all-hidden":  # one option, the hidden table, in the item's KV slot
+            return KnapsackItem(request.req_id, hidden_units, value)
+        if self.hybrid_cache == "off" or hidden_units >= kv_units or request.is_past_slo(now):
+            return KnapsackItem(request.req_id, kv_units, value)
+        hidden_value = value - num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
+        return KnapsackItem(request.req_id, kv_units, value, hidden_units, hidden_value)
+
+    def _upgrade_item(self, request: Request, num_live: int) -> KnapsackItem:
+        extra = (self.cache.num_units_for(CacheKind.KV, request.num_tokens)
+                 - self.cache.num_units_for(CacheKind.HIDDEN, request.num_tokens))
+        saved = num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
+        return KnapsackItem(UPGRADE + request.req_id, extra, saved + 1e-12)
+
+    # --- the plan ----------------------------------------------------------------------------
+    def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True) -> list[tuple[str, str]]:
+        """(item id, choice) the greedy picks against the free memory, best value per unit first."""
+        items = [self._waiting_item(r, now, num_live) for r in self.waiting] if waiting else []
+        if upgrades and self.hybrid_cache == "on":
+            items += [self._upgrade_item(r, num_live) for r in self.running if r.cache_kind == CacheKind.HIDDEN]
+        choices = solve(items, self._free_units_for_plan())
+        by_id = {item.id: item for item in items}
+        plan = [(item_id, choice) for item_id, choice in choices.items() if choice is not None]
+        plan.sort(key=lambda entry: -by_id[entry[0]].kv_value / by_id[entry[0]].kv_units)
+        return plan
+
+    def _free_units_for_plan(self) -> int:
+        """Free units less the rows running requests need next step and the admission watermark."""
+        growth = sum(self.cache.num_new_units(r.req_id, r.cache_kind, r.num_tokens) for r in self.running)
+        reserve = self.watermark_units if self.running else 0
+        return max(0, self.cache.num_free_units - growth - reserve)
+
+    def _apply_plan(self, plan: list[tuple[str, str]], out: SchedulerOutput, budget: int, chunked: bool) -> int:
+        """Convert the chosen upgrades in place and admit the chosen waiting requests; returns budget left."""
+        for item_id, choice in plan:
+            if item_id.startswith(UPGRADE):
+                request = self.requests[item_id[len(UPGRADE):]]
+                self._convert_in_place(request, CacheKind.KV, out)  # stays HIDDEN if memory is short
+            elif budget > 0 and len(self.running) < self.config.max_num_seqs:
+                budget = self._admit_planned(self.requests[item_id], self._kind(choice), out, budget, chunked)
+        return budget
+
+    def _admit_planned(self, request: Request, kind: CacheKind, out: SchedulerOutput, budget: int,
+                       chunked: bool) -> int:
+        num_new = min(request.num_tokens, budget) if chunked else request.num_tokens
+        if not chunked and out.scheduled and num_new > budget:
+            return budget  # whole prompts only; a smaller one further down may still fit
+        if not self.cache.allocate(request.req_id, kind, num_new):
+            return budget
+        request.cache_kind = kind
+        self._admit(request)
+        self._schedule_tokens(out, request, num_new)
+        return max(0, budget - num_new)
 
     def _kind(self, choice: str) -> CacheKind:
         return CacheKind.HIDDEN if choice == "hidden" or self.hybrid_cache == "all-hidden" else CacheKind.KV
 
-    # --- running requests --------------------------------------------------------------------
-    def _schedule_running(self, now: float, num_live: int, out: SchedulerOutput, budget: int) -> int:
-        """Plan the running requests against the whole pool; returns the token budget left."""
-        # A running request's footprint: rows for all its tokens (a decode writes the newest one).
-        items = [self._item(r, now, num_live, r.num_tokens) for r in self.running]
-        choices = solve(items, self.cache.num_units)
-        for request in list(self.running):
-            choice = choices[request.req_id]
-            if choice is None:
-                self._preempt(request, out)
-            elif self._kind(choice) == CacheKind.HIDDEN and request.cache_kind == CacheKind.KV:
-                self._preempt(request, out, next_kind=CacheKind.HIDDEN)  # KV -> HIDDEN by recompute
-        for request in list(self.running):
-            choice = choices[request.req_id]
-            if choice and self._kind(choice) == CacheKind.KV and request.cache_kind == CacheKind.HIDDEN:
-                self._convert_in_place(request, CacheKind.KV, out)  # stays HIDDEN if memory is short
-        return self._schedule_running_chunks(out, budget)
-
-    # --- waiting requests --------------------------------------------------------------------
-    def _free_units_for_waiting(self) -> int:
-        return max(0, self.cache.num_free_units - (self.watermark_units if self.running else 0))
-
-    def _plan_waiting(self, now: float, num_live: int, free_units: int) -> list[tuple[Request, CacheKind]]:
-        """Waiting requests the greedy admits into `free_units` and their kinds, best value per unit first."""
-        items = {r.req_id: self._item(r, now, num_live, r.num_tokens) for r in self.waiting}
-        choices = solve(items.values(), free_units)
-        plan = [(r, self._kind(choices[r.req_id])) for r in self.waiting if choices[r.req_id] is not None]
-        plan.sort(key=lambda entry: -items[entry[0].req_id].kv_value / items[entry[0].req_id].kv_units)
-        return plan
-
-    def _schedule_waiting(self, plan: list[tuple[Request, CacheKind]], out: SchedulerOutput, budget: int,
-                          chunked: bool) -> None:
-        for request, kind in plan:
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                break
-            num_new = min(request.num_tokens, budget) if chunked else request.num_tokens
-            if not chunked and out.scheduled and num_new > budget:
-                continue  # whole prompts only; a smaller one further down may still fit
-            if not self.cache.allocate(request.req_id, kind, num_new):
-                continue
-            request.cache_kind = kind
-            self._admit(request)
-            self._schedule_tokens(out, request, num_new)
-            budget = max(0, budget - num_new)
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        """Under memory pressure, preempt the running request worth least per unit of memory."""
+        return min(candidates, key=lambda r: self._value(r, self._now) / max(1, len(self.cache.unit_ids(r.req_id))))
 
 
 class AptChunkedScheduler(AptScheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        num_live = self._num_live(now)
+        self._now = now
+        plan = self._plan(now, self._num_live(now), upgrades=True)
+        upgrades = [entry for entry in plan if entry[0].startswith(UPGRADE)]
+        self._apply_plan(upgrades, out, 0, chunked=True)
         num_preempted = len(out.preempted_req_ids)
-        budget = self.config.max_num_batched_tokens
-        if self.running:
-            budget = self._schedule_running(now, num_live, out, budget)
-        if len(out.preempted_req_ids) == num_preempted and budget > 0 and self.waiting:
-            plan = self._plan_waiting(now, num_live, self._free_units_for_waiting())
-            self._schedule_waiting(plan, out, budget, chunked=True)
+        budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens)
+        if len(out.preempted_req_ids) == num_preempted:  # no memory to spare after a preemption
+            admissions = [entry for entry in plan if not entry[0].startswith(UPGRADE)]
+            self._apply_plan(admissions, out, budget, chunked=True)

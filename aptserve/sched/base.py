@@ -193,10 +193,14 @@ class Scheduler:
         (never one in `protected`, already scheduled this step) until it fits; False if it had to go."""
         while not self.cache.allocate(request.req_id, request.cache_kind, num_tokens):
             victims = [r for r in self.running if r is not request and r not in protected]
-            self._preempt(victims[-1] if victims else request, out)
+            self._preempt(self._pick_victim(victims) if victims else request, out)
             if not victims:
                 return False
         return True
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        """The running request to preempt under memory pressure: the newest (vLLM's rule)."""
+        return candidates[-1]
 
     def _schedule_running_chunks(self, out: SchedulerOutput, budget: int) -> int:
         """Running requests into the token budget: decodes first (one token each), then the rest of
