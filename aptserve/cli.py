@@ -61,6 +61,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- `aptserve serve`: the OpenAI-compatible server (owned with aptserve/server/) -------------------
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names requests may use for the model (the first is reported); default: --model")
+    group.add_argument("--max-queue-len", type=int, default=1024,
+                       help="most requests that may wait for the engine; beyond it new ones get HTTP 503")
+    group.add_argument("--ttft-slo", type=float, default=1.0,
+                       help="default time-to-first-token SLO (s) of requests without a `ttft_slo` field")
+    group.add_argument("--tbt-slo", type=float, default=1.0,
+                       help="default time-between-tokens SLO (s) of requests without a `tbt_slo` field")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds to let running requests finish before exiting")
+    group.add_argument("--disable-uvicorn-access-log", action="store_true")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aptserve import LLM
+    from aptserve.server import ServerConfig, build_server, create_app
+
+    if args.max_queue_len < 1:
+        raise SystemExit("--max-queue-len must be >= 1")
+    # LLM maps the engine flags onto EngineConfig exactly as `generate` does; the server takes its engine.
+    engine = LLM(**engine_kwargs(args), ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo).engine
+    server_config = ServerConfig(served_model_names=tuple(args.served_model_name or ()),
+                                 max_queue_len=args.max_queue_len)
+    app = create_app(engine, server_config)
+    build_server(app, args.host, args.port, args.shutdown_timeout,
+                 access_log=not args.disable_uvicorn_access_log).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat-template", action="store_true",
                      help="send the prompt as raw text instead of a chat turn")
     gen.set_defaults(func=cmd_generate)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

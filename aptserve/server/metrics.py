@@ -1,0 +1,77 @@
+"""Prometheus metrics of the server, in a registry of its own (two apps in one process never collide)."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from aptserve.outputs import RequestOutput
+
+# vLLM's buckets, so dashboards built for vLLM read ours the same way.
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                  10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0)
+
+
+class ServerMetrics:
+    """Per-request counters and latency histograms, plus the engine's gauges read at scrape time."""
+
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests_finished = Counter(
+            "aptserve:request_success", "Requests finished, by finish reason (stop, length, abort, error).",
+            ["finished_reason"], registry=self.registry)
+        self.requests_rejected = Counter(
+            "aptserve:request_rejected", "Requests refused with 503, by reason.", ["reason"],
+            registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "aptserve:time_to_first_token_seconds", "Time from arrival to the first token.",
+            buckets=TTFT_BUCKETS_S, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            "aptserve:inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+            buckets=ITL_BUCKETS_S, registry=self.registry)
+        self.registry.register(_EngineStatsCollector(engine_stats))
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        """Count a finished request and record its latencies (called once per request)."""
+        reason = "error" if output.error is not None else output.outputs[0].finish_reason or "abort"
+        self.requests_finished.labels(reason).inc()
+        metrics = output.metrics
+        if metrics is None or metrics.first_token_s is None:
+            return
+        self.time_to_first_token.observe(metrics.first_token_s - metrics.arrival_s)
+        times = metrics.token_times_s
+        for earlier, later in itertools.pairwise(times):
+            self.inter_token_latency.observe(later - earlier)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineStatsCollector:
+    """Gauges from the engine's last stats snapshot (the engine itself is not thread-safe)."""
+
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+        self._engine_stats = engine_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine_stats()
+        yield GaugeMetricFamily("aptserve:num_requests_running", "Requests in the running batch.",
+                                value=stats["num_running"])
+        yield GaugeMetricFamily("aptserve:num_requests_waiting", "Requests waiting to be scheduled.",
+                                value=stats["num_waiting"])
+        used = GaugeMetricFamily("aptserve:cache_units_used", "Cache units in use, by cache kind.",
+                                 labels=["kind"])
+        for kind, num_units in stats["cache_units"].items():
+            if kind != "free":
+                used.add_metric([kind], num_units)
+        yield used
+        yield GaugeMetricFamily("aptserve:cache_units_total", "Cache units in the pool.",
+                                value=stats["cache_units_total"])
+        yield CounterMetricFamily("aptserve:num_preemptions", "Preemptions since start.",
+                                  value=stats["num_preemptions"])
+        yield CounterMetricFamily("aptserve:num_steps", "Engine steps since start.", value=stats["num_steps"])
