@@ -92,7 +92,10 @@ class LLMEngine:
                 raise InvalidRequestError("the prompt is empty; send at least one token")
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer; send token ids")
-            return prompt, list(self.tokenizer(prompt).input_ids)
+            try:
+                return prompt, list(self.tokenizer(prompt).input_ids)
+            except (TypeError, ValueError) as exc:  # e.g. a lone UTF-16 surrogate from JSON
+                raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}") from exc
         token_ids = list(prompt)
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):

@@ -65,7 +65,7 @@ def test_tight_budget_preempts_and_still_matches_hf(model_case):
     # Room for the longest request alone plus a little: the batch must be preempted and recomputed.
     unit_bytes = bytes_per_unit(config, 16, "float32")
     budget = unit_bytes * 2 * ((300 + MAX_TOKENS) // 16 + 4)
-    llm, got = generate(model, prompts, kv_cache_memory=budget)
+    llm, got = generate(model, prompts, kv_cache_memory=budget, hybrid_cache="off")
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == expected
     assert llm.engine.cache.num_free_units == llm.engine.cache.num_units
