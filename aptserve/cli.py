@@ -34,13 +34,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--alpha", type=float, default=None,
+                       help="seconds to re-project one block's K/V across all layers (the hidden cache's "
+                            "price in the apt policies); default: measured at start-up")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 scheduler=args.scheduler, hybrid_cache=args.hybrid_cache, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                block_size=args.block_size, seed=args.seed)
+                block_size=args.block_size, seed=args.seed, alpha=args.alpha)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
