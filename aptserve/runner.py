@@ -1,7 +1,8 @@
 """ModelRunner: a SchedulerOutput -> input tensors -> one forward -> logits of sampled rows -> tokens.
 
-Stateless about cache bookkeeping: each step brings every request's new tokens, start position and
-whole unit table; the runner owns only the cache tensor and the sampler's per-request generators.
+Stateless about cache bookkeeping: each step brings every request's new tokens, start position, cache
+kind and whole unit table, plus the HIDDEN -> KV conversions to apply first; the runner owns only the
+cache tensor, the hidden-cache recompute scratch and the sampler's per-request generators.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from itertools import accumulate
 
 import torch
 
-from aptserve.cache.manager import CacheKind
 from aptserve.config import ModelConfig
-from aptserve.model.attention import AttentionMetadata, build_attention_metadata, default_decode_group_bytes
+from aptserve.model.attention import AttentionMetadata
+from aptserve.model.hidden import convert_hidden_to_kv
 from aptserve.model.loader import load_model, torch_dtype
+from aptserve.model.metadata import KV_UNITS_PER_BLOCK, AttentionMetadataBuilder, order_for_step
 from aptserve.sampler import Sampler
 from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 
@@ -27,6 +29,16 @@ def bytes_per_unit(model_config: ModelConfig, block_size: int, dtype: str | torc
     """Bytes of one cache unit: block_size rows of kv_dim values in every layer."""
     itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     return model_config.num_layers * block_size * model_config.kv_dim * itemsize
+
+
+def min_hidden_scratch_tokens(model_config: ModelConfig, block_size: int) -> int:
+    """The scratch must hold one request's whole context: max_model_len rounded up to a block."""
+    return -(-model_config.max_model_len // block_size) * block_size
+
+
+def default_decode_group_bytes(device: torch.device) -> int:
+    """Cap of one decode group's gathered K/V: cache-sized on CPU, a memory bound elsewhere."""
+    return 3 * 1024**2 if device.type == "cpu" else 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,9 @@ class ModelInput:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_units: int, block_size: int, dtype: str,
-                 device: str, seed: int = 0) -> None:
+                 device: str, seed: int = 0, hidden_scratch_tokens: int | None = None) -> None:
+        """`hidden_scratch_tokens`: tokens of K/V recomputed from hidden rows at once (one layer, reused
+        across layers); 0 when the hybrid cache is off; None: the minimum, one max_model_len context."""
         self.device = torch.device(device)
         if self.device.type == "cpu" and os.environ.get(NUM_THREADS_ENV):
             torch.set_num_threads(int(os.environ[NUM_THREADS_ENV]))
@@ -53,13 +67,41 @@ class ModelRunner:
         # Zeroed, not empty: padded rows are masked out, but NaN garbage would still poison P @ V.
         cache_shape = (model_config.num_layers, num_units, block_size, model_config.kv_dim)
         self.kv_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        # Laid out like one layer of the cache, two units (K, V) per block of recomputed rows.
+        num_scratch_blocks = self._num_scratch_blocks(hidden_scratch_tokens, block_size)
+        scratch_shape = (KV_UNITS_PER_BLOCK * num_scratch_blocks, block_size, model_config.kv_dim)
+        self.scratch = torch.zeros(scratch_shape, dtype=self.dtype, device=self.device)
+        self.metadata_builder = AttentionMetadataBuilder(
+            self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope)
         self.sampler = Sampler(seed, self.device)
         self.decode_group_bytes = default_decode_group_bytes(self.device)
+
+    def _num_scratch_blocks(self, hidden_scratch_tokens: int | None, block_size: int) -> int:
+        minimum = min_hidden_scratch_tokens(self.model_config, block_size)
+        if hidden_scratch_tokens is None:
+            hidden_scratch_tokens = minimum
+        if hidden_scratch_tokens < 0 or 0 < hidden_scratch_tokens < minimum:
+            raise ValueError(f"hidden_scratch_tokens={hidden_scratch_tokens} cannot hold one request's "
+                             f"context (max_model_len {self.model_config.max_model_len}); give 0 (no "
+                             f"hidden cache) or at least {minimum}")
+        return hidden_scratch_tokens // block_size
+
+    @property
+    def hidden_scratch_tokens(self) -> int:
+        """Rows of K/V the scratch holds (whole blocks)."""
+        return self.scratch.shape[0] // KV_UNITS_PER_BLOCK * self.scratch.shape[1]
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.scratch.numel() * self.scratch.element_size()
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
         start_s = time.perf_counter()
         self.sampler.forget(sched_out.finished_req_ids)
+        if sched_out.conversions:  # before the forward: it may reuse the hidden units they read
+            projections = self.metadata_builder.build_conversions(sched_out.conversions)
+            convert_hidden_to_kv(self.kv_cache, projections, self.model.attention_layers())
         if sched_out.is_empty:
             return RunnerOutput(elapsed_s=0.0)
         model_input = self.prepare_inputs(sched_out.scheduled)
@@ -75,17 +117,9 @@ class ModelRunner:
         return RunnerOutput(sampled_token_ids, elapsed_s=time.perf_counter() - start_s)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInput:
-        """Decodes first (they attend in batched groups), then prefill chunks."""
-        for request in scheduled:
-            if request.cache_kind != CacheKind.KV:
-                raise NotImplementedError(f"{request.req_id}: only KV cache requests are supported yet")
-        # Similar context lengths side by side keep each decode group's padding small.
-        decodes = sorted((r for r in scheduled if r.num_tokens == 1), key=lambda r: r.start_pos)
-        ordered = decodes + [r for r in scheduled if r.num_tokens > 1]
-        attn_metadata, positions = build_attention_metadata(
-            self.kv_cache, [r.start_pos for r in ordered], [r.num_tokens for r in ordered],
-            [r.unit_ids for r in ordered], len(decodes), self.decode_group_bytes,
-        )
+        """Decodes first (they attend in batched groups: KV ones, then hidden ones), then prefill chunks."""
+        ordered = order_for_step(scheduled)
+        attn_metadata, positions = self.metadata_builder.build(ordered, self.decode_group_bytes)
         input_ids = torch.tensor([t for r in ordered for t in r.token_ids], device=self.device)
         row_ends = accumulate(r.num_tokens for r in ordered)
         last_rows = [end - 1 for end, r in zip(row_ends, ordered) if r.sample]

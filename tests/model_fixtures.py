@@ -8,7 +8,7 @@ import torch
 from aptserve.cache import CacheKind, CacheManager
 from aptserve.runner import ModelRunner
 from aptserve.sampling import SamplingParams
-from aptserve.sched.output import ScheduledRequest, SchedulerOutput
+from aptserve.sched.output import CacheConversion, ScheduledRequest, SchedulerOutput
 
 TINY_VOCAB = 256
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -64,6 +64,7 @@ class DriverRequest:
     max_new_tokens: int
     arrival_step: int = 0
     sampling_params: SamplingParams = GREEDY
+    cache_kind: CacheKind = CacheKind.KV
     output: list[int] = field(default_factory=list)
     num_computed: int = 0
 
@@ -88,16 +89,16 @@ class Driver:
             remaining = len(tokens) - request.num_computed
             num_new = min(remaining, self.chunk_size or remaining)
             end = request.num_computed + num_new
-            assert self.manager.allocate(request.req_id, CacheKind.KV, end), "test pool too small"
+            assert self.manager.allocate(request.req_id, request.cache_kind, end), "test pool too small"
             scheduled.append(ScheduledRequest(
-                request.req_id, tokens[request.num_computed:end], request.num_computed, CacheKind.KV,
+                request.req_id, tokens[request.num_computed:end], request.num_computed, request.cache_kind,
                 self.manager.unit_ids(request.req_id), end == len(tokens), request.sampling_params,
             ))
         return scheduled
 
-    def step(self, requests: list[DriverRequest]) -> None:
+    def step(self, requests: list[DriverRequest], conversions: list[CacheConversion] | None = None) -> None:
         scheduled = self.schedule(requests)
-        output = self.runner.execute(SchedulerOutput(self.step_id, scheduled))
+        output = self.runner.execute(SchedulerOutput(self.step_id, scheduled, conversions=conversions or []))
         assert sorted(output.sampled_token_ids) == sorted(r.req_id for r in scheduled if r.sample)
         by_id = {r.req_id: r for r in requests}
         for item in scheduled:

@@ -69,7 +69,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, attn_metadata: AttentionMetadata) -> torch.Tensor:
         q = apply_rope(self.q_proj(x).view(-1, self.num_heads, self.head_dim), rope)
         k, v = self.project_kv(x, rope)
-        return self.o_proj(paged_attention(self.layer_idx, x, q, k, v, attn_metadata))
+        return self.o_proj(paged_attention(self.layer_idx, x, q, k, v, attn_metadata, self.project_kv))
 
 
 class LlamaMLP(nn.Module):
@@ -130,10 +130,17 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary_emb(positions, hidden.dtype)
+        rope = self.rope(positions)
         for layer in self.model.layers:
             hidden = layer(hidden, rope, attn_metadata)
         return self.model.norm(hidden)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        """RoPE tables at absolute positions (also re-applied to K recomputed from hidden rows)."""
+        return self.model.rotary_emb(positions, self.model.embed_tokens.weight.dtype)
+
+    def attention_layers(self) -> list[LlamaAttention]:
+        return [layer.self_attn for layer in self.model.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight

@@ -35,7 +35,8 @@ class OPTAttention(nn.Module):
         # HF scales q before attention (and attends with scale 1): same rounding as the reference.
         q = (self.q_proj(x) * self.scaling).view(-1, self.num_heads, self.head_dim)
         k, v = self.project_kv(x)
-        return self.out_proj(paged_attention(self.layer_idx, x, q, k, v, attn_metadata, scale=1.0))
+        return self.out_proj(
+            paged_attention(self.layer_idx, x, q, k, v, attn_metadata, self.project_kv, scale=1.0))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -107,6 +108,13 @@ class OPTForCausalLM(nn.Module):
         if decoder.project_out is not None:
             hidden = decoder.project_out(hidden)
         return hidden
+
+    def rope(self, positions: torch.Tensor) -> None:
+        """No rotary tables: OPT adds learned positions at the input, so K needs nothing re-applied."""
+        return None
+
+    def attention_layers(self) -> list[OPTAttention]:
+        return [layer.self_attn for layer in self.model.decoder.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight

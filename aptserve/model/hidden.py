@@ -1,0 +1,80 @@
+"""The hidden cache at run time: store x rows, recompute K/V from them, convert HIDDEN -> KV in place.
+
+A hidden request stores, per layer, the input x of the q/k/v projections (the normed hidden state for
+pre-LN models, the residual stream for post-LN OPT) instead of K and V. Its table holds
+u = ceil(hidden_size / kv_dim) units per logical block ([h0_0 .. h0_{u-1}, h1_0, ...]); the row of
+the token at position t lives in block t // block_size, row t % block_size, split across the block's
+u units as column slices of kv_dim, the last one zero-padded. A row is thus u "slots" of the flat
+cache view [num_units * block_size, kv_dim], listed row-major (row 0's u slots, then row 1's ...).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from aptserve.model.attention import DecodeGroup, PrefillChunk
+
+# A layer's K/V projection: (x [N, hidden], the model's positional tables for the N rows or None)
+# -> K, V [N, num_kv_heads, head_dim], RoPE applied.
+ProjectKV = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def hidden_units_per_block(hidden_size: int, kv_dim: int) -> int:
+    return -(-hidden_size // kv_dim)
+
+
+def write_hidden_rows(flat_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store rows x [N, hidden] at their N * u slots of the layer's flat cache [slots, kv_dim]."""
+    kv_dim = flat_cache.shape[1]
+    pad = -x.shape[1] % kv_dim
+    slices = (F.pad(x, (0, pad)) if pad else x).reshape(-1, kv_dim)
+    flat_cache.index_copy_(0, slot_mapping, slices)
+
+
+def gather_hidden_rows(flat_cache: torch.Tensor, slots: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """The rows [N, hidden_size] whose N * u slots are `slots`."""
+    num_slots_per_row = hidden_units_per_block(hidden_size, flat_cache.shape[1])
+    gathered = flat_cache.index_select(0, slots).view(-1, num_slots_per_row * flat_cache.shape[1])
+    return gathered[:, :hidden_size] if gathered.shape[1] != hidden_size else gathered
+
+
+@dataclass(frozen=True)
+class HiddenProjection:
+    """Gather hidden rows, project them to K/V in one GEMM, write K/V rows to a KV-layout destination."""
+
+    hidden_slots: torch.Tensor  # [N * u] slots of the rows in the source cache
+    hidden_size: int
+    rope: Any  # the model's positional tables at the rows' absolute positions (None for OPT)
+    dst_slots: torch.Tensor  # [2 * N] slots of the destination (K rows, then V rows)
+
+    def run(self, src_flat: torch.Tensor, dst_flat: torch.Tensor, project_kv: ProjectKV) -> None:
+        k, v = project_kv(gather_hidden_rows(src_flat, self.hidden_slots, self.hidden_size), self.rope)
+        dst_flat.index_copy_(0, self.dst_slots, torch.cat([k.flatten(1), v.flatten(1)]))
+
+
+@dataclass(frozen=True)
+class RecomputeGroup:
+    """Hidden requests whose context K/V fit the scratch together: recomputed, then attended on."""
+
+    projection: HiddenProjection  # from the layer's cache into the scratch
+    decode_groups: list[DecodeGroup]  # over the scratch
+    prefills: list[PrefillChunk]  # chunks after cached rows, over the scratch
+
+
+def convert_hidden_to_kv(kv_cache: torch.Tensor, projections: Sequence[HiddenProjection],
+                         attention_layers: Sequence[nn.Module]) -> None:
+    """Apply a step's HIDDEN -> KV conversions, every layer, before its forward pass.
+
+    Projections run in the scheduler's order: a later conversion's new units may be an earlier one's
+    freed hidden units (freed units are reused first), which that earlier one has read by then.
+    """
+    for layer_idx, attention in enumerate(attention_layers):
+        flat_cache = kv_cache[layer_idx].view(-1, kv_cache.shape[-1])
+        for projection in projections:
+            projection.run(flat_cache, flat_cache, attention.project_kv)
