@@ -99,6 +99,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- `aptserve bench`: the serving benchmark client (owned with aptserve/bench/) -----------------
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from aptserve.bench.cli import add_bench_subcommands
+
+    bench = sub.add_parser("bench", help="SLO attainment and effective throughput of OpenAI-compatible servers")
+    add_bench_subcommands(bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
+    add_bench_parser(sub)
     return parser
 
 
