@@ -97,6 +97,7 @@ def decode_latency(model: str, contexts: list[int], batch_size: int, repeats: in
     units_per_hidden = hidden_units_per_block(config.hidden_size, config.kv_dim)
     num_units = batch_size * 2 * math.ceil(max(contexts) / BLOCK_SIZE)  # all-KV at the longest context
     scratch_tokens = CacheConfig().hidden_scratch_tokens
+    flop_per_row = 2 * config.hidden_size * 2 * config.kv_dim * config.num_layers  # one row, all layers
     runner = ModelRunner(config, num_units, BLOCK_SIZE, "float32", "cpu",
                          hidden_scratch_tokens=scratch_tokens)
     points = []
@@ -110,7 +111,8 @@ def decode_latency(model: str, contexts: list[int], batch_size: int, repeats: in
                            "batch_size": batch_size, "num_hidden": num_hidden,
                            "median_s": statistics.median(samples),
                            "samples_s": samples, "recompute_tokens": num_hidden * context_len,
-                           "cache_units": manager.usage()})
+                           "recompute_gflop": num_hidden * context_len * flop_per_row / 1e9,
+                           "cache_units": manager.usage(), "load_average": load_average()})
             print(f"{model} ctx {context_len:5d} {mix:10s} {points[-1]['median_s'] * 1e3:9.1f} ms",
                   flush=True)
     return points

@@ -129,10 +129,10 @@ def running_server(name: str, argv: list[str], env: dict, log_dir: Path, port: i
 
 # Startup log lines that show the settings a server really ran with (batching, blocks, threads).
 SETTINGS_LINE = re.compile(r"non-default args|chunked prefill|max_num_batched_tokens|OpenMP thread|core ids|"
-                           r"KV cache|block_size|num_gpu_blocks|scheduler|threads", re.IGNORECASE)
+                           r"KV cache size|block_size|Torch threads", re.IGNORECASE)
 
 
-def settings_lines(log_path: Path, max_lines: int = 20) -> list[str]:
+def settings_lines(log_path: Path, max_lines: int = 12) -> list[str]:
     lines = log_path.read_text(errors="replace").splitlines()
     return [line[-400:] for line in lines if SETTINGS_LINE.search(line)][:max_lines]
 
