@@ -143,7 +143,7 @@ def saturation(model: str, num_requests: int, prompt_len: int, output_len: int) 
                         "elapsed_s": elapsed_s, "output_tokens_per_s": num_output / elapsed_s,
                         "num_output_tokens": num_output, "num_preemptions": stats["num_preemptions"],
                         "num_conversions": stats["num_conversions"], "num_steps": stats["num_steps"],
-                        "pool_units": llm.engine.cache.num_units, **peaks})
+                        "pool_units": llm.engine.cache.num_units, "load_average": load_average(), **peaks})
         print(f"saturation {policy}/{hybrid_cache}: {results[-1]['output_tokens_per_s']:.1f} tok/s, "
               f"peak running {peaks['peak_running']}, preemptions {stats['num_preemptions']}", flush=True)
         del llm
@@ -166,7 +166,7 @@ def record_peaks(llm: LLM) -> dict:
 
 
 # --- report --------------------------------------------------------------------------------------
-def plot(path: Path, latency: list[dict], sat: list[dict]) -> None:
+def plot(path: Path, latency: list[dict], sat: list[dict], sat_model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -189,10 +189,12 @@ def plot(path: Path, latency: list[dict], sat: list[dict]) -> None:
         labels = [f"{r['policy']}\n{r['hybrid_cache']}" for r in sat]
         bars = ax.bar(labels, [r["output_tokens_per_s"] for r in sat], color=plt.cm.tab10.colors[:len(sat)])
         for bar, r in zip(bars, sat):
-            ax.annotate(f"{r['output_tokens_per_s']:.1f}\npeak {r['peak_running']} run", ha="center",
-                        va="bottom", fontsize=8, xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()))
-        ax.set(ylabel="output tokens/s", title="saturation: budget fits half the batch as KV")
-        ax.set_ylim(0, max(r["output_tokens_per_s"] for r in sat) * 1.3)
+            note = (f"{r['output_tokens_per_s']:.1f}\n{r['peak_running']} running\n"
+                    f"{r['peak_hidden_units']} hidden units\n{r['num_preemptions']} preempted")
+            ax.annotate(note, ha="center", va="bottom", fontsize=7,
+                        xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()))
+        ax.set(ylabel="output tokens/s", title=f"saturation ({sat_model}): budget fits half the batch as KV")
+        ax.set_ylim(0, max(r["output_tokens_per_s"] for r in sat) * 1.45)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
                "hidden_scratch_tokens": CacheConfig().hidden_scratch_tokens,
                "decode_latency": latency, "saturation": sat}
     write_json(args.out_dir / "hybrid_cache.json", payload)
-    plot(args.out_dir / "hybrid_cache.png", latency, sat)
+    plot(args.out_dir / "hybrid_cache.png", latency, sat, args.sat_model)
     print(f"wrote {args.out_dir / 'hybrid_cache.json'} and .png")
     return 0
 
