@@ -65,8 +65,12 @@ def build_engine_parts(config: EngineConfig):
     scheduler_config = dataclasses.replace(resolve_scheduler_config(config.scheduler, model_config),
                                            alpha_s=resolve_alpha(config, model_config, hybrid_cache))
     pool_bytes = config.cache.kv_cache_memory
+    scratch_tokens = 0
     if hybrid_cache != "off":
-        pool_bytes -= scratch_bytes(model_config, config.cache.hidden_scratch_tokens, config.dtype)
+        # One request's whole context must fit the recompute scratch on its own.
+        scratch_tokens = max(config.cache.hidden_scratch_tokens,
+                             math.ceil(model_config.max_model_len / block_size) * block_size)
+        pool_bytes -= scratch_bytes(model_config, scratch_tokens, config.dtype)
     num_units = max(0, pool_bytes) // bytes_per_unit(model_config, block_size, config.dtype)
     if num_units < 2:
         raise ValueError(f"kv_cache_memory={config.cache.kv_cache_memory} bytes holds no KV block of this "
@@ -74,5 +78,6 @@ def build_engine_parts(config: EngineConfig):
     cache = CacheManager(num_units, block_size, units_per_hidden_block(model_config))
     logger.info("cache pool: %d units of %d tokens (%d tokens as KV)", num_units, block_size,
                 cache.max_tokens())
-    runner = ModelRunner(model_config, num_units, block_size, config.dtype, config.device, config.seed)
+    runner = ModelRunner(model_config, num_units, block_size, config.dtype, config.device, config.seed,
+                         hidden_scratch_tokens=scratch_tokens)
     return model_config, scheduler_config, hybrid_cache, cache, runner, load_tokenizer(path)

@@ -118,7 +118,7 @@ class LLMEngine:
         """Run one batch; returns an output for every request that got a token or finished."""
         sched_out = self.scheduler.schedule(self.clock.now())
         if sched_out.is_empty:
-            if sched_out.finished_req_ids:  # let the executor drop the state of aborted requests
+            if sched_out.finished_req_ids or sched_out.conversions:  # aborted state; cache moves
                 self.executor.execute(sched_out)
             return []
         try:

@@ -12,13 +12,13 @@ from aptserve.model.registry import resolve_model
 TEXT = ("The history of computing is a story of ideas that build on one another. Early machines were "
         "mechanical, then electrical, and finally electronic. Each generation made computation faster, "
         "cheaper and more reliable, and each one changed what people believed a computer could do. ")
-MAX_TOKENS = 16
+MAX_TOKENS = 24
 
 
 def mixed_prompts(tokenizer, num_prompts: int = 16) -> list[list[int]]:
     """Token-id prompts from 3 to ~300 tokens, each a different slice of real text."""
     ids = tokenizer(TEXT * 8, add_special_tokens=False).input_ids
-    lengths = [3, 7, 12, 20, 33, 48, 64, 90, 120, 150, 17, 180, 5, 200, 41, 240][:num_prompts]
+    lengths = [3, 7, 12, 20, 33, 48, 64, 90, 120, 150, 17, 200, 5, 250, 41, 300][:num_prompts]
     return [ids[i:i + n] for i, n in enumerate(lengths)]
 
 
@@ -64,7 +64,7 @@ def test_tight_budget_preempts_and_still_matches_hf(model_case):
     config = load_model_config(resolve_model(model))
     # Room for the longest request alone plus a little: the batch must be preempted and recomputed.
     unit_bytes = bytes_per_unit(config, 16, "float32")
-    budget = unit_bytes * 2 * ((240 + MAX_TOKENS) // 16 + 4)
+    budget = unit_bytes * 2 * ((300 + MAX_TOKENS) // 16 + 4)
     llm, got = generate(model, prompts, kv_cache_memory=budget, hybrid_cache="off")
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == expected

@@ -154,8 +154,8 @@ class Scheduler:
         unit_ids = self.cache.convert(request.req_id, kind, num_tokens)
         if unit_ids is None:
             return False
-        out.conversions.append(CacheConversion(request.req_id, num_tokens, src_kind, unit_ids[0],
-                                               kind, unit_ids[1]))
+        out.conversions.append(CacheConversion(request.req_id, num_tokens, src_kind, list(unit_ids[0]),
+                                               kind, list(unit_ids[1])))
         request.cache_kind = kind
         request.num_conversions += 1
         self.num_conversions += 1
