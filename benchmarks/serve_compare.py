@@ -52,10 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-memory", type=int, default=4096 * 46080,
                         help="KV bytes for both servers (default: 4096 tokens of SmolLM2 fp32 KV, ~180 MiB)")
     parser.add_argument("--max-num-seqs", type=int, default=32)
-    parser.add_argument("--num-requests", type=int, default=50, help="requests per rate point")
+    parser.add_argument("--num-requests", type=int, default=40, help="requests per rate point")
     parser.add_argument("--max-prompt-len", type=int, default=512)
     parser.add_argument("--max-output-len", type=int, default=128)
-    parser.add_argument("--rates", default="1,2,3,4,5", help="comma-separated request rates (req/s)")
+    parser.add_argument("--rates", default="0.25,0.5,1,1.5,2,3",
+                        help="comma-separated request rates (req/s); the default brackets both servers' knees on 2 "
+                             "idle cores (about 6-7 min per server)")
     parser.add_argument("--cv", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.9)
@@ -195,7 +197,10 @@ def bench_one(args, name: str, model_dir: str, spec: BenchSpec, slos: dict | Non
     try:
         with running_server(name, argv, env, log_dir, args.port, args.startup_timeout) as (url, startup_s):
             unloaded = measure_unloaded(url, spec)
-            slos = slos or slos_from_unloaded(unloaded, args.slo_scale)
+            if slos is None:
+                slos = slos_from_unloaded(unloaded, args.slo_scale)
+                log(f"SLOs from {name}'s unloaded latency: TTFT {slos['ttft_slo_s']:.3f} s, P99 TBT "
+                    f"{slos['tbt_slo_s']:.3f} s, mean TPOT {slos['tpot_slo_s']:.3f} s")
             result |= {"startup_s": round(startup_s, 1), "unloaded": unloaded, **bench_server(url, spec, slos, name)}
         result["settings_log_lines"] = settings_lines(log_dir / f"{name}.log")
     except Exception as error:  # noqa: BLE001 - recorded in the JSON, the run goes on
