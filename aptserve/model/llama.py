@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aptserve.model.attention import AttentionMetadata, paged_attention
+from aptserve.model.linear import Linear, linear
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -55,10 +56,10 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.get("num_key_value_heads") or self.num_heads
         self.head_dim = config.get("head_dim") or config["hidden_size"] // self.num_heads
         hidden, bias = config["hidden_size"], config.get("attention_bias", False)
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
     def project_kv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K (with RoPE at the rows' positions) and V of normed inputs x [T, hidden]."""
@@ -77,9 +78,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         hidden, inter = config["hidden_size"], config["intermediate_size"]
         bias = config.get("mlp_bias", False)
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -124,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, device)
         self.tie_word_embeddings = config.get("tie_word_embeddings", False)
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+            self.lm_head = Linear(config["hidden_size"], config["vocab_size"], bias=False)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -144,4 +145,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aptserve.model.attention import AttentionMetadata, paged_attention
+from aptserve.model.linear import Linear, linear
 
 # OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).
 POSITION_OFFSET = 2
@@ -21,10 +22,10 @@ class OPTAttention(nn.Module):
         self.num_heads = config["num_attention_heads"]
         self.head_dim = hidden // self.num_heads
         self.scaling = self.head_dim**-0.5
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.q_proj = Linear(hidden, hidden, bias=bias)
+        self.k_proj = Linear(hidden, hidden, bias=bias)
+        self.v_proj = Linear(hidden, hidden, bias=bias)
+        self.out_proj = Linear(hidden, hidden, bias=bias)
 
     def project_kv(self, x: torch.Tensor, rope: None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of inputs x [T, hidden]; `rope` is always None (OPT has learned positions)."""
@@ -47,8 +48,8 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = config.get("do_layer_norm_before", True)
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = nn.Linear(hidden, config["ffn_dim"], bias=bias)
-        self.fc2 = nn.Linear(config["ffn_dim"], hidden, bias=bias)
+        self.fc1 = Linear(hidden, config["ffn_dim"], bias=bias)
+        self.fc2 = Linear(config["ffn_dim"], hidden, bias=bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.activation = ACTIVATIONS[config.get("activation_function", "relu")]
 
@@ -68,8 +69,8 @@ class OPTDecoder(nn.Module):
         proj_dim = config.get("word_embed_proj_dim") or hidden
         self.embed_tokens = nn.Embedding(config["vocab_size"], proj_dim)
         self.embed_positions = nn.Embedding(config["max_position_embeddings"] + POSITION_OFFSET, hidden)
-        self.project_in = nn.Linear(proj_dim, hidden, bias=False) if proj_dim != hidden else None
-        self.project_out = nn.Linear(hidden, proj_dim, bias=False) if proj_dim != hidden else None
+        self.project_in = Linear(proj_dim, hidden, bias=False) if proj_dim != hidden else None
+        self.project_out = Linear(hidden, proj_dim, bias=False) if proj_dim != hidden else None
         pre_ln = config.get("do_layer_norm_before", True)
         keep_final_norm = pre_ln and not config.get("_remove_final_layer_norm", False)
         affine = config.get("layer_norm_elementwise_affine", True)
@@ -91,7 +92,7 @@ class OPTForCausalLM(nn.Module):
         self.tie_word_embeddings = config.get("tie_word_embeddings", True)
         if not self.tie_word_embeddings:
             proj_dim = config.get("word_embed_proj_dim") or config["hidden_size"]
-            self.lm_head = nn.Linear(proj_dim, config["vocab_size"], bias=False)
+            self.lm_head = Linear(proj_dim, config["vocab_size"], bias=False)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -118,4 +119,4 @@ class OPTForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)
