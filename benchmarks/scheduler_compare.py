@@ -13,7 +13,7 @@ Each server starts once and runs every (trace, cv) sweep. A sweep measures the r
 after the first rate that misses the target under both rules (the paper's P99 TBT and vLLM's mean TPOT), so each
 curve's knee is bracketed without spending minutes on rates far past it.
 
-    .venv/bin/python benchmarks/scheduler_compare.py                      # full matrix, ~60-80 min on 2 idle cores
+    .venv/bin/python benchmarks/scheduler_compare.py                      # full matrix, ~45-60 min on 2 idle cores
     .venv/bin/python benchmarks/scheduler_compare.py --datasets sharegpt --cvs 1 --rates 0.5,1 --num-requests 16
 
 Writes <out-dir>/scheduler_compare.json and one PNG per (trace, cv) plus scheduler_compare.png (effective
@@ -36,10 +36,13 @@ from aptserve.bench.serving import (BenchSpec, effective_throughput, load_bench_
                                     run_rate, slos_from_unloaded, throughput_ratios, trace_stats)
 from aptserve.bench.cli import explicit_slos  # noqa: E402
 from benchmarks.common import RESULTS_DIR, load_average, write_json  # noqa: E402
-from benchmarks.serve_compare import (SERVED_NAME, VLLM, log, running_server, server_command,  # noqa: E402
-                                      settings_lines)
+from benchmarks.serve_compare import SERVED_NAME, VLLM, running_server, server_command, settings_lines  # noqa: E402
 
 POLICIES = ("fcfs", "chunked", "apt", "apt-chunked")
+
+
+def log(message: str) -> None:
+    print(f"[scheduler_compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,10 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-fraction", type=float, default=0.25,
                         help="KV budget = this x max-num-seqs x mean (prompt + output) tokens of the traces")
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="explicit KV bytes (overrides the above)")
-    parser.add_argument("--num-requests", type=int, default=30, help="requests per rate point")
+    parser.add_argument("--num-requests", type=int, default=24, help="requests per rate point")
     parser.add_argument("--max-prompt-len", type=int, default=512)
     parser.add_argument("--max-output-len", type=int, default=128)
-    parser.add_argument("--rates", default="0.5,1,1.5,2,3", help="comma-separated rates (req/s), ascending")
+    parser.add_argument("--rates", default="0.5,1,2,3", help="comma-separated rates (req/s), ascending")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--slo-scale", type=float, default=5.0)
