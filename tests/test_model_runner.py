@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,8 @@ def test_model_config_limits_and_eos(tmp_path):
 def test_opt_125m_has_the_published_shape_and_runs():
     config = load_model_config(resolve_model("opt-125m"))
     assert (config.architecture, config.num_layers, config.hidden_size) == ("opt", 12, 768)
+    # Other servers (vLLM) choose the model class from `architectures`, not model_type.
+    assert json.loads((Path(config.path) / "config.json").read_text())["architectures"] == ["OPTForCausalLM"]
     assert config.hidden_kv_ratio == 0.5
     runner, manager = make_runner(config.path, num_units=8, block_size=16)
     manager.allocate("o", CacheKind.KV, 5)

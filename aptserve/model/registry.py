@@ -41,6 +41,9 @@ KNOWN_MODELS = ("default", *OPT_SHAPES)
 SUPPORTED_ARCHITECTURES = ("llama", "opt")
 
 
+OPT_ARCHITECTURE = "OPTForCausalLM"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("APTSERVE_CACHE_DIR") or Path.home() / ".cache" / "aptserve")
 
@@ -70,7 +73,17 @@ def _prepared_folder(name: str) -> Path:
     folder = cache_dir() / "models" / (DEFAULT_MODEL_DIR if name == "default" else name)
     if not (folder / "config.json").is_file():
         _build_atomically(folder, _build_default if name == "default" else partial(_build_opt, name))
+    elif name != "default":
+        _declare_architecture(folder / "config.json")
     return folder
+
+
+def _declare_architecture(config_file: Path) -> None:
+    """Folders built before `architectures` was written lack it; other servers (vLLM) need it to pick the model."""
+    config = json.loads(config_file.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = [OPT_ARCHITECTURE]
+        config_file.write_text(json.dumps(config, indent=2))
 
 
 def _build_atomically(folder: Path, build) -> None:
@@ -120,6 +133,7 @@ def opt_config(name: str):
         vocab_size=49152, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
         num_attention_heads=heads, word_embed_proj_dim=proj_dim, do_layer_norm_before=pre_ln,
         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype="float16",
+        architectures=[OPT_ARCHITECTURE],
     )
 
 
