@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from aptserve.bench.cli import load_average  # noqa: F401 - one definition, re-exported for the scripts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -46,12 +48,12 @@ def total_memory_gib() -> float | None:
         return None
 
 
-def load_average() -> list[float] | None:
-    """1/5/15-minute load: other processes on a 2-core machine skew timings, so results record it."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+def fp32_kv_bytes_per_token(model_dir: str) -> int:
+    """K and V rows of every layer for one token in float32: what aptserve's KV kind and vLLM both store."""
+    from aptserve.model.registry import load_model_config
+    from aptserve.runner import bytes_per_unit
+
+    return 2 * bytes_per_unit(load_model_config(model_dir), block_size=1, dtype="float32")
 
 
 def cpu_snapshot() -> dict:

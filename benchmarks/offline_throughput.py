@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
-from benchmarks.common import (REPO_ROOT, RESULTS_DIR, bar_chart, cpu_snapshot, load_average,  # noqa: E402
-                               other_cpu_fraction, wait_until_idle, write_json)  # noqa: E402
+from benchmarks.common import (REPO_ROOT, RESULTS_DIR, bar_chart, cpu_snapshot, fp32_kv_bytes_per_token,  # noqa: E402
+                               load_average, other_cpu_fraction, wait_until_idle, write_json)
 
 WARMUP_REQUESTS = 4
 WARMUP_OUTPUT_LEN = 8
@@ -120,11 +120,7 @@ def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:
 
 def kv_cache_bytes(model_dir: str, num_requests: int, prompt_len: int, output_len: int) -> int:
     """A fp32 KV budget that holds every request at full length at once (the same bytes for every system)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    bytes_per_token = config["num_hidden_layers"] * 2 * num_kv_heads * head_dim * 4
-    return int(num_requests * (prompt_len + output_len) * KV_SLACK) * bytes_per_token
+    return int(num_requests * (prompt_len + output_len) * KV_SLACK) * fp32_kv_bytes_per_token(model_dir)
 
 
 def throughput(elapsed_s: float, token_ids: list[list[int]], all_elapsed_s: list[float] | None = None) -> dict:

@@ -35,7 +35,7 @@ from aptserve.bench.report import plot_results  # noqa: E402
 from aptserve.bench.serving import (BenchSpec, effective_throughput, load_bench_trace, measure_unloaded,  # noqa: E402
                                     run_rate, slos_from_unloaded, throughput_ratios, trace_stats)
 from aptserve.bench.cli import explicit_slos  # noqa: E402
-from benchmarks.common import RESULTS_DIR, load_average, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, fp32_kv_bytes_per_token, load_average, write_json  # noqa: E402
 from benchmarks.serve_compare import SERVED_NAME, VLLM, running_server, server_command, settings_lines  # noqa: E402
 
 POLICIES = ("fcfs", "chunked", "apt", "apt-chunked")
@@ -74,18 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def kv_bytes_per_token(model_dir: str) -> int:
-    """fp32 K and V rows of every layer (what vLLM and aptserve's KV kind both store per token)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    kv_dim = config.get("num_key_value_heads", heads) * (config.get("head_dim") or config["hidden_size"] // heads)
-    return 2 * config["num_hidden_layers"] * kv_dim * 4
-
-
 def kv_budget(args, traces: dict, model_dir: str) -> tuple[int, int]:
     """(bytes, tokens): the explicit budget, or load-fraction of max-num-seqs requests of the traces' mean size,
     never below one full-length request (rounded up to whole 16-token blocks)."""
-    per_token = kv_bytes_per_token(model_dir)
+    per_token = fp32_kv_bytes_per_token(model_dir)
     if args.kv_cache_memory is not None:
         return args.kv_cache_memory, args.kv_cache_memory // per_token
     requests = [r for trace in traces.values() for r in trace]
@@ -170,9 +162,7 @@ def write_results(args, model_dir, kv_tokens, traces, specs, slos, servers) -> i
         per_server = {name: s["settings"][key] for name, s in servers.items() if key in s.get("settings", {})}
         settings[key] = {
             "servers": {name: s["effective_throughput"] for name, s in per_server.items()},
-            "ratios": {**throughput_ratios(per_server, "aptserve-fcfs"),
-                       **({k: v for k, v in throughput_ratios(per_server, VLLM).items()} if VLLM in per_server
-                          else {})},
+            "ratios": {**throughput_ratios(per_server, "aptserve-fcfs"), **throughput_ratios(per_server, VLLM)},
         }
         title = (f"{args.model} {ds} (output <= {args.max_output_len}) x {args.num_requests} per rate, cv {cv:g}; "
                  f"KV {kv_tokens} tokens ({args.load_fraction:g} of {args.max_num_seqs} requests' mean size); SLOs "

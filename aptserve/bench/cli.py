@@ -152,9 +152,12 @@ def explicit_slos(ttft_slo_s: float, tbt_slo_s: float, tpot_slo_s: float | None)
             "tpot_slo_s": tbt_slo_s if tpot_slo_s is None else tpot_slo_s, "source": "explicit"}
 
 
-def load_average() -> list[float]:
-    """1/5/15-minute load: other processes on a small machine skew every latency."""
-    return [round(x, 2) for x in os.getloadavg()]
+def load_average() -> list[float] | None:
+    """1/5/15-minute load: other processes on a small machine skew every latency, so results record it."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def environment() -> dict:
