@@ -56,7 +56,7 @@ def scratch_bytes(model_config: ModelConfig, hidden_scratch_tokens: int, dtype: 
 
 def build_engine_parts(config: EngineConfig):
     from aptserve.model.registry import load_model_config, load_tokenizer, resolve_model
-    from aptserve.runner import ModelRunner, bytes_per_unit
+    from aptserve.runner import ModelRunner, bytes_per_unit, min_hidden_scratch_tokens
 
     path = resolve_model(config.model)
     model_config = load_model_config(path, config.max_model_len, served_name=config.model)
@@ -69,7 +69,7 @@ def build_engine_parts(config: EngineConfig):
     if hybrid_cache != "off":
         # One request's whole context must fit the recompute scratch on its own.
         scratch_tokens = max(config.cache.hidden_scratch_tokens,
-                             math.ceil(model_config.max_model_len / block_size) * block_size)
+                             min_hidden_scratch_tokens(model_config, block_size))
         pool_bytes -= scratch_bytes(model_config, scratch_tokens, config.dtype)
     num_units = max(0, pool_bytes) // bytes_per_unit(model_config, block_size, config.dtype)
     if num_units < 2:
