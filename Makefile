@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 model: setup
-	$(BIN)/python -m aptserve.model.registry prepare default
+	$(BIN)/python -m aptserve.registry prepare default
 
 serve: model
 	$(BIN)/aptserve serve --model default --host 127.0.0.1 --port 8000

@@ -8,19 +8,15 @@ import logging
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from aptserve.config import ModelConfig
+from aptserve.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 BLOCK_COUNTS = (2, 8, 32)  # fit the slope at batch-like sizes: a lone block under-uses the GEMM
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("APTSERVE_CACHE_DIR", Path.home() / ".cache" / "aptserve"))
 
 
 def _time_projection(x: torch.Tensor, weight: torch.Tensor, num_layers: int, device: str,

@@ -1,16 +1,42 @@
-"""Engine configuration: one frozen dataclass per concern, no I/O on construction."""
+"""The resolved configuration the engine runs on: one frozen dataclass per concern, no None left.
+
+Users set flags (`engine_args.EngineArgs`); `engine_args.resolve()` turns them into an `EngineConfig`.
+Each value lives in one place: `max_model_len` in the model config, the pool size and the hybrid mode in
+the cache config, the token budget and the hidden cache's price in the scheduler config.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass, replace
 
-SCHEDULERS = ("fcfs", "chunked", "apt", "apt-chunked")
-HYBRID_CACHE_MODES = ("auto", "off", "all-hidden")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class SchedulerPolicy(str, enum.Enum):
+    FCFS = "fcfs"  # vLLM-like, prefill first
+    CHUNKED = "chunked"  # Sarathi-like chunked prefill
+    APT = "apt"  # Apt-Serve: prefill or decode iterations, chosen by value
+    APT_CHUNKED = "apt-chunked"  # Apt-Serve's greedy over chunked steps
+
+    @property
+    def is_apt(self) -> bool:
+        return self in (SchedulerPolicy.APT, SchedulerPolicy.APT_CHUNKED)
+
+    @property
+    def is_chunked(self) -> bool:
+        return self in (SchedulerPolicy.CHUNKED, SchedulerPolicy.APT_CHUNKED)
+
+
+class HybridMode(str, enum.Enum):
+    AUTO = "auto"  # a flag value only: resolved to ON where the hidden cache is smaller, else OFF
+    OFF = "off"  # KV cache only
+    ON = "on"  # the policies choose KV or HIDDEN per request
+    ALL_HIDDEN = "all-hidden"  # every request HIDDEN (a test and measurement setting)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """What the engine needs to know of a model's geometry (filled from the HF config by model/registry)."""
+    """What the engine needs to know of a model's geometry (read from the HF config by the registry)."""
 
     path: str
     architecture: str  # "llama" | "opt"
@@ -23,6 +49,8 @@ class ModelConfig:
     max_model_len: int
     eos_token_ids: tuple[int, ...] = ()
     served_name: str = ""
+    # The model's own limit (max_position_embeddings); max_model_len may be set lower, never higher.
+    max_position_embeddings: int | None = None
 
     @property
     def kv_dim(self) -> int:
@@ -34,56 +62,49 @@ class ModelConfig:
         """r = hidden cache size / KV cache size per token (1/2 for MHA, 1.5 for SmolLM2)."""
         return self.hidden_size / (2 * self.kv_dim)
 
+    def with_max_model_len(self, max_model_len: int | None) -> ModelConfig:
+        """This config limited to `max_model_len` tokens (None: the model's own limit)."""
+        limit = self.max_position_embeddings or self.max_model_len
+        if max_model_len is None:
+            return replace(self, max_model_len=limit)
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (a prompt token and an output token), got {max_model_len}")
+        return replace(self, max_model_len=max_model_len)
+
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    block_size: int = 16
-    # Byte budget of the cache pool, same meaning as vLLM's kv_cache_memory_bytes.
-    kv_cache_memory: int = 256 * 1024 * 1024
-    hybrid_cache: str = "auto"
+    block_size: int
+    # Units in the pool: the byte budget less the recompute scratch, over bytes_per_unit.
+    num_units: int
+    units_per_hidden_block: int
+    hybrid: HybridMode  # never AUTO once resolved
     # Fraction of units kept free when admitting new requests, so decodes do not preempt at once.
-    watermark: float = 0.01
-    # Tokens of K/V the runner may recompute from hidden rows at once (one layer); its bytes are taken
-    # from kv_cache_memory when the hybrid cache is on, so both engines compare on equal memory.
-    hidden_scratch_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be a positive byte count, got {self.kv_cache_memory}")
-        if self.hybrid_cache not in HYBRID_CACHE_MODES:
-            raise ValueError(f"hybrid_cache must be one of {HYBRID_CACHE_MODES}, got {self.hybrid_cache!r}")
+    watermark: float
+    # Tokens of K/V the runner may recompute from hidden rows at once (one layer); 0 when the hybrid
+    # cache is off. Its bytes came out of the byte budget, so engines compare on equal memory.
+    hidden_scratch_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    policy: str = "fcfs"
-    max_num_seqs: int = 256
-    # None: max(max_model_len, 2048) for the non-chunked policies, as vLLM does.
-    max_num_batched_tokens: int | None = None
-    max_model_len: int = 2048
-    # Default SLOs (seconds) for requests that do not bring their own.
-    ttft_slo_s: float = 1.0
-    tbt_slo_s: float = 1.0
-    # Seconds to re-project one block's K/V across all layers; None: measured at start-up.
-    alpha_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.policy not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.policy!r}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+    policy: SchedulerPolicy
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    # Default SLOs (seconds) of requests that do not bring their own.
+    ttft_slo_s: float
+    tbt_slo_s: float
+    # Seconds to re-project one block's K/V across all layers: the hidden cache's price (apt policies).
+    alpha_s: float
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str = "default"
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-    max_model_len: int | None = None
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    dtype: str
+    device: str
+    seed: int

@@ -20,12 +20,12 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._max_stop_len = max((len(s) for s in stop), default=0)
-        self.num_token_ids_fed = 0
+        # Characters of `text` already handed out by `take_new_text`.
+        self._num_released = 0
 
     def add_tokens(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; returns the stop string matched (text truncated there), or None."""
         self._token_ids.extend(new_token_ids)
-        self.num_token_ids_fed += len(new_token_ids)
         prefix = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._token_ids[self._prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
@@ -36,6 +36,13 @@ class IncrementalDetokenizer:
         search_from = max(0, len(self.text) - self._max_stop_len + 1)
         self.text += new_text
         return self._match_stop(search_from)
+
+    def take_new_text(self, finished: bool) -> str:
+        """Text not handed out yet; while running, a tail that a stop string might still cut is held back."""
+        end = len(self.text) if finished or not self.stop else releasable_len(self.text, self.stop)
+        new_text = self.text[self._num_released:end]
+        self._num_released = max(self._num_released, end)
+        return new_text
 
     def _match_stop(self, search_from: int) -> str | None:
         for stop in self.stop:
@@ -48,3 +55,13 @@ class IncrementalDetokenizer:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def releasable_len(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the prefix of `text` that no stop string can still cut: the longest tail of `text`
+    that is a proper prefix of a stop string is held back."""
+    for tail_len in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
+        tail = text[-tail_len:]
+        if any(s.startswith(tail) for s in stop):
+            return len(text) - tail_len
+    return len(text)

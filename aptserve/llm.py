@@ -1,36 +1,28 @@
 """The offline API: `LLM(model=...)` and `.generate()` / `.chat()`, shaped like vLLM's."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from aptserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from aptserve.engine import LLMEngine
+from aptserve.engine_args import EngineArgs
 from aptserve.errors import InvalidRequestError
 from aptserve.outputs import RequestOutput
-from aptserve.sampling import SamplingParams
-
-DEFAULT_KV_CACHE_MEMORY = 1 << 30
+from aptserve.sampling import RequestOutputKind, SamplingParams
 
 PromptLike = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str = "default", *, dtype: str = "float32", device: str = "cpu",
-                 kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY, scheduler: str = "fcfs",
-                 hybrid_cache: str = "auto", max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-                 block_size: int = 16, seed: int = 0, ttft_slo: float = 1.0, tbt_slo: float = 1.0,
-                 alpha: float | None = None) -> None:
-        config = EngineConfig(
-            model=model, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              hybrid_cache=hybrid_cache),
-            scheduler=SchedulerConfig(policy=scheduler, max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens,
-                                      ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, alpha_s=alpha))
-        self.engine = LLMEngine.from_config(config)
+    def __init__(self, model: str = "default", **kwargs) -> None:
+        """`kwargs`: any engine flag by its field name in EngineArgs (dtype, kv_cache_memory, scheduler,
+        hybrid_cache, max_num_seqs, ...); an unknown name is a TypeError that lists the known ones."""
+        unknown = sorted(set(kwargs) - set(EngineArgs.field_names()))
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; known: {EngineArgs.field_names()}")
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -40,11 +32,12 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                  for p in _as_params_list(sampling_params, len(prompts))]
         request_ids = []
         try:
             for prompt, param in zip(prompts, params):
-                request_ids.append(self.engine.add_request(prompt, param).req_id)
+                request_ids.append(self.engine.add_request(prompt, param).request_id)
         except InvalidRequestError:
             for request_id in request_ids:  # all or nothing: the batch was not accepted
                 self.engine.abort_request(request_id)

@@ -1,4 +1,8 @@
-"""What the engine returns per request (vLLM's RequestOutput shape)."""
+"""What the engine returns per request (vLLM's RequestOutput shape).
+
+What an output carries depends on the request's `SamplingParams.output_kind`: everything so far
+(CUMULATIVE), only what is new since the previous output (DELTA), or one output at the end (FINAL_ONLY).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +18,9 @@ class CompletionOutput:
 
 
 @dataclass
-class RequestMetrics:
+class RequestStats:
+    """When things happened to one request (engine clock seconds); attached to its finished output."""
+
     arrival_s: float
     first_scheduled_s: float | None
     first_token_s: float | None
@@ -30,6 +36,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: RequestMetrics | None = None
+    # Set on the finished output only (copying token times every step would cost O(n^2) per request).
+    metrics: RequestStats | None = None
     # Set when the request was aborted because its batch failed in the executor.
     error: str | None = None
+    # Tokens generated so far, whatever the output kind (a DELTA output's token_ids hold only the new ones).
+    num_output_tokens: int = 0

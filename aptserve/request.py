@@ -31,7 +31,7 @@ FINISH_REASONS = {
 
 @dataclass(eq=False)
 class Request:
-    req_id: str
+    request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_s: float

@@ -1,9 +1,18 @@
 """SamplingParams: what a request asks of the sampler and of the stop checks (vLLM's names and defaults)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from aptserve.errors import InvalidRequestError
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # all text and token ids so far, every step
+    DELTA = 1  # only what is new since the previous output (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes (offline batches)
 
 
 @dataclass(frozen=True)
@@ -12,11 +21,13 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) disables top-k
     seed: int | None = None
-    max_tokens: int = 16
+    # None: as many as fit the context (max_model_len less the prompt), resolved when the request comes in.
+    max_tokens: int | None = 16
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         # Accept lists and a single stop string as the OpenAI API does; store tuples (hashable, frozen).
@@ -32,7 +43,9 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        max_tokens = self.max_tokens
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")

@@ -34,7 +34,7 @@ from aptserve import LLM, SamplingParams  # noqa: E402
 from aptserve.cache import CacheKind, CacheManager  # noqa: E402
 from aptserve.config import CacheConfig  # noqa: E402
 from aptserve.model.hidden import hidden_units_per_block  # noqa: E402
-from aptserve.model.registry import load_model_config, resolve_model  # noqa: E402
+from aptserve.registry import load_model_config, resolve_model  # noqa: E402
 from aptserve.runner import ModelRunner, bytes_per_unit  # noqa: E402
 from aptserve.sched.output import ScheduledRequest, SchedulerOutput  # noqa: E402
 from benchmarks.common import RESULTS_DIR, load_average, write_json  # noqa: E402

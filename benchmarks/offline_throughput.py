@@ -321,7 +321,7 @@ def agreements(systems: dict, tokens: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from aptserve.model.registry import load_tokenizer, resolve_model
+    from aptserve.registry import load_tokenizer, resolve_model
 
     model_dir = resolve_model(args.model)
     prompts = make_prompts(load_tokenizer(model_dir), args.num_requests, args.prompt_len, args.seed)

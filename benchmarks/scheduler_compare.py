@@ -103,7 +103,7 @@ def sweep(url: str, spec: BenchSpec, slos: dict, label: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from aptserve.model.registry import load_tokenizer, resolve_model
+    from aptserve.registry import load_tokenizer, resolve_model
 
     model_dir = resolve_model(args.model)
     tokenizer = load_tokenizer(model_dir)

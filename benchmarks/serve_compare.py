@@ -218,7 +218,7 @@ def slo_origin(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from aptserve.model.registry import load_tokenizer, resolve_model
+    from aptserve.registry import load_tokenizer, resolve_model
 
     model_dir = resolve_model(args.model)
     trace = load_bench_trace("sharegpt", load_tokenizer(model_dir), args.num_requests, args.seed,

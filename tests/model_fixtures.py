@@ -59,7 +59,7 @@ def assert_matches_hf_greedy(hf_model, prompt: list[int], tokens: list[int]) -> 
 
 @dataclass
 class DriverRequest:
-    req_id: str
+    request_id: str
     prompt: list[int]
     max_new_tokens: int
     arrival_step: int = 0
@@ -89,22 +89,22 @@ class Driver:
             remaining = len(tokens) - request.num_computed
             num_new = min(remaining, self.chunk_size or remaining)
             end = request.num_computed + num_new
-            assert self.manager.allocate(request.req_id, request.cache_kind, end), "test pool too small"
+            assert self.manager.allocate(request.request_id, request.cache_kind, end), "test pool too small"
             scheduled.append(ScheduledRequest(
-                request.req_id, tokens[request.num_computed:end], request.num_computed, request.cache_kind,
-                self.manager.unit_ids(request.req_id), end == len(tokens), request.sampling_params,
+                request.request_id, tokens[request.num_computed:end], request.num_computed, request.cache_kind,
+                self.manager.unit_ids(request.request_id), end == len(tokens), request.sampling_params,
             ))
         return scheduled
 
     def step(self, requests: list[DriverRequest], conversions: list[CacheConversion] | None = None) -> None:
         scheduled = self.schedule(requests)
         output = self.runner.execute(SchedulerOutput(self.step_id, scheduled, conversions=conversions or []))
-        assert sorted(output.sampled_token_ids) == sorted(r.req_id for r in scheduled if r.sample)
-        by_id = {r.req_id: r for r in requests}
+        assert sorted(output.sampled_token_ids) == sorted(r.request_id for r in scheduled if r.sample)
+        by_id = {r.request_id: r for r in requests}
         for item in scheduled:
-            by_id[item.req_id].num_computed += item.num_tokens
-        for req_id, token_id in output.sampled_token_ids.items():
-            by_id[req_id].output.append(token_id)
+            by_id[item.request_id].num_computed += item.num_tokens
+        for request_id, token_id in output.sampled_token_ids.items():
+            by_id[request_id].output.append(token_id)
         self.manager.check_invariants()
         self.step_id += 1
 
@@ -112,5 +112,5 @@ class Driver:
         while any(len(r.output) < r.max_new_tokens for r in requests):
             self.step(requests)
         for request in requests:
-            self.manager.free(request.req_id)
-        return {r.req_id: r.output for r in requests}
+            self.manager.free(request.request_id)
+        return {r.request_id: r.output for r in requests}

@@ -9,7 +9,7 @@ import pytest
 
 from aptserve.bench.serving import effective_throughput, throughput_ratios
 from aptserve.cli import main
-from aptserve.model.registry import resolve_model
+from aptserve.registry import resolve_model
 from tests.test_server import running_server
 from tests.test_server_robustness import SIM, sim_engine
 

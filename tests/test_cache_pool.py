@@ -59,33 +59,33 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(kind=st.sampled_from(list(CacheKind)), num_tokens=st.integers(1, 80))
     def allocate_new(self, kind, num_tokens):
-        req_id = f"r{self.next_id}"
+        request_id = f"r{self.next_id}"
         self.next_id += 1
         free_before = self.cache.num_free_units
         need = self.cache.num_units_for(kind, num_tokens)
-        ok = self.cache.allocate(req_id, kind, num_tokens)
+        ok = self.cache.allocate(request_id, kind, num_tokens)
         assert ok == (need <= free_before)
         assert self.cache.num_free_units == free_before - (need if ok else 0)
         if ok:
-            self.tokens[req_id] = num_tokens
+            self.tokens[request_id] = num_tokens
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), extra=st.integers(1, 20))
     def grow(self, data, extra):
-        req_id = data.draw(st.sampled_from(sorted(self.tokens)))
-        kind = self.cache.kind_of(req_id)
-        if self.cache.allocate(req_id, kind, self.tokens[req_id] + extra):
-            self.tokens[req_id] += extra
-        assert len(self.cache.unit_ids(req_id)) == self.cache.num_units_for(kind, self.tokens[req_id])
+        request_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        kind = self.cache.kind_of(request_id)
+        if self.cache.allocate(request_id, kind, self.tokens[request_id] + extra):
+            self.tokens[request_id] += extra
+        assert len(self.cache.unit_ids(request_id)) == self.cache.num_units_for(kind, self.tokens[request_id])
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), twice=st.booleans())
     def free(self, data, twice):
-        req_id = data.draw(st.sampled_from(sorted(self.tokens)))
-        self.cache.free(req_id)
+        request_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.cache.free(request_id)
         if twice:
-            self.cache.free(req_id)
-        del self.tokens[req_id]
+            self.cache.free(request_id)
+        del self.tokens[request_id]
 
     @invariant()
     def consistent(self):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aptserve import LLM, SamplingParams
-from aptserve.model.registry import resolve_model
+from aptserve.registry import resolve_model
 
 TEXT = ("The history of computing is a story of ideas that build on one another. Early machines were "
         "mechanical, then electrical, and finally electronic. Each generation made computation faster, "
@@ -57,9 +57,8 @@ def test_one_batch_matches_hf(model_case):
 
 def test_tight_budget_preempts_and_still_matches_hf(model_case):
     model, prompts, expected = model_case
-    from aptserve.builder import build_engine_parts  # noqa: F401  (documents where the pool is sized)
-    from aptserve.model.registry import load_model_config
-    from aptserve.runner import bytes_per_unit
+    from aptserve.cache.geometry import bytes_per_unit  # the pool is sized in aptserve.engine_args.resolve
+    from aptserve.registry import load_model_config
 
     config = load_model_config(resolve_model(model))
     # Room for the longest request alone plus a little: the batch must be preempted and recomputed.

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from aptserve.builder import scratch_bytes
 from aptserve.cache import CacheKind, CacheManager
-from aptserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from aptserve.cache.geometry import bytes_per_unit, hidden_units_per_block, scratch_bytes
 from aptserve.engine import LLMEngine
-from aptserve.model.hidden import hidden_units_per_block
-from aptserve.model.metadata import order_for_step
-from aptserve.model.registry import load_model_config, resolve_model
-from aptserve.runner import ModelRunner, bytes_per_unit
+from aptserve.engine_args import EngineArgs
+from aptserve.registry import load_model_config, resolve_model
+from aptserve.runner import ModelRunner
+from aptserve.runner.metadata import order_for_step
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import CacheConversion
 from tests.model_fixtures import (
@@ -96,7 +95,7 @@ def test_mixed_kinds_chunks_and_decodes_match_hf(tiny_model, monkeypatch):
                 for i, (p, kind) in enumerate(zip(prompts, kinds))]
     outputs = Driver(runner, manager, chunk_size=8).run(requests)
     for request, prompt in zip(requests, prompts):
-        assert_matches_hf_greedy(hf_model, prompt, outputs[request.req_id])
+        assert_matches_hf_greedy(hf_model, prompt, outputs[request.request_id])
     assert manager.num_free_units == manager.num_units
     groups = [step.attn_metadata.recompute_groups for step in steps]
     assert max(map(len, groups)) > 1, "the scratch holds one 48-token context: steps need several groups"
@@ -116,8 +115,8 @@ def test_conversions_read_before_the_step_reuses_their_units(tiny_model):
         driver.step(requests)
     conversions = []
     for request in requests[:2]:  # a then b: b's new KV units are a's freed hidden units
-        src, dst = manager.convert(request.req_id, KV, request.num_computed)
-        conversions.append(CacheConversion(request.req_id, request.num_computed, HIDDEN, src, KV, list(dst)))
+        src, dst = manager.convert(request.request_id, KV, request.num_computed)
+        conversions.append(CacheConversion(request.request_id, request.num_computed, HIDDEN, src, KV, list(dst)))
         request.cache_kind = KV
     driver.step(requests, conversions)  # b's next block and c's prompt take b's freed hidden units
     assert set(conversions[1].dst_unit_ids) & set(conversions[0].src_unit_ids)
@@ -158,12 +157,10 @@ def make_engine(path: str, hybrid_cache: str, num_units: int = 200, policy: str 
     budget = num_units * bytes_per_unit(model_config, block_size, "float32")
     if hybrid_cache != "off":
         budget += scratch_bytes(model_config, MAX_MODEL_LEN, "float32")
-    config = EngineConfig(
-        model=path, dtype="float32", max_model_len=MAX_MODEL_LEN,
-        cache=CacheConfig(block_size=block_size, kv_cache_memory=budget, hybrid_cache=hybrid_cache,
-                          hidden_scratch_tokens=MAX_MODEL_LEN),
-        scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=max_num_batched_tokens))
-    engine = LLMEngine.from_config(config)
+    args = EngineArgs(model=path, dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=block_size,
+                      kv_cache_memory=budget, hybrid_cache=hybrid_cache, hidden_scratch_tokens=MAX_MODEL_LEN,
+                      scheduler=policy, max_num_batched_tokens=max_num_batched_tokens)
+    engine = LLMEngine.from_engine_args(args)
     assert engine.cache.num_units == num_units
     engine.executor = RecordingExecutor(engine.executor)
     return engine
@@ -185,10 +182,10 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], actions: dict | None
     return [tokens[f"r{i}"] for i in range(len(prompts))]
 
 
-def convert(req_ids: list[str], kind: CacheKind):
+def convert(request_ids: list[str], kind: CacheKind):
     def action(engine: LLMEngine) -> None:
-        for req_id in req_ids:
-            engine.convert_request(req_id, kind)
+        for request_id in request_ids:
+            engine.convert_request(request_id, kind)
     return action
 
 
@@ -216,7 +213,7 @@ def hf_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
 
 def save_engine_llama(path) -> str:
     """The tiny MHA Llama plus a tokenizer, which the engine loads (prompts here are token ids)."""
-    from aptserve.model.registry import load_tokenizer
+    from aptserve.registry import load_tokenizer
 
     save_tiny_llama(path, num_kv_heads=4, tie_word_embeddings=False)
     load_tokenizer(resolve_model("default")).save_pretrained(path)
@@ -250,7 +247,7 @@ def test_mixed_batch_matches_kv(engine_case):
     engine = make_engine(engine_case.path, "auto")
     tokens = run_engine(engine, engine_case.prompts, {0: convert(["r0", "r2"], HIDDEN)})
     assert tokens == engine_case.kv_tokens
-    kinds = [[r.cache_kind for r in sorted(step, key=lambda r: r.req_id)] for step in scheduled_steps(engine)]
+    kinds = [[r.cache_kind for r in sorted(step, key=lambda r: r.request_id)] for step in scheduled_steps(engine)]
     assert [HIDDEN, KV, HIDDEN, KV] in kinds
 
 
@@ -259,19 +256,19 @@ def test_hidden_to_kv_in_place_mid_decode_matches_kv(engine_case):
     actions = {0: convert(["r0", "r1", "r2"], HIDDEN), 4: convert(["r0", "r2"], KV)}
     assert run_engine(engine, engine_case.prompts, actions) == engine_case.kv_tokens
     conversions = [out.conversions for out in engine.executor.outputs if out.conversions]
-    assert [[c.req_id for c in step] for step in conversions] == [["r0", "r2"]]
+    assert [[c.request_id for c in step] for step in conversions] == [["r0", "r2"]]
     assert engine.scheduler.num_preemptions == 0
-    last_kinds = {r.req_id: r.cache_kind for r in scheduled_steps(engine)[-1]}
+    last_kinds = {r.request_id: r.cache_kind for r in scheduled_steps(engine)[-1]}
     assert last_kinds["r0"] == KV and last_kinds["r1"] == HIDDEN
 
 
 def test_kv_to_hidden_by_recompute_mid_decode_matches_kv(engine_case):
     engine = make_engine(engine_case.path, "auto")
     assert run_engine(engine, engine_case.prompts, {4: convert(["r1", "r3"], HIDDEN)}) == engine_case.kv_tokens
-    preempted = [(i, out.preempted_req_ids) for i, out in enumerate(engine.executor.outputs) if out.preempted_req_ids]
-    assert [req_ids for _, req_ids in preempted] == [["r1", "r3"]]
+    preempted = [(i, out.preempted_request_ids) for i, out in enumerate(engine.executor.outputs) if out.preempted_request_ids]
+    assert [request_ids for _, request_ids in preempted] == [["r1", "r3"]]
     reprefills = [r for step in scheduled_steps(engine)[preempted[0][0]:] for r in step if r.num_tokens > 1]
-    assert {r.req_id for r in reprefills} == {"r1", "r3"} and {r.cache_kind for r in reprefills} == {HIDDEN}
+    assert {r.request_id for r in reprefills} == {"r1", "r3"} and {r.cache_kind for r in reprefills} == {HIDDEN}
 
 
 def test_all_hidden_under_a_tight_budget_preempts_and_matches_kv(engine_case):

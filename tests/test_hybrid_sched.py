@@ -1,12 +1,14 @@
 """Hybrid cache on the pure side: all-hidden admission, conversions in the plan, nothing leaked."""
 import pytest
 
-from aptserve.cache import CacheKind, CacheManager
-from aptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from aptserve.engine import LLMEngine
+from aptserve.cache import CacheKind
+from aptserve.cache.geometry import hidden_units_per_block
+from aptserve.config import HybridMode, ModelConfig
+from aptserve.engine_args import resolve_hybrid_cache
 from aptserve.sampling import SamplingParams
-from aptserve.sim.executor import CostModelExecutor, SimClock
-from aptserve.builder import resolve_hybrid_cache, units_per_hidden_block
+from aptserve.sim.executor import CostModelExecutor
+from aptserve.sim.simulator import sim_engine
+from tests.sim_fixtures import sim_args
 
 MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                   head_dim=16, vocab_size=1000, max_model_len=512)
@@ -15,8 +17,8 @@ GQA = ModelConfig(path="sim", architecture="llama", num_layers=2, hidden_size=57
 
 
 class RecordingExecutor(CostModelExecutor):
-    def __init__(self, clock):
-        super().__init__(clock)
+    def __init__(self, clock, cost_model):
+        super().__init__(clock, cost_model)
         self.outputs = []
 
     def execute(self, sched_out):
@@ -25,12 +27,10 @@ class RecordingExecutor(CostModelExecutor):
 
 
 def make_engine(hybrid: str, num_units: int = 200, policy: str = "fcfs"):
-    clock = SimClock()
-    sched = SchedulerConfig(policy=policy, max_num_batched_tokens=256, max_model_len=512)
-    config = EngineConfig(model="sim", scheduler=sched, cache=CacheConfig(hybrid_cache="auto"))
-    cache = CacheManager(num_units, block_size=4, units_per_hidden_block=units_per_hidden_block(MHA))
-    executor = RecordingExecutor(clock)
-    return LLMEngine(config, MHA, cache, executor, clock=clock, hybrid_cache=hybrid), executor
+    args = sim_args(MHA, num_units, block_size=4, hybrid_cache=hybrid, scheduler=policy, max_num_batched_tokens=256)
+    engine, _ = sim_engine(args, MHA, make_executor=RecordingExecutor)
+    assert engine.cache.num_units == num_units
+    return engine, engine.executor
 
 
 def drain(engine):
@@ -42,10 +42,11 @@ def drain(engine):
 
 
 def test_auto_turns_hidden_on_for_mha_and_off_for_gqa():
-    assert resolve_hybrid_cache("auto", MHA) == "on"
-    assert resolve_hybrid_cache("auto", GQA) == "off"
-    assert resolve_hybrid_cache("off", MHA) == "off"
-    assert units_per_hidden_block(MHA) == 1 and units_per_hidden_block(GQA) == 3
+    assert resolve_hybrid_cache(HybridMode.AUTO, MHA) == "on"
+    assert resolve_hybrid_cache(HybridMode.AUTO, GQA) == "off"
+    assert resolve_hybrid_cache(HybridMode.OFF, MHA) == "off"
+    assert hidden_units_per_block(MHA.hidden_size, MHA.kv_dim) == 1
+    assert hidden_units_per_block(GQA.hidden_size, GQA.kv_dim) == 3
 
 
 def test_all_hidden_doubles_the_tokens_the_pool_holds_on_mha():
@@ -76,7 +77,7 @@ def test_hidden_to_kv_in_place_then_kv_to_hidden_by_recompute(policy):
     assert engine.cache.kind_of("a") == CacheKind.KV
     engine.convert_request("a", CacheKind.HIDDEN)
     engine.step()
-    assert executor.outputs[-1].preempted_req_ids == ["a"]
+    assert executor.outputs[-1].preempted_request_ids == ["a"]
     assert executor.outputs[-1].scheduled[0].cache_kind == CacheKind.HIDDEN  # re-prefilled as HIDDEN
     output = drain(engine)["a"]
     assert len(output.outputs[0].token_ids) == 12 and output.metrics.num_conversions == 2

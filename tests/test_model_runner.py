@@ -9,9 +9,10 @@ import torch
 
 from aptserve.cache import CacheKind, CacheManager
 from aptserve.errors import UnknownModelError
-from aptserve.model.registry import KNOWN_MODELS, load_model_config, load_tokenizer, resolve_model
-from aptserve.runner import ModelRunner, bytes_per_unit
-from aptserve.sampler import Sampler
+from aptserve.registry import KNOWN_MODELS, load_model_config, load_tokenizer, resolve_model
+from aptserve.cache.geometry import bytes_per_unit
+from aptserve.runner import ModelRunner
+from aptserve.runner.sampler import Sampler
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import ScheduledRequest, SchedulerOutput
 from tests.model_fixtures import (
@@ -72,7 +73,7 @@ def test_batched_prefill_then_decodes_match_hf(tiny_model, decode_group_bytes):
     requests = [DriverRequest(f"r{i}", p, max_new_tokens=10) for i, p in enumerate(prompts)]
     outputs = Driver(runner, manager).run(requests)
     for request, prompt in zip(requests, prompts):
-        assert_matches_hf_greedy(hf_model, prompt, outputs[request.req_id])
+        assert_matches_hf_greedy(hf_model, prompt, outputs[request.request_id])
     assert manager.num_free_units == manager.num_units
 
 
@@ -89,7 +90,7 @@ def test_chunked_prefill_mixed_with_decodes_matches_hf(tiny_model, block_size):
     ]
     outputs = Driver(runner, manager, chunk_size=8).run(requests)
     for request, prompt in zip(requests, prompts):
-        assert_matches_hf_greedy(hf_model, prompt, outputs[request.req_id])
+        assert_matches_hf_greedy(hf_model, prompt, outputs[request.request_id])
 
 
 def test_logits_match_hf_for_a_chunk_after_cached_rows_and_a_decode(tiny_model):
@@ -141,7 +142,7 @@ def test_smollm2_greedy_matches_hf_with_chunks(smollm2):
     outputs = Driver(runner, manager, chunk_size=32).run(requests)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for request, prompt in zip(requests, prompts):
-        assert_matches_hf_greedy(hf_model, prompt, outputs[request.req_id])
+        assert_matches_hf_greedy(hf_model, prompt, outputs[request.request_id])
     assert "Paris" in tokenizer.decode(outputs["s0"])
 
 
@@ -164,8 +165,8 @@ def test_smollm2_config_and_bytes_per_unit(smollm2):
 
 
 # --- sampler ------------------------------------------------------------------------------------------
-def sample_rounds(sampler: Sampler, logits: torch.Tensor, req_ids, params, rounds: int) -> list[list[int]]:
-    return [sampler(logits, req_ids, params) for _ in range(rounds)]
+def sample_rounds(sampler: Sampler, logits: torch.Tensor, request_ids, params, rounds: int) -> list[list[int]]:
+    return [sampler(logits, request_ids, params) for _ in range(rounds)]
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch():
@@ -193,9 +194,9 @@ def test_unseeded_requests_follow_runner_seed_and_forget_restarts():
 def test_top_k_one_and_tiny_top_p_equal_greedy():
     logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(1))
     greedy = logits.argmax(-1).tolist()
-    req_ids = [f"r{i}" for i in range(8)]
+    request_ids = [f"r{i}" for i in range(8)]
     for params in (SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)):
-        for tokens in sample_rounds(Sampler(), logits, req_ids, [params] * 8, rounds=5):
+        for tokens in sample_rounds(Sampler(), logits, request_ids, [params] * 8, rounds=5):
             assert tokens == greedy
 
 

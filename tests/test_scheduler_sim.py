@@ -2,24 +2,20 @@
 import numpy as np
 import pytest
 
-from aptserve.cache import CacheManager
-from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
-from aptserve.engine import LLMEngine
+from aptserve.config import ModelConfig
 from aptserve.errors import InvalidRequestError
 from aptserve.sampling import SamplingParams
-from aptserve.sim.executor import CostModelExecutor, SimClock
+from aptserve.sim.simulator import sim_engine
+from tests.sim_fixtures import sim_args
 
 MODEL = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4,
                     num_kv_heads=4, head_dim=16, vocab_size=1000, max_model_len=512, eos_token_ids=(2,))
 
 
 def make_engine(num_units: int, policy: str = "fcfs", max_num_seqs: int = 8, budget: int = 512):
-    clock = SimClock()
-    sched = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                            max_model_len=MODEL.max_model_len)
-    config = EngineConfig(model="sim", scheduler=sched)
-    cache = CacheManager(num_units, block_size=4, units_per_hidden_block=1)
-    return LLMEngine(config, MODEL, cache, CostModelExecutor(clock), clock=clock), clock
+    args = sim_args(MODEL, num_units, block_size=4, scheduler=policy, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=budget)
+    return sim_engine(args, MODEL)
 
 
 def run_random_trace(engine, clock, num_requests: int, seed: int, rate: float = 50.0):

@@ -16,10 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aptserve.cli import build_parser, cmd_serve
-from aptserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from aptserve.detokenizer import releasable_len
 from aptserve.engine import LLMEngine
+from aptserve.engine_args import EngineArgs
 from aptserve.server import DrainingServer, ServerConfig, build_server, create_app
-from aptserve.server.async_engine import releasable_len
 from aptserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MODEL = "default"
@@ -83,9 +83,8 @@ def running_server(engine: LLMEngine, shutdown_timeout_s: float = 30.0, **server
 # --- the real model ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live():
-    config = EngineConfig(model=MODEL, cache=CacheConfig(kv_cache_memory=64 << 20),
-                          scheduler=SchedulerConfig(max_num_seqs=8))
-    with running_server(LLMEngine.from_config(config)) as server:
+    args = EngineArgs(model=MODEL, kv_cache_memory=64 << 20, max_num_seqs=8)
+    with running_server(LLMEngine.from_engine_args(args)) as server:
         yield server
 
 

@@ -22,11 +22,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from aptserve.cache import CacheManager
-from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from aptserve.config import ModelConfig
 from aptserve.engine import LLMEngine
-from aptserve.model.registry import load_tokenizer, resolve_model
+from aptserve.engine_args import resolve
+from aptserve.registry import load_tokenizer, resolve_model
 from aptserve.sim.executor import CostModelExecutor
+from tests.sim_fixtures import sim_args
 from tests.test_server import running_server, wait_until
 
 SIM = "sim"
@@ -60,11 +61,9 @@ def sim_tokenizer():
 def sim_engine(num_units: int = 64, max_num_seqs: int = 4, step_s: float = 0.0) -> LLMEngine:
     tokenizer = sim_tokenizer()
     token_id = tokenizer.encode(" ok", add_special_tokens=False)[0]  # visible text, never EOS
-    scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=SIM_MODEL.max_model_len,
-                                max_model_len=SIM_MODEL.max_model_len)
-    cache = CacheManager(num_units, block_size=16, units_per_hidden_block=2)
-    return LLMEngine(EngineConfig(model=SIM, scheduler=scheduler), SIM_MODEL, cache,
-                     SleepyExecutor(token_id, step_s), tokenizer=tokenizer)
+    args = sim_args(SIM_MODEL, num_units, block_size=16, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=SIM_MODEL.max_model_len)
+    return LLMEngine(resolve(args, SIM_MODEL), SleepyExecutor(token_id, step_s), tokenizer=tokenizer)
 
 
 def completion(**overrides) -> dict:
@@ -197,9 +196,9 @@ def test_drain_gives_up_on_requests_after_the_shutdown_timeout():
 # A sim server in a process of its own; it imports only aptserve (the test module's imports take seconds).
 SERVE_SCRIPT = """
 import socket, sys, time
-from aptserve.cache import CacheManager
-from aptserve.config import EngineConfig, ModelConfig
+from aptserve.config import ModelConfig
 from aptserve.engine import LLMEngine
+from aptserve.engine_args import EngineArgs, resolve
 from aptserve.server import build_server, create_app
 from aptserve.sim.executor import CostModelExecutor
 
@@ -210,7 +209,8 @@ class SleepyExecutor(CostModelExecutor):
 
 model = ModelConfig(path="sim", architecture="llama", num_layers=2, hidden_size=64, num_heads=4,
                     num_kv_heads=4, head_dim=16, vocab_size=49152, max_model_len=128, served_name="sim")
-engine = LLMEngine(EngineConfig(model="sim"), model, CacheManager(64, 16), SleepyExecutor(token_id=1111))
+args = EngineArgs(model="sim", block_size=16, kv_cache_memory=64 * 2 * 16 * 64 * 4, hybrid_cache="off")
+engine = LLMEngine(resolve(args, model), SleepyExecutor(token_id=1111))
 sock = socket.socket(fileno=int(sys.argv[1]))
 build_server(create_app(engine), shutdown_timeout_s=20, log_level="warning").run(sockets=[sock])
 """

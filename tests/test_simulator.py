@@ -4,24 +4,18 @@ import pytest
 from aptserve.bench.arrivals import gamma_send_offsets_s
 from aptserve.bench.datasets import TraceRequest
 from aptserve.bench.metrics import summarize
-from aptserve.cache import CacheManager
-from aptserve.config import EngineConfig, ModelConfig, SchedulerConfig
-from aptserve.engine import LLMEngine
-from aptserve.sim.executor import CostModelExecutor, SimClock
-from aptserve.sim.simulator import simulate
+from aptserve.config import ModelConfig
+from aptserve.sim.simulator import sim_engine, simulate
+from tests.sim_fixtures import sim_args
 
 MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                   head_dim=16, vocab_size=1000, max_model_len=1024)
 
 
 def make_engine(policy: str, num_units: int, hybrid: str = "on"):
-    clock = SimClock()
-    sched = SchedulerConfig(policy=policy, max_num_batched_tokens=256, max_model_len=1024, alpha_s=3.2e-4,
-                            ttft_slo_s=1.0, tbt_slo_s=0.2)
-    cache = CacheManager(num_units, block_size=16, units_per_hidden_block=1)
-    engine = LLMEngine(EngineConfig(model="sim", scheduler=sched), MHA, cache, CostModelExecutor(clock),
-                       clock=clock, hybrid_cache=hybrid)
-    return engine, clock
+    args = sim_args(MHA, num_units, block_size=16, hybrid_cache=hybrid, scheduler=policy,
+                    max_num_batched_tokens=256, alpha=3.2e-4, ttft_slo=1.0, tbt_slo=0.2)
+    return sim_engine(args, MHA)
 
 
 def trace(num_requests: int):

@@ -124,7 +124,7 @@ def tokenizer_path(model: str, tokenizer: str | None) -> str:
     if tokenizer:
         return tokenizer
     from aptserve.errors import UnknownModelError
-    from aptserve.model.registry import resolve_model
+    from aptserve.registry import resolve_model
 
     try:
         return resolve_model(model)
@@ -134,7 +134,7 @@ def tokenizer_path(model: str, tokenizer: str | None) -> str:
 
 
 def build_spec(args: argparse.Namespace) -> tuple[BenchSpec, str]:
-    from aptserve.model.registry import load_tokenizer
+    from aptserve.registry import load_tokenizer
 
     path = tokenizer_path(args.model, args.tokenizer)
     options = {o: getattr(args, o) for o in DATASET_OPTIONS[args.dataset] if getattr(args, o) is not None}

@@ -9,9 +9,9 @@ A request's table is a flat list of unit ids, `units_per_block(kind)` units per 
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
+from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
 from aptserve.cache.pool import UnitPool
 
 
@@ -30,7 +30,7 @@ class CacheManager:
     def __init__(self, num_units: int, block_size: int, units_per_hidden_block: int = 2) -> None:
         self.pool = UnitPool(num_units)
         self.block_size = block_size
-        self._units_per_block = {CacheKind.KV: 2, CacheKind.HIDDEN: units_per_hidden_block}
+        self._units_per_block = {CacheKind.KV: KV_UNITS_PER_BLOCK, CacheKind.HIDDEN: units_per_hidden_block}
         self._tables: dict[str, RequestTable] = {}
 
     # --- sizes -------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ class CacheManager:
         return self._units_per_block[kind]
 
     def num_blocks(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     def num_units_for(self, kind: CacheKind, num_tokens: int) -> int:
         return self.num_blocks(num_tokens) * self._units_per_block[kind]
@@ -55,64 +55,68 @@ class CacheManager:
         """Tokens the whole pool holds when every request uses `kind`."""
         return self.num_units // self._units_per_block[kind] * self.block_size
 
-    def num_new_units(self, req_id: str, kind: CacheKind, num_tokens: int) -> int:
-        """Units that `allocate(req_id, kind, num_tokens)` would take from the pool."""
-        table = self._tables.get(req_id)
+    def num_new_units(self, request_id: str, kind: CacheKind, num_tokens: int) -> int:
+        """Units that `allocate(request_id, kind, num_tokens)` would take from the pool."""
+        table = self._tables.get(request_id)
         held = len(table.unit_ids) if table is not None and table.kind == kind else 0
         return max(0, self.num_units_for(kind, num_tokens) - held)
 
     # --- allocation --------------------------------------------------------------------------
-    def can_allocate(self, req_id: str, kind: CacheKind, num_tokens: int, reserve: int = 0) -> bool:
-        return self.num_new_units(req_id, kind, num_tokens) + reserve <= self.pool.num_free
+    def can_allocate(self, request_id: str, kind: CacheKind, num_tokens: int, reserve: int = 0) -> bool:
+        return self.num_new_units(request_id, kind, num_tokens) + reserve <= self.pool.num_free
 
-    def allocate(self, req_id: str, kind: CacheKind, num_tokens: int) -> bool:
+    def allocate(self, request_id: str, kind: CacheKind, num_tokens: int) -> bool:
         """Grow the request's table to cover `num_tokens` tokens; all or nothing."""
-        table = self._tables.get(req_id)
+        table = self._tables.get(request_id)
         if table is not None and table.kind != kind:
-            raise RuntimeError(f"request {req_id} holds a {table.kind.value} table; convert it first")
-        need = self.num_new_units(req_id, kind, num_tokens)
-        new_ids = self.pool.allocate(need, req_id)
+            raise RuntimeError(f"request {request_id} holds a {table.kind.value} table; convert it first")
+        need = self.num_new_units(request_id, kind, num_tokens)
+        new_ids = self.pool.allocate(need, request_id)
         if new_ids is None:
             return False
         if table is None:
-            table = self._tables[req_id] = RequestTable(kind)
+            table = self._tables[request_id] = RequestTable(kind)
         table.unit_ids.extend(new_ids)
         return True
 
-    def convert(self, req_id: str, new_kind: CacheKind, num_tokens: int) -> tuple[list[int], list[int]] | None:
+    def convert(self, request_id: str, new_kind: CacheKind, num_tokens: int) -> tuple[list[int], list[int]] | None:
         """Give the request a `new_kind` table for `num_tokens` tokens and free its old table.
 
         Returns (old unit ids, new unit ids), or None (nothing changed) if the new table does not fit
         while the old one is still held: the rows are copied from old to new, so both exist at once.
         """
-        table = self._tables[req_id]
+        table = self._tables[request_id]
         if table.kind == new_kind:
-            raise RuntimeError(f"request {req_id} already holds a {new_kind.value} table")
-        new_ids = self.pool.allocate(self.num_units_for(new_kind, num_tokens), req_id)
+            raise RuntimeError(f"request {request_id} already holds a {new_kind.value} table")
+        new_ids = self.pool.allocate(self.num_units_for(new_kind, num_tokens), request_id)
         if new_ids is None:
             return None
         old_ids = table.unit_ids
-        self.pool.free(old_ids, req_id)
-        self._tables[req_id] = RequestTable(new_kind, new_ids)
+        self.pool.free(old_ids, request_id)
+        self._tables[request_id] = RequestTable(new_kind, new_ids)
         return old_ids, new_ids
 
-    def free(self, req_id: str) -> None:
+    def free(self, request_id: str) -> None:
         """Return every unit of the request; a second call does nothing."""
-        table = self._tables.pop(req_id, None)
+        table = self._tables.pop(request_id, None)
         if table is not None:
-            self.pool.free(table.unit_ids, req_id)
+            self.pool.free(table.unit_ids, request_id)
 
     # --- views -------------------------------------------------------------------------------
-    def has_table(self, req_id: str) -> bool:
-        return req_id in self._tables
+    def has_table(self, request_id: str) -> bool:
+        return request_id in self._tables
 
-    def kind_of(self, req_id: str) -> CacheKind | None:
-        table = self._tables.get(req_id)
+    def kind_of(self, request_id: str) -> CacheKind | None:
+        table = self._tables.get(request_id)
         return table.kind if table is not None else None
 
-    def unit_ids(self, req_id: str) -> list[int]:
-        table = self._tables.get(req_id)
+    def unit_ids(self, request_id: str) -> list[int]:
+        table = self._tables.get(request_id)
         return list(table.unit_ids) if table is not None else []
+
+    def num_units_held(self, request_id: str) -> int:
+        table = self._tables.get(request_id)
+        return len(table.unit_ids) if table is not None else 0
 
     def usage(self) -> dict[str, int]:
         """Units used per kind, plus free."""
@@ -125,10 +129,10 @@ class CacheManager:
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         owned = 0
-        for req_id, table in self._tables.items():
+        for request_id, table in self._tables.items():
             upb = self._units_per_block[table.kind]
-            assert len(table.unit_ids) % upb == 0, f"{req_id}: table is not whole blocks"
+            assert len(table.unit_ids) % upb == 0, f"{request_id}: table is not whole blocks"
             for unit_id in table.unit_ids:
-                assert self.pool.owner_of(unit_id) == req_id, f"{req_id}: unit {unit_id} not owned"
+                assert self.pool.owner_of(unit_id) == request_id, f"{request_id}: unit {unit_id} not owned"
             owned += len(table.unit_ids)
         assert owned + self.pool.num_free == self.pool.capacity, "owned + free != capacity"

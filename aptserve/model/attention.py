@@ -13,56 +13,15 @@ prefill chunks. Decodes attend in groups: each group's K/V blocks are gathered i
 kept a few MiB, so SDPA reads it from cache rather than from memory (about 2x faster attention at
 batch 64, context 200, than one big gather); elsewhere the cap only bounds the buffer. Each prefill
 chunk attends on its own: causally over its fresh K/V when it starts at 0, else over its gathered
-context with an offset causal mask. The per-step metadata is built once for all layers (metadata.py).
+context with an offset causal mask. The per-step metadata is built once for all layers (runner/metadata.py).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from aptserve.model.hidden import ProjectKV, RecomputeGroup, write_hidden_rows
-
-
-@dataclass(frozen=True)
-class DecodeGroup:
-    token_start: int  # rows [token_start, token_end) of the step's flattened batch
-    token_end: int
-    # [2 * n * max_blocks]: K unit ids of the group's blocks, then V unit ids (padded with unit 0).
-    block_ids: torch.Tensor
-    # [n, 1, 1, max_blocks * block_size] additive mask: 0 over each context, -inf on padding.
-    mask: torch.Tensor
-
-
-@dataclass(frozen=True)
-class PrefillChunk:
-    token_start: int
-    token_end: int
-    # For a chunk that starts after cached rows: [2 * num_blocks] unit ids (all K units, then all V
-    # units) of its context, and the causal mask [num_tokens, context_len]. None when start_pos == 0.
-    block_ids: torch.Tensor | None
-    mask: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    kv_cache: torch.Tensor
-    # KV requests' rows: which rows of the step (None: all of them) and their cache slots, flattened
-    # over (unit, row): K slots, then V slots.
-    kv_token_rows: torch.Tensor | None
-    slot_mapping: torch.Tensor
-    # Hidden requests' rows (None: there are none) and the slots of their kv_dim slices (hidden.py).
-    hidden_token_rows: torch.Tensor | None
-    hidden_slot_mapping: torch.Tensor | None
-    # Attention that reads the pages (or fresh K/V): KV requests and hidden prefills from position 0.
-    decode_groups: list[DecodeGroup]
-    prefills: list[PrefillChunk]
-    # Hidden requests that attend over recomputed context K/V, in groups that fit the scratch.
-    recompute_groups: list[RecomputeGroup]
-    scratch: torch.Tensor
-    # Shared by every group and layer (a fresh multi-MB tensor per call costs page faults).
-    gather_buffer: torch.Tensor
+from aptserve.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from aptserve.model.hidden import ProjectKV, write_hidden_rows
 
 
 def paged_attention(

@@ -11,22 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from aptserve.model.attention import DecodeGroup, PrefillChunk
+from aptserve.cache.geometry import hidden_units_per_block
 
 # A layer's K/V projection: (x [N, hidden], the model's positional tables for the N rows or None)
 # -> K, V [N, num_kv_heads, head_dim], RoPE applied.
 ProjectKV = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
-
-
-def hidden_units_per_block(hidden_size: int, kv_dim: int) -> int:
-    return -(-hidden_size // kv_dim)
 
 
 def write_hidden_rows(flat_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -56,15 +51,6 @@ class HiddenProjection:
     def run(self, src_flat: torch.Tensor, dst_flat: torch.Tensor, project_kv: ProjectKV) -> None:
         k, v = project_kv(gather_hidden_rows(src_flat, self.hidden_slots, self.hidden_size), self.rope)
         dst_flat.index_copy_(0, self.dst_slots, torch.cat([k.flatten(1), v.flatten(1)]))
-
-
-@dataclass(frozen=True)
-class RecomputeGroup:
-    """Hidden requests whose context K/V fit the scratch together: recomputed, then attended on."""
-
-    projection: HiddenProjection  # from the layer's cache into the scratch
-    decode_groups: list[DecodeGroup]  # over the scratch
-    prefills: list[PrefillChunk]  # chunks after cached rows, over the scratch
 
 
 def convert_hidden_to_kv(kv_cache: torch.Tensor, projections: Sequence[HiddenProjection],

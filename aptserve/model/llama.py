@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aptserve.model.attention import AttentionMetadata, paged_attention
+from aptserve.model.attention import paged_attention
+from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.linear import Linear, linear
 
 Rope = tuple[torch.Tensor, torch.Tensor]

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aptserve.model.attention import AttentionMetadata, paged_attention
+from aptserve.model.attention import paged_attention
+from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.linear import Linear, linear
 
 # OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).

@@ -8,19 +8,19 @@ is offered only when its step is worth at least the direct KV step, which makes 
 concave (hidden before upgrade), so the sorted walk is the optimum of the LP relaxation. At the first
 step that does not fit, the greedy stops and compares its value V with that one request served alone
 ("the double check"); max(V, alone) >= OPT / 2.
+
+Options worth less than nothing are dropped. Options worth exactly nothing (a request that arrived this
+instant) are kept: their gain per unit is 0, so they come last and take only memory nobody else wants,
+which keeps the engine work-conserving without changing the value of the plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Literal, Protocol
+from typing import Hashable
 
-Choice = Literal["kv", "hidden"] | None
+from aptserve.cache.manager import CacheKind
 
-
-class KnapsackItemLike(Protocol):
-    id: Hashable
-    kv_units: int
-    kv_value: float
+KV, HIDDEN = CacheKind.KV, CacheKind.HIDDEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,46 +38,49 @@ class _Step:
     order: int  # tie-break: input order, then hidden before its own upgrade
     item_index: int
     units: int
-    choice: Literal["kv", "hidden"]  # the item's choice once this step is applied
-    alone_choice: Literal["kv", "hidden"]  # best way to serve this item alone if the step breaks the walk
+    choice: CacheKind  # the item's choice once this step is applied
+    alone_choice: CacheKind  # best way to serve this item alone if the step breaks the walk
     alone_value: float
 
 
-def _options(item, budget: int) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
+def _options(item: KnapsackItem, budget: int) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
     """The item's (units, value) for KV and for hidden, dropping options that cannot help."""
-    kv = (item.kv_units, item.kv_value) if 0 < item.kv_units <= budget and item.kv_value > 0 else None
-    hidden_units = getattr(item, "hidden_units", None)
-    hidden_value = getattr(item, "hidden_value", None)
+    kv = (item.kv_units, item.kv_value) if 0 < item.kv_units <= budget and item.kv_value >= 0 else None
     hidden = None
-    if hidden_units is not None and hidden_value is not None and 0 < hidden_units <= budget and hidden_value > 0:
-        hidden = (hidden_units, hidden_value)
+    if (item.hidden_units is not None and item.hidden_value is not None and 0 < item.hidden_units <= budget
+            and item.hidden_value >= 0):
+        hidden = (item.hidden_units, item.hidden_value)
     if kv and hidden and (hidden[0] >= kv[0] or hidden[1] >= kv[1]):
         # Hidden that is no smaller is useless; hidden worth as much as KV makes KV useless.
         return (kv, None) if hidden[0] >= kv[0] else (None, hidden)
     return kv, hidden
 
 
-def _steps(items, budget: int) -> list[_Step]:
+def _gain(value: float, units: int) -> float:
+    return value / units
+
+
+def _steps(items: list[KnapsackItem], budget: int) -> list[_Step]:
     steps: list[_Step] = []
     for index, item in enumerate(items):
         kv, hidden = _options(item, budget)
         order = 2 * index
-        if hidden and (kv is None or hidden[1] / hidden[0] >= kv[1] / kv[0]):
-            alone = ("kv", kv[1]) if kv else ("hidden", hidden[1])
-            steps.append(_Step(hidden[1] / hidden[0], order, index, hidden[0], "hidden", "hidden", hidden[1]))
+        if hidden and (kv is None or _gain(hidden[1], hidden[0]) >= _gain(kv[1], kv[0])):
+            alone = (KV, kv[1]) if kv else (HIDDEN, hidden[1])
+            steps.append(_Step(_gain(hidden[1], hidden[0]), order, index, hidden[0], HIDDEN, HIDDEN, hidden[1]))
             if kv:
-                gain = (kv[1] - hidden[1]) / (kv[0] - hidden[0])
-                steps.append(_Step(gain, order + 1, index, kv[0] - hidden[0], "kv", *alone))
+                gain = _gain(kv[1] - hidden[1], kv[0] - hidden[0])
+                steps.append(_Step(gain, order + 1, index, kv[0] - hidden[0], KV, *alone))
         elif kv:
-            steps.append(_Step(kv[1] / kv[0], order, index, kv[0], "kv", "kv", kv[1]))
+            steps.append(_Step(_gain(kv[1], kv[0]), order, index, kv[0], KV, KV, kv[1]))
     steps.sort(key=lambda s: (-s.gain_per_unit, s.order))
     return steps
 
 
-def solve(items, budget: int) -> dict[Hashable, Choice]:
-    """Choose "kv", "hidden" or None per item id; total units never exceed `budget`."""
+def solve(items, budget: int) -> dict[Hashable, CacheKind | None]:
+    """Choose CacheKind.KV, CacheKind.HIDDEN or None per item id; total units never exceed `budget`."""
     items = list(items)
-    choices: dict[Hashable, Choice] = {item.id: None for item in items}
+    choices: dict[Hashable, CacheKind | None] = {item.id: None for item in items}
     used, value = 0, 0.0
     for step in _steps(items, budget):
         if used + step.units > budget:
@@ -91,11 +94,11 @@ def solve(items, budget: int) -> dict[Hashable, Choice]:
     return choices
 
 
-def total_units(items, choices: dict[Hashable, Choice]) -> int:
+def total_units(items, choices: dict[Hashable, CacheKind | None]) -> int:
     by_id = {item.id: item for item in items}
-    return sum(by_id[i].kv_units if c == "kv" else by_id[i].hidden_units for i, c in choices.items() if c)
+    return sum(by_id[i].kv_units if c == KV else by_id[i].hidden_units for i, c in choices.items() if c)
 
 
-def total_value(items, choices: dict[Hashable, Choice]) -> float:
+def total_value(items, choices: dict[Hashable, CacheKind | None]) -> float:
     by_id = {item.id: item for item in items}
-    return sum(by_id[i].kv_value if c == "kv" else by_id[i].hidden_value for i, c in choices.items() if c)
+    return sum(by_id[i].kv_value if c == KV else by_id[i].hidden_value for i, c in choices.items() if c)

@@ -19,7 +19,10 @@ Sarathi-style: decodes first, never stalled, then the admitted prompts chunked i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aptserve.cache.manager import CacheKind
+from aptserve.config import EngineConfig, HybridMode
 from aptserve.request import Request
 from aptserve.sched.apt import KnapsackItem, solve
 from aptserve.sched.base import Scheduler
@@ -27,24 +30,38 @@ from aptserve.sched.output import SchedulerOutput
 
 # Value of a request past its SLO, relative to its pending time: tiny, but ordered by waiting time.
 VIOLATOR_WEIGHT = 1e-6
-UPGRADE = "upgrade:"  # item id prefix of a running hidden request's upgrade to KV
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Knapsack item id: admit a waiting request (as KV or hidden)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """Knapsack item id: convert a running hidden request to KV in place."""
+
+    request_id: str
+
+
+PlanEntry = tuple[Admit | Upgrade, CacheKind]
 
 
 class AptScheduler(Scheduler):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.alpha_s = self.config.alpha_s or 0.0
-        self._now = 0.0
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.alpha_s = self.config.alpha_s
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        self._now = now
         num_live = self._num_live(now)
         plan = self._plan(now, num_live, upgrades=False)
         running_p = sum(now - r.last_token_s for r in self.running)
         waiting_p = sum(now - r.last_token_s for r in self.waiting)
         if self.running and (running_p > waiting_p or not plan):
             self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, chunked=False)
-            self._schedule_running_chunks(out, self.config.max_num_batched_tokens)
+            self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         else:
             self._apply_plan(plan, out, self.config.max_num_batched_tokens, chunked=False)
 
@@ -55,30 +72,30 @@ class AptScheduler(Scheduler):
 
     def _value(self, request: Request, now: float) -> float:
         pending_s = now - request.last_token_s
-        return (VIOLATOR_WEIGHT if request.is_past_slo(now) else 1.0) * pending_s + 1e-12
+        return (VIOLATOR_WEIGHT if request.is_past_slo(now) else 1.0) * pending_s
 
     def _waiting_item(self, request: Request, now: float, num_live: int) -> KnapsackItem:
-        value = self._value(request, now)
+        value, item_id = self._value(request, now), Admit(request.request_id)
         kv_units = self.cache.num_units_for(CacheKind.KV, request.num_tokens)
         hidden_units = self.cache.num_units_for(CacheKind.HIDDEN, request.num_tokens)
-        if self.hybrid_cache == "all-hidden":  # one option, the hidden table, in the item's KV slot
-            return KnapsackItem(request.req_id, hidden_units, value)
-        if self.hybrid_cache == "off" or hidden_units >= kv_units or request.is_past_slo(now):
-            return KnapsackItem(request.req_id, kv_units, value)
+        if self.hybrid_cache == HybridMode.ALL_HIDDEN:  # one option, the hidden table, in the item's KV slot
+            return KnapsackItem(item_id, hidden_units, value)
+        if self.hybrid_cache == HybridMode.OFF or hidden_units >= kv_units or request.is_past_slo(now):
+            return KnapsackItem(item_id, kv_units, value)
         hidden_value = value - num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
-        return KnapsackItem(request.req_id, kv_units, value, hidden_units, hidden_value)
+        return KnapsackItem(item_id, kv_units, value, hidden_units, hidden_value)
 
     def _upgrade_item(self, request: Request, num_live: int) -> KnapsackItem:
         extra = (self.cache.num_units_for(CacheKind.KV, request.num_tokens)
                  - self.cache.num_units_for(CacheKind.HIDDEN, request.num_tokens))
         saved = num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
-        return KnapsackItem(UPGRADE + request.req_id, extra, saved + 1e-12)
+        return KnapsackItem(Upgrade(request.request_id), extra, saved)
 
     # --- the plan ----------------------------------------------------------------------------
-    def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True) -> list[tuple[str, str]]:
+    def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True) -> list[PlanEntry]:
         """(item id, choice) the greedy picks against the free memory, best value per unit first."""
         items = [self._waiting_item(r, now, num_live) for r in self.waiting] if waiting else []
-        if upgrades and self.hybrid_cache == "on":
+        if upgrades and self.hybrid_cache == HybridMode.ON:
             items += [self._upgrade_item(r, num_live) for r in self.running if r.cache_kind == CacheKind.HIDDEN]
         choices = solve(items, self._free_units_for_plan())
         by_id = {item.id: item for item in items}
@@ -88,18 +105,18 @@ class AptScheduler(Scheduler):
 
     def _free_units_for_plan(self) -> int:
         """Free units less the rows running requests need next step and the admission watermark."""
-        growth = sum(self.cache.num_new_units(r.req_id, r.cache_kind, r.num_tokens) for r in self.running)
+        growth = sum(self.cache.num_new_units(r.request_id, r.cache_kind, r.num_tokens) for r in self.running)
         reserve = self.watermark_units if self.running else 0
         return max(0, self.cache.num_free_units - growth - reserve)
 
-    def _apply_plan(self, plan: list[tuple[str, str]], out: SchedulerOutput, budget: int, chunked: bool) -> int:
+    def _apply_plan(self, plan: list[PlanEntry], out: SchedulerOutput, budget: int, chunked: bool) -> int:
         """Convert the chosen upgrades in place and admit the chosen waiting requests; returns budget left."""
         for item_id, choice in plan:
-            if item_id.startswith(UPGRADE):
-                request = self.requests[item_id[len(UPGRADE):]]
+            request = self.requests[item_id.request_id]
+            if isinstance(item_id, Upgrade):
                 self._convert_in_place(request, CacheKind.KV, out)  # stays HIDDEN if memory is short
             elif budget > 0 and len(self.running) < self.config.max_num_seqs:
-                budget = self._admit_planned(self.requests[item_id], self._kind(choice), out, budget, chunked)
+                budget = self._admit_planned(request, self._kind(choice), out, budget, chunked)
         return budget
 
     def _admit_planned(self, request: Request, kind: CacheKind, out: SchedulerOutput, budget: int,
@@ -107,29 +124,28 @@ class AptScheduler(Scheduler):
         num_new = min(request.num_tokens, budget) if chunked else request.num_tokens
         if not chunked and out.scheduled and num_new > budget:
             return budget  # whole prompts only; a smaller one further down may still fit
-        if not self.cache.allocate(request.req_id, kind, num_new):
+        if not self.cache.allocate(request.request_id, kind, num_new):
             return budget
         request.cache_kind = kind
         self._admit(request)
         self._schedule_tokens(out, request, num_new)
         return max(0, budget - num_new)
 
-    def _kind(self, choice: str) -> CacheKind:
-        return CacheKind.HIDDEN if choice == "hidden" or self.hybrid_cache == "all-hidden" else CacheKind.KV
+    def _kind(self, choice: CacheKind) -> CacheKind:
+        return CacheKind.HIDDEN if self.hybrid_cache == HybridMode.ALL_HIDDEN else choice
 
-    def _pick_victim(self, candidates: list[Request]) -> Request:
+    def _pick_victim(self, candidates: list[Request], now: float) -> Request:
         """Under memory pressure, preempt the running request worth least per unit of memory."""
-        return min(candidates, key=lambda r: self._value(r, self._now) / max(1, len(self.cache.unit_ids(r.req_id))))
+        return min(candidates, key=lambda r: self._value(r, now) / max(1, self.cache.num_units_held(r.request_id)))
 
 
 class AptChunkedScheduler(AptScheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        self._now = now
         plan = self._plan(now, self._num_live(now), upgrades=True)
-        upgrades = [entry for entry in plan if entry[0].startswith(UPGRADE)]
+        upgrades = [entry for entry in plan if isinstance(entry[0], Upgrade)]
         self._apply_plan(upgrades, out, 0, chunked=True)
-        num_preempted = len(out.preempted_req_ids)
-        budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens)
-        if len(out.preempted_req_ids) == num_preempted:  # no memory to spare after a preemption
-            admissions = [entry for entry in plan if not entry[0].startswith(UPGRADE)]
+        num_preempted = len(out.preempted_request_ids)
+        budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
+        if len(out.preempted_request_ids) == num_preempted:  # no memory to spare after a preemption
+            admissions = [entry for entry in plan if isinstance(entry[0], Admit)]
             self._apply_plan(admissions, out, budget, chunked=True)

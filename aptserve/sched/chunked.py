@@ -13,10 +13,10 @@ from aptserve.sched.output import SchedulerOutput
 
 class ChunkedScheduler(Scheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        num_preempted = len(out.preempted_req_ids)
-        budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens)
+        num_preempted = len(out.preempted_request_ids)
+        budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         # Nothing new starts in a step that had to preempt for memory: the memory is not there.
-        if len(out.preempted_req_ids) == num_preempted:
+        if len(out.preempted_request_ids) == num_preempted:
             self._schedule_waiting(out, budget)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -24,9 +24,9 @@ class ChunkedScheduler(Scheduler):
             request = self.waiting[0]
             num_new = min(request.num_tokens, budget)
             reserve = self.watermark_units if self.running else 0
-            if not self.cache.can_allocate(request.req_id, request.cache_kind, num_new, reserve):
+            if not self.cache.can_allocate(request.request_id, request.cache_kind, num_new, reserve):
                 break
-            self.cache.allocate(request.req_id, request.cache_kind, num_new)
+            self.cache.allocate(request.request_id, request.cache_kind, num_new)
             self._admit(request)
             self._schedule_tokens(out, request, num_new)
             budget -= num_new

@@ -15,7 +15,7 @@ from aptserve.sched.output import SchedulerOutput
 class FcfsScheduler(Scheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         if not self._schedule_prefills(out):
-            self._schedule_decodes(out)
+            self._schedule_decodes(out, now)
 
     def _schedule_prefills(self, out: SchedulerOutput) -> bool:
         num_batched_tokens = 0
@@ -26,21 +26,21 @@ class FcfsScheduler(Scheduler):
             if out.scheduled and num_batched_tokens + num_new_tokens > self.config.max_num_batched_tokens:
                 break
             reserve = self.watermark_units if self.running else 0
-            if not self.cache.can_allocate(request.req_id, request.cache_kind, request.num_tokens, reserve):
+            if not self.cache.can_allocate(request.request_id, request.cache_kind, request.num_tokens, reserve):
                 break
-            self.cache.allocate(request.req_id, request.cache_kind, request.num_tokens)
+            self.cache.allocate(request.request_id, request.cache_kind, request.num_tokens)
             self._admit(request)
             self._schedule_tokens(out, request, num_new_tokens)
             num_batched_tokens += num_new_tokens
         return bool(out.scheduled)
 
-    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+    def _schedule_decodes(self, out: SchedulerOutput, now: float) -> None:
         decodes: list[Request] = []
         for request in list(self.running):
             if request not in self.running:
                 continue  # preempted to make room for an older request
             # One more slot: rows for every token up to and including the one fed this step.
-            if self._allocate_or_preempt(request, request.num_tokens, decodes, out):
+            if self._allocate_or_preempt(request, request.num_tokens, decodes, out, now):
                 decodes.append(request)
         for request in decodes:
             self._schedule_tokens(out, request, request.num_tokens - request.num_computed_tokens)

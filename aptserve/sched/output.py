@@ -3,7 +3,7 @@
 The scheduler sends, per step, the full picture each scheduled request needs (its new tokens, its
 absolute start position, its whole unit table); the executor keeps no cache bookkeeping of its own,
 only per-request sampler state (seeded generators), dropped when a request id appears in
-`finished_req_ids`.
+`finished_request_ids`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from aptserve.sampling import SamplingParams
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
-    req_id: str
+    request_id: str
     # Tokens fed this step: all_token_ids[start_pos : start_pos + len(token_ids)]. One token for a decode.
     token_ids: list[int]
     # Absolute position of token_ids[0]; the cache already holds rows for positions [0, start_pos).
@@ -36,10 +36,6 @@ class ScheduledRequest:
         """Tokens attended to by this step's last token (cached plus new)."""
         return self.start_pos + len(self.token_ids)
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.start_pos == 0 or len(self.token_ids) > 1
-
 
 @dataclass(frozen=True, slots=True)
 class CacheConversion:
@@ -51,7 +47,7 @@ class CacheConversion:
     writes, which happen after the conversion has read them.
     """
 
-    req_id: str
+    request_id: str
     num_tokens: int
     src_kind: CacheKind
     src_unit_ids: list[int]
@@ -63,9 +59,9 @@ class CacheConversion:
 class SchedulerOutput:
     step_id: int
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_req_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that finished or were aborted since the previous step.
-    finished_req_ids: list[str] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
     # Applied by the executor before the forward pass.
     conversions: list[CacheConversion] = field(default_factory=list)
 
@@ -82,5 +78,3 @@ class SchedulerOutput:
 class RunnerOutput:
     # One new token per scheduled request whose `sample` was True.
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    # Wall time of the forward pass, or the cost model's prediction in the simulator.
-    elapsed_s: float | None = None

@@ -11,18 +11,15 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from aptserve.engine import LLMEngine
-from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
+from aptserve.errors import AptServeError, EngineOverloadedError
 from aptserve.outputs import RequestOutput
 from aptserve.sampling import SamplingParams
 from aptserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
-
-# Builds a request's SamplingParams once its prompt length is known (defaults like "fill the context").
-ParamsFactory = Callable[[int], SamplingParams]
 
 
 class RequestFailedError(AptServeError):
@@ -39,7 +36,6 @@ class RequestStream:
     def __init__(self, request_id: str, engine: "AsyncLLMEngine") -> None:
         self.request_id = request_id
         self.finished = False
-        self.stop: tuple[str, ...] = ()  # set by the engine thread before add_request returns
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -62,31 +58,11 @@ class RequestStream:
         self.finished = item.finished
         return item
 
-    async def text_deltas(self) -> AsyncIterator[tuple[str, RequestOutput]]:
-        """(new text, output) per engine output, i.e. one per token; text that a stop string might
-        still cut is held back until the match is decided."""
-        num_sent = 0
-        async for output in self:
-            text = output.outputs[0].text
-            end = len(text) if output.finished or not self.stop else releasable_len(text, self.stop)
-            yield text[num_sent:end], output
-            num_sent = max(num_sent, end)
-
     def close(self) -> None:
         """Abort the request unless it finished (client gone, handler failed); safe to call twice."""
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
-
-
-def releasable_len(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the prefix of `text` that no stop string can still cut: the longest tail of `text`
-    that is a proper prefix of a stop string is held back."""
-    for tail_len in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
-        tail = text[-tail_len:]
-        if any(s.startswith(tail) for s in stop):
-            return len(text) - tail_len
-    return len(text)
 
 
 class AsyncLLMEngine:
@@ -127,7 +103,7 @@ class AsyncLLMEngine:
         return len(self._streams)
 
     # --- requests (event loop) ---------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: str | list[int], make_params: ParamsFactory,
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> RequestStream:
         """Queue a request; raises InvalidRequestError (400) or EngineOverloadedError (503) if refused."""
         if self.draining:
@@ -136,7 +112,7 @@ class AsyncLLMEngine:
             raise RequestFailedError("the engine is not running")
         stream = RequestStream(request_id, self)
         added = self._loop.create_future()
-        self._submit(functools.partial(self._add, stream, prompt, make_params, self.engine.clock.now(),
+        self._submit(functools.partial(self._add, stream, prompt, params, self.engine.clock.now(),
                                        ttft_slo_s, tbt_slo_s, added))
         try:
             await added
@@ -192,19 +168,16 @@ class AsyncLLMEngine:
             if stream is not None:
                 self._call_soon(stream.put, output)
 
-    def _add(self, stream: RequestStream, prompt: str | list[int], make_params: ParamsFactory,
+    def _add(self, stream: RequestStream, prompt: str | list[int], params: SamplingParams,
              arrival_s: float, ttft_slo_s: float | None, tbt_slo_s: float | None,
              added: asyncio.Future) -> None:
         try:
             self._check_capacity()
-            token_ids = self._tokenize(prompt)
-            params = make_params(len(token_ids))
-            self.engine.add_request(token_ids, params, stream.request_id, arrival_s=arrival_s,
+            self.engine.add_request(prompt, params, stream.request_id, arrival_s=arrival_s,
                                     ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s)
         except Exception as exc:  # refused: nothing was queued; the handler turns it into 400/503/500
             self._call_soon(_set_future, added, exc)
             return
-        stream.stop = params.stop
         self._streams[stream.request_id] = stream
         self._call_soon(_set_future, added, None)
 
@@ -216,20 +189,6 @@ class AsyncLLMEngine:
             raise EngineOverloadedError(
                 f"the server is overloaded: {num_waiting} requests are already waiting (--max-queue-len "
                 f"{self.max_queue_len}); retry later")
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty; send at least one token")
-        if self.engine.tokenizer is None:
-            raise InvalidRequestError("this engine has no tokenizer; send token ids")
-        try:
-            prompt.encode()  # JSON may carry lone surrogates; the tokenizer fails on them with a TypeError
-        except UnicodeEncodeError as exc:
-            message = f"the prompt is not valid Unicode: {exc.reason} at position {exc.start}"
-            raise InvalidRequestError(message) from exc
-        return list(self.engine.tokenizer(prompt).input_ids)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self._streams:

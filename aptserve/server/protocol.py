@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aptserve.errors import InvalidRequestError
-from aptserve.sampling import SamplingParams
+from aptserve.sampling import RequestOutputKind, SamplingParams
 
 
 class OpenAIBaseModel(BaseModel):
@@ -49,13 +49,15 @@ class SamplingRequest(OpenAIBaseModel):
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """SamplingParams for this request; raises InvalidRequestError with what to change."""
+    def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """SamplingParams for this request (no max_tokens and no default: the engine fills the context);
+        raises InvalidRequestError with what to change."""
         max_tokens = self.requested_max_tokens()
+        output_kind = RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
             max_tokens=default_max_tokens if max_tokens is None else max_tokens, stop=self.stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos)
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, output_kind=output_kind)
 
     @property
     def include_usage(self) -> bool:
@@ -119,12 +121,15 @@ class UsageInfo(OpenAIBaseModel):
                    total_tokens=num_prompt_tokens + num_completion_tokens)
 
 
-class CompletionChoice(OpenAIBaseModel):
+class _Choice(OpenAIBaseModel):
     index: int = 0
-    text: str
     logprobs: None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -141,12 +146,8 @@ class AssistantMessage(OpenAIBaseModel):
     content: str
 
 
-class ChatChoice(OpenAIBaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -163,12 +164,8 @@ class DeltaMessage(OpenAIBaseModel):
     content: str = ""
 
 
-class ChatStreamChoice(OpenAIBaseModel):
-    index: int = 0
+class ChatStreamChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(OpenAIBaseModel):

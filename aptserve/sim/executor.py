@@ -32,6 +32,10 @@ class LinearCostModel:
     per_context_token_s: float = 0.000002
     per_recompute_token_s: float = 0.00002
 
+    def alpha_s(self, model_config, block_size: int, dtype: str, device: str) -> float:
+        """The hidden cache's price in this model: seconds to re-project one block (the scheduler's alpha)."""
+        return self.per_recompute_token_s * block_size
+
     def step_time(self, sched_out: SchedulerOutput) -> float:
         num_context = sum(r.context_len for r in sched_out.scheduled)
         num_recompute = sum(r.context_len for r in sched_out.scheduled if r.cache_kind == CacheKind.HIDDEN)
@@ -53,5 +57,5 @@ class CostModelExecutor:
         if self.clock is not None:
             self.clock.advance(elapsed_s)
         self.num_steps += 1
-        sampled = {r.req_id: self.token_id for r in sched_out.scheduled if r.sample}
-        return RunnerOutput(sampled_token_ids=sampled, elapsed_s=elapsed_s)
+        sampled = {r.request_id: self.token_id for r in sched_out.scheduled if r.sample}
+        return RunnerOutput(sampled_token_ids=sampled)

@@ -2,15 +2,28 @@
 and the end of the running step is the next event. Policies are never re-implemented here."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aptserve.bench.datasets import TraceRequest
 from aptserve.bench.metrics import RequestRecord
-from aptserve.engine import LLMEngine
+from aptserve.config import ModelConfig
+from aptserve.engine import Executor, LLMEngine
+from aptserve.engine_args import EngineArgs, resolve
 from aptserve.errors import InvalidRequestError
 from aptserve.outputs import RequestOutput
-from aptserve.sampling import SamplingParams
-from aptserve.sim.executor import SimClock
+from aptserve.sampling import RequestOutputKind, SamplingParams
+from aptserve.sim.executor import CostModelExecutor, LinearCostModel, SimClock
+
+
+def sim_engine(args: EngineArgs, model_config: ModelConfig, cost_model: LinearCostModel | None = None,
+               make_executor: Callable[[SimClock, LinearCostModel], Executor] = CostModelExecutor,
+               ) -> tuple[LLMEngine, SimClock]:
+    """The real engine, configured by the same resolve() as a served one (the hidden cache priced by the
+    cost model unless args.alpha is given), on a simulated clock and a cost-model executor."""
+    cost_model = cost_model or LinearCostModel()
+    clock = SimClock()
+    config = resolve(args, model_config, measure_alpha=cost_model.alpha_s)
+    return LLMEngine(config, make_executor(clock, cost_model), clock=clock), clock
 
 
 def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
@@ -38,7 +51,8 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
 def _add(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
          records: dict[int, RequestRecord]) -> None:
     prompt = request.prompt_token_ids or list(range(10, 10 + request.prompt_len))
-    params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     try:
         engine.add_request(prompt, params, request_id=str(index), arrival_s=arrival_s)
     except InvalidRequestError as exc:

@@ -7,33 +7,22 @@ cache tensor, the hidden-cache recompute scratch and the sampler's per-request g
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
-from aptserve.config import ModelConfig
-from aptserve.model.attention import AttentionMetadata
+from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, min_hidden_scratch_tokens
+from aptserve.config import EngineConfig, ModelConfig
+from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.hidden import convert_hidden_to_kv
 from aptserve.model.loader import load_model, torch_dtype
-from aptserve.model.metadata import KV_UNITS_PER_BLOCK, AttentionMetadataBuilder, order_for_step
-from aptserve.sampler import Sampler
+from aptserve.runner.metadata import AttentionMetadataBuilder, order_for_step
+from aptserve.runner.sampler import Sampler
 from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 # CPU threads for torch; unset keeps torch's default (OMP_NUM_THREADS, else one per core).
 NUM_THREADS_ENV = "APTSERVE_NUM_THREADS"
-
-
-def bytes_per_unit(model_config: ModelConfig, block_size: int, dtype: str | torch.dtype) -> int:
-    """Bytes of one cache unit: block_size rows of kv_dim values in every layer."""
-    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
-    return model_config.num_layers * block_size * model_config.kv_dim * itemsize
-
-
-def min_hidden_scratch_tokens(model_config: ModelConfig, block_size: int) -> int:
-    """The scratch must hold one request's whole context: max_model_len rounded up to a block."""
-    return -(-model_config.max_model_len // block_size) * block_size
 
 
 def default_decode_group_bytes(device: torch.device) -> int:
@@ -76,6 +65,11 @@ class ModelRunner:
         self.sampler = Sampler(seed, self.device)
         self.decode_group_bytes = default_decode_group_bytes(self.device)
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> ModelRunner:
+        return cls(config.model, config.cache.num_units, config.cache.block_size, config.dtype, config.device,
+                   config.seed, hidden_scratch_tokens=config.cache.hidden_scratch_tokens)
+
     def _num_scratch_blocks(self, hidden_scratch_tokens: int | None, block_size: int) -> int:
         minimum = min_hidden_scratch_tokens(self.model_config, block_size)
         if hidden_scratch_tokens is None:
@@ -97,24 +91,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
-        start_s = time.perf_counter()
-        self.sampler.forget(sched_out.finished_req_ids)
+        self.sampler.forget(sched_out.finished_request_ids)
         if sched_out.conversions:  # before the forward: it may reuse the hidden units they read
             projections = self.metadata_builder.build_conversions(sched_out.conversions)
             convert_hidden_to_kv(self.kv_cache, projections, self.model.attention_layers())
         if sched_out.is_empty:
-            return RunnerOutput(elapsed_s=0.0)
+            return RunnerOutput()
         model_input = self.prepare_inputs(sched_out.scheduled)
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.attn_metadata)
         sampled_token_ids: dict[str, int] = {}
         if model_input.sampled:
             logits = self.model.compute_logits(hidden[model_input.logits_indices])
-            req_ids = [r.req_id for r in model_input.sampled]
+            request_ids = [r.request_id for r in model_input.sampled]
             params = [r.sampling_params for r in model_input.sampled]
-            sampled_token_ids = dict(zip(req_ids, self.sampler(logits, req_ids, params)))
+            sampled_token_ids = dict(zip(request_ids, self.sampler(logits, request_ids, params)))
         if self.device.type == "cuda":  # A step that samples nothing has not waited for its kernels.
             torch.cuda.synchronize(self.device)
-        return RunnerOutput(sampled_token_ids, elapsed_s=time.perf_counter() - start_s)
+        return RunnerOutput(sampled_token_ids)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInput:
         """Decodes first (they attend in batched groups: KV ones, then hidden ones), then prefill chunks."""

@@ -12,12 +12,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv, hidden_units_per_block
 from aptserve.cache.manager import CacheKind
-from aptserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
-from aptserve.model.hidden import HiddenProjection, RecomputeGroup, hidden_units_per_block
+from aptserve.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillChunk, RecomputeGroup
+from aptserve.model.hidden import HiddenProjection
 from aptserve.sched.output import CacheConversion, ScheduledRequest
-
-KV_UNITS_PER_BLOCK = 2
 # The model's positional tables for absolute positions (RoPE cos/sin), or None (OPT).
 RopeFn = Callable[[torch.Tensor], object]
 
@@ -130,14 +129,14 @@ class AttentionMetadataBuilder:
         conversions = [c for c in conversions if c.num_tokens > 0]
         for conversion in conversions:
             if (conversion.src_kind, conversion.dst_kind) != (CacheKind.HIDDEN, CacheKind.KV):
-                raise NotImplementedError(f"{conversion.req_id}: only HIDDEN -> KV converts in place")
+                raise NotImplementedError(f"{conversion.request_id}: only HIDDEN -> KV converts in place")
         groups = pack([c.num_tokens for c in conversions], self.num_scratch_blocks * self.block_size,
                       "hidden -> KV conversion")
         return [self._conversion([conversions[i] for i in group]) for group in groups]
 
     # --- pieces ------------------------------------------------------------------------------
     def _num_blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     def _hidden_slots(self, tables, req_of_row, positions) -> torch.Tensor:
         slots = hidden_slots(tables, req_of_row, positions, self.block_size, self.units_per_hidden_block)
@@ -215,7 +214,7 @@ class AttentionMetadataBuilder:
 
     def _decode_group(self, tables, context_lens: list[int], token_start: int) -> DecodeGroup:
         num_decodes, max_blocks = len(context_lens), self._num_blocks(max(context_lens))
-        block_ids = tables[:, : max_blocks * KV_UNITS_PER_BLOCK].reshape(num_decodes, max_blocks, 2)
+        block_ids = tables[:, : max_blocks * KV_UNITS_PER_BLOCK].reshape(num_decodes, max_blocks, KV_UNITS_PER_BLOCK)
         valid = torch.arange(max_blocks * self.block_size) < torch.tensor(context_lens)[:, None]
         mask = torch.zeros(valid.shape, dtype=self.kv_cache.dtype).masked_fill_(~valid, float("-inf"))
         return DecodeGroup(
@@ -230,7 +229,7 @@ class AttentionMetadataBuilder:
         if request.start_pos > 0:
             context_len = request.context_len
             num_blocks = self._num_blocks(context_len)
-            block_ids = table[: num_blocks * KV_UNITS_PER_BLOCK].view(num_blocks, 2).T.reshape(-1)
+            block_ids = table[: num_blocks * KV_UNITS_PER_BLOCK].view(num_blocks, KV_UNITS_PER_BLOCK).T.reshape(-1)
             query_pos = torch.arange(request.start_pos, context_len)
             mask = (torch.arange(context_len)[None, :] <= query_pos[:, None]).to(self.device)
             block_ids = block_ids.to(self.device)

@@ -19,22 +19,22 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[str, torch.Generator] = {}
 
-    def forget(self, req_ids: list[str]) -> None:
+    def forget(self, request_ids: list[str]) -> None:
         """Drop the generators of finished requests."""
-        for req_id in req_ids:
-            self._generators.pop(req_id, None)
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, req_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """One token per logits row [N, vocab]; row i belongs to req_ids[i] with params[i]."""
+    def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
+        """One token per logits row [N, vocab]; row i belongs to request_ids[i] with params[i]."""
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            random_ids = [req_ids[i] for i in random_rows]
+            random_ids = [request_ids[i] for i in random_rows]
             token_ids[rows] = self._sample(logits[rows].float(), random_ids, [params[i] for i in random_rows])
         return token_ids.tolist()
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
         temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
         logits = logits / temperatures[:, None]
         filtered = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
@@ -45,19 +45,19 @@ class Sampler:
             logits[rows] = _apply_top_k_top_p(logits[rows], top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
         draws = [
-            torch.rand(1, generator=self._generator(req_id, p), device=self.device)
-            for req_id, p in zip(req_ids, params)
+            torch.rand(1, generator=self._generator(request_id, p), device=self.device)
+            for request_id, p in zip(request_ids, params)
         ]
         return _inverse_cdf(probs, torch.cat(draws).to(logits.device))
 
-    def _generator(self, req_id: str, params: SamplingParams) -> torch.Generator:
-        generator = self._generators.get(req_id)
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+        generator = self._generators.get(request_id)
         if generator is None:
             seed = params.seed
             if seed is None:  # crc32, not hash(): stable across processes.
-                seed = self.seed * 1_000_003 + zlib.crc32(req_id.encode())
+                seed = self.seed * 1_000_003 + zlib.crc32(request_id.encode())
             generator = torch.Generator(self.device).manual_seed(seed)
-            self._generators[req_id] = generator
+            self._generators[request_id] = generator
         return generator
 
 

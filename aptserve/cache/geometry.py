@@ -1,0 +1,36 @@
+"""How tokens map to cache units and bytes: the one place for units per block and bytes per unit.
+
+A unit is `block_size` tokens x `kv_dim` values in every layer: half a KV block. A KV block takes
+`KV_UNITS_PER_BLOCK` units (K, then V); a hidden block takes ceil(hidden_size / kv_dim) units (the hidden
+row of a token split into column slices of kv_dim, the last one zero-padded).
+"""
+from __future__ import annotations
+
+from aptserve.config import DTYPE_BYTES, ModelConfig
+
+KV_UNITS_PER_BLOCK = 2
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling division of non-negative integers."""
+    return -(-numerator // denominator)
+
+
+def hidden_units_per_block(hidden_size: int, kv_dim: int) -> int:
+    """Units one block of hidden rows takes (1 for multi-head attention, 3 for SmolLM2's GQA)."""
+    return cdiv(hidden_size, kv_dim)
+
+
+def bytes_per_unit(model_config: ModelConfig, block_size: int, dtype: str) -> int:
+    """Bytes of one cache unit: block_size rows of kv_dim values in every layer."""
+    return model_config.num_layers * block_size * model_config.kv_dim * DTYPE_BYTES[dtype]
+
+
+def min_hidden_scratch_tokens(model_config: ModelConfig, block_size: int) -> int:
+    """The recompute scratch must hold one request's whole context: max_model_len rounded up to a block."""
+    return cdiv(model_config.max_model_len, block_size) * block_size
+
+
+def scratch_bytes(model_config: ModelConfig, scratch_tokens: int, dtype: str) -> int:
+    """Bytes of the one-layer buffer that holds K/V recomputed from hidden rows."""
+    return scratch_tokens * KV_UNITS_PER_BLOCK * model_config.kv_dim * DTYPE_BYTES[dtype]

@@ -1,0 +1,178 @@
+"""The engine flags, declared once, and `resolve()`: flags -> the EngineConfig the engine runs on.
+
+Each field of `EngineArgs` is one flag: `LLM(**kwargs)` takes the field names, the CLI the same names as
+`--kebab-case` options (vLLM's names where vLLM has the flag), with the help text and choices given here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_units_per_block,
+                                     min_hidden_scratch_tokens, scratch_bytes)
+from aptserve.config import (DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig,
+                             SchedulerPolicy)
+
+logger = logging.getLogger(__name__)
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# Tokens per step of the chunked policies when --max-num-batched-tokens is not given.
+CHUNKED_DEFAULT_BATCHED_TOKENS = 512
+# (model_config, block_size, dtype, device) -> seconds to re-project one block's K/V in every layer.
+AlphaFn = Callable[[ModelConfig, int, str, str], float]
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1073741824', '512M', '1G', '1.5GiB' -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgKMG]?)(i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (use e.g. 1073741824, 512M or 1G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def flag(default, help: str, parse: Callable | None = None, choices=None):
+    """A dataclass field that is also a CLI option (`parse` turns the option's text into the value)."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = flag("default", "'default' (SmolLM2-135M-Instruct), an OPT shape such as 'opt-125m', "
+                      "or the path of a local HF folder (Llama or OPT)")
+    dtype: str = flag("float32", "weights and cache dtype", choices=tuple(DTYPE_BYTES))
+    device: str = flag("cpu", "torch device")
+    seed: int = flag(0, "seed of the sampler (requests without their own seed) and of random weights", int)
+    max_model_len: int | None = flag(None, "most tokens per request, prompt and output (default: the model's)",
+                                     int)
+    kv_cache_memory: int = flag(1 << 30, "cache pool size in bytes (like vLLM's kv_cache_memory_bytes); 512M, "
+                                "1G also work", parse_bytes)
+    block_size: int = flag(16, "tokens per cache block", int)
+    scheduler: str = flag("fcfs", "scheduling policy", choices=tuple(p.value for p in SchedulerPolicy))
+    hybrid_cache: str = flag("auto", "hidden cache: 'auto' (on where it is smaller than KV), 'off', 'on', "
+                             "'all-hidden'", choices=tuple(m.value for m in HybridMode))
+    max_num_seqs: int = flag(256, "most requests in one batch", int)
+    max_num_batched_tokens: int | None = flag(
+        None, f"most tokens per step (default: {CHUNKED_DEFAULT_BATCHED_TOKENS} for the chunked policies, "
+        "max(max_model_len, 2048) otherwise)", int)
+    watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
+    hidden_scratch_tokens: int = flag(4096, "tokens of K/V recomputed from hidden rows at once (at least "
+                                      "max_model_len); its bytes come out of --kv-cache-memory", int)
+    alpha: float | None = flag(None, "seconds to re-project one block's K/V across all layers (the hidden "
+                               "cache's price in the apt policies); default: measured at start-up", float)
+    ttft_slo: float = flag(1.0, "default time-to-first-token SLO (s) of requests without their own", float)
+    tbt_slo: float = flag(1.0, "default time-between-tokens SLO (s) of requests without their own", float)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("engine")
+        for field in dataclasses.fields(cls):
+            meta = field.metadata
+            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=field.default,
+                               type=meta["parse"], choices=meta["choices"], help=meta["help"])
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{name: getattr(args, name) for name in cls.field_names()})
+
+
+def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
+            measure_alpha: AlphaFn | None = None) -> EngineConfig:
+    """The EngineConfig for `args`. `model_config`: the geometry of a model without a folder (the
+    simulator); default: read from `args.model`'s folder. `measure_alpha`: how to price the hidden cache
+    when no --alpha is given (default: timed on this machine)."""
+    _check(args)
+    if model_config is None:
+        from aptserve.registry import load_model_config, resolve_model
+
+        model_config = load_model_config(resolve_model(args.model), args.max_model_len, served_name=args.model)
+    else:
+        model_config = model_config.with_max_model_len(args.max_model_len)
+    policy = SchedulerPolicy(args.scheduler)
+    hybrid = resolve_hybrid_cache(HybridMode(args.hybrid_cache), model_config)
+    cache = _cache_config(args, model_config, hybrid)
+    scheduler = SchedulerConfig(
+        policy=policy, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
+        ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo,
+        alpha_s=resolve_alpha(args, model_config, policy, hybrid, measure_alpha))
+    return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=args.dtype,
+                        device=args.device, seed=args.seed)
+
+
+def _check(args: EngineArgs) -> None:
+    positive = {"block_size": args.block_size, "kv_cache_memory": args.kv_cache_memory,
+                "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {args.dtype!r}")
+    for enum_type, value, name in ((SchedulerPolicy, args.scheduler, "scheduler"),
+                                   (HybridMode, args.hybrid_cache, "hybrid_cache")):
+        if value not in {member.value for member in enum_type}:
+            raise ValueError(f"{name} must be one of {[m.value for m in enum_type]}, got {value!r}")
+    if not 0 <= args.watermark < 1:
+        raise ValueError(f"watermark must be in [0, 1), got {args.watermark}")
+
+
+def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig) -> HybridMode:
+    """AUTO -> ON where the hidden cache is smaller than the KV cache (r < 1), else OFF."""
+    ratio = model_config.hidden_kv_ratio
+    if mode == HybridMode.AUTO:
+        if ratio >= 1:
+            logger.info("hybrid cache off: a hidden row (%d values) is not smaller than K+V (%d values), "
+                        "r = %.2f >= 1 (GQA); it would save no memory", model_config.hidden_size,
+                        2 * model_config.kv_dim, ratio)
+            return HybridMode.OFF
+        return HybridMode.ON
+    if mode != HybridMode.OFF and ratio >= 1:
+        logger.warning("hybrid cache %s on a model with r = %.2f >= 1: the hidden cache is the larger one",
+                       mode.value, ratio)
+    return mode
+
+
+def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: SchedulerPolicy, hybrid: HybridMode,
+                  measure_alpha: AlphaFn | None = None) -> float:
+    """--alpha if given; else measured (only the apt policies with the hidden cache on use it)."""
+    if args.alpha is not None:
+        return args.alpha
+    if hybrid != HybridMode.ON or not policy.is_apt:
+        return 0.0
+    if measure_alpha is None:
+        from aptserve.calibration import calibrated_alpha as measure_alpha
+    return measure_alpha(model_config, args.block_size, args.dtype, args.device)
+
+
+def _max_num_batched_tokens(args: EngineArgs, policy: SchedulerPolicy, model_config: ModelConfig) -> int:
+    if args.max_num_batched_tokens is not None:
+        return args.max_num_batched_tokens
+    # Whole prompts need room for the longest; chunked policies want small steps.
+    return CHUNKED_DEFAULT_BATCHED_TOKENS if policy.is_chunked else max(model_config.max_model_len, 2048)
+
+
+def _cache_config(args: EngineArgs, model_config: ModelConfig, hybrid: HybridMode) -> CacheConfig:
+    """Size the pool from the byte budget, less the recompute scratch when the hidden cache may be used."""
+    scratch_tokens = 0
+    if hybrid != HybridMode.OFF:  # one request's whole context must fit the scratch on its own
+        scratch_tokens = max(args.hidden_scratch_tokens, min_hidden_scratch_tokens(model_config, args.block_size))
+    pool_bytes = args.kv_cache_memory - scratch_bytes(model_config, scratch_tokens, args.dtype)
+    unit_bytes = bytes_per_unit(model_config, args.block_size, args.dtype)
+    num_units = max(0, pool_bytes) // unit_bytes
+    if num_units < 2:
+        raise ValueError(f"kv_cache_memory={args.kv_cache_memory} bytes holds no KV block of this model; "
+                         f"give at least {2 * unit_bytes + args.kv_cache_memory - pool_bytes}")
+    logger.info("cache pool: %d units of %d tokens (%d tokens as KV)", num_units, args.block_size,
+                num_units // KV_UNITS_PER_BLOCK * args.block_size)
+    return CacheConfig(block_size=args.block_size, num_units=num_units,
+                       units_per_hidden_block=hidden_units_per_block(model_config.hidden_size, model_config.kv_dim),
+                       hybrid=hybrid, watermark=args.watermark, hidden_scratch_tokens=scratch_tokens)

@@ -1,0 +1,69 @@
+"""The door of the engine: a prompt and its SamplingParams -> token ids and resolved params, or a typed error.
+
+Every prompt is tokenized here, once, and every check of a request against the model (empty, too long,
+token ids outside the vocabulary) and every default that depends on the prompt (`max_tokens=None` fills
+the context, as vLLM does) is decided here, so nothing behind it re-checks them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from aptserve.config import ModelConfig
+from aptserve.errors import InvalidRequestError
+from aptserve.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedPrompt:
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams  # max_tokens resolved
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer=None) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+
+    def process(self, prompt: str | list[int], params: SamplingParams) -> ProcessedPrompt:
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self._tokenize(prompt) if prompt else []
+        else:
+            text, token_ids = None, self._ids(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token")
+        return ProcessedPrompt(text, token_ids, self._resolve_params(len(token_ids), params))
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer; send token ids")
+        try:
+            prompt.encode()  # JSON may carry lone surrogates; the tokenizer fails on them with a TypeError
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"the prompt is not valid Unicode: {exc.reason} at position {exc.start}") from exc
+        try:
+            return list(self.tokenizer(prompt).input_ids)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}") from exc
+
+    def _ids(self, prompt: list[int]) -> list[int]:
+        token_ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"token ids must be integers in [0, {vocab})")
+        return token_ids
+
+    def _resolve_params(self, num_prompt_tokens: int, params: SamplingParams) -> SamplingParams:
+        max_len = self.model_config.max_model_len
+        if num_prompt_tokens >= max_len:
+            raise InvalidRequestError(f"the prompt has {num_prompt_tokens} tokens but the maximum context "
+                                      f"length is {max_len}; shorten the prompt")
+        if params.max_tokens is None:
+            return dataclasses.replace(params, max_tokens=max_len - num_prompt_tokens)
+        if num_prompt_tokens + params.max_tokens > max_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {max_len} tokens, but "
+                f"{num_prompt_tokens + params.max_tokens} were requested ({num_prompt_tokens} in the prompt, "
+                f"{params.max_tokens} in max_tokens); lower max_tokens or the prompt")
+        return params

@@ -1,0 +1,67 @@
+"""uvicorn with a drain: on SIGTERM new requests get 503 while running ones finish."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+from aptserve.server.async_engine import AsyncLLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains on SIGTERM/SIGINT: new requests get 503 while running ones finish, up to
+    `shutdown_timeout_s`; then it exits (status 0). A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._drain_deadline: float | None = None
+
+    @property
+    def engine(self) -> AsyncLLMEngine:
+        return self.config.app.state.engine
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:  # unlike uvicorn's, do not re-raise the signal: a drained server exits cleanly
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._drain_deadline is not None:
+            self.should_exit = self.force_exit = True
+            return
+        logger.info("draining: refusing new requests, finishing %d (up to %.0f s)",
+                    self.engine.num_unfinished, self.shutdown_timeout_s)
+        self.engine.draining = True
+        self._drain_deadline = time.monotonic() + self.shutdown_timeout_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_deadline is not None and (
+                self.engine.num_unfinished == 0 or time.monotonic() >= self._drain_deadline):
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+                 shutdown_timeout_s: float = 30.0, access_log: bool = True,
+                 log_level: str = "info") -> DrainingServer:
+    """A uvicorn server for the app; `.run()` serves until a signal (or `.handle_exit`) drains it."""
+    # The drain already waited for requests; uvicorn's own grace is only for their last bytes.
+    config = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
+                            timeout_graceful_shutdown=1)
+    return DrainingServer(config, shutdown_timeout_s)
