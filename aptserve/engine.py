@@ -11,7 +11,7 @@ import time
 from typing import Protocol
 
 from aptserve.cache.manager import CacheKind, CacheManager
-from aptserve.config import EngineConfig, HybridMode, ModelConfig
+from aptserve.config import EngineConfig, HybridMode
 from aptserve.engine_args import EngineArgs, resolve
 from aptserve.inputs import InputProcessor
 from aptserve.output_processor import OutputProcessor
@@ -57,10 +57,6 @@ class LLMEngine:
 
         config = resolve(args)
         return cls(config, ModelRunner.from_config(config), load_tokenizer(config.model.path))
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.config.model
 
     @property
     def cache(self) -> CacheManager:

@@ -51,7 +51,7 @@ def total_memory_gib() -> float | None:
 def fp32_kv_bytes_per_token(model_dir: str) -> int:
     """K and V rows of every layer for one token in float32: what aptserve's KV kind and vLLM both store."""
     from aptserve.registry import load_model_config
-    from aptserve.runner import bytes_per_unit
+    from aptserve.cache.geometry import bytes_per_unit
 
     return 2 * bytes_per_unit(load_model_config(model_dir), block_size=1, dtype="float32")
 

@@ -5,7 +5,7 @@ holding twice the tokens pays for it at saturation.
    --batch-size decodes at each context length, all-KV, all-HIDDEN and half/half, driven straight
    through the ModelRunner with hand-built SchedulerOutputs over a CacheManager (one warm-up step, then
    the median of up to --repeats steps, fewer once a point has taken --max-seconds-per-point). The
-   scratch is CacheConfig's default (hidden_scratch_tokens), as the engine would reserve it.
+   scratch is the engine default (EngineArgs.hidden_scratch_tokens), as the engine would reserve it.
 2. Saturation throughput (offline LLM API, output tokens/s): --sat-requests requests of --sat-prompt-len
    tokens and --sat-output-len outputs (greedy, ignore_eos) on a budget that holds only half of them as
    KV; FCFS with the hybrid cache off (KV only: queues and preempts), FCFS with "auto" (hidden allowed,
@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from aptserve import LLM, SamplingParams  # noqa: E402
 from aptserve.cache import CacheKind, CacheManager  # noqa: E402
-from aptserve.config import CacheConfig  # noqa: E402
-from aptserve.model.hidden import hidden_units_per_block  # noqa: E402
+from aptserve.engine_args import EngineArgs  # noqa: E402
+from aptserve.cache.geometry import bytes_per_unit, hidden_units_per_block  # noqa: E402
 from aptserve.registry import load_model_config, resolve_model  # noqa: E402
-from aptserve.runner import ModelRunner, bytes_per_unit  # noqa: E402
+from aptserve.runner import ModelRunner  # noqa: E402
 from aptserve.sched.output import ScheduledRequest, SchedulerOutput  # noqa: E402
 from benchmarks.common import RESULTS_DIR, load_average, write_json  # noqa: E402
 
@@ -96,7 +96,7 @@ def decode_latency(model: str, contexts: list[int], batch_size: int, repeats: in
     config = load_model_config(resolve_model(model))
     units_per_hidden = hidden_units_per_block(config.hidden_size, config.kv_dim)
     num_units = batch_size * 2 * math.ceil(max(contexts) / BLOCK_SIZE)  # all-KV at the longest context
-    scratch_tokens = CacheConfig().hidden_scratch_tokens
+    scratch_tokens = EngineArgs.hidden_scratch_tokens
     flop_per_row = 2 * config.hidden_size * 2 * config.kv_dim * config.num_layers  # one row, all layers
     runner = ModelRunner(config, num_units, BLOCK_SIZE, "float32", "cpu",
                          hidden_scratch_tokens=scratch_tokens)
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "hybrid_cache", "args": {k: str(v) for k, v in vars(args).items()},
                "torch_num_threads": torch.get_num_threads(), "load_average_before": load_before,
                "load_average_after": load_average(), "block_size": BLOCK_SIZE,
-               "hidden_scratch_tokens": CacheConfig().hidden_scratch_tokens,
+               "hidden_scratch_tokens": EngineArgs.hidden_scratch_tokens,
                "decode_latency": latency, "saturation": sat}
     write_json(args.out_dir / "hybrid_cache.json", payload)
     plot(args.out_dir / "hybrid_cache.png", latency, sat, args.sat_model)

@@ -13,6 +13,8 @@ TEXT = ("The history of computing is a story of ideas that build on one another.
         "mechanical, then electrical, and finally electronic. Each generation made computation faster, "
         "cheaper and more reliable, and each one changed what people believed a computer could do. ")
 MAX_TOKENS = 24
+# The whole-engine parity runs take most of the suite's time: `make test-fast` skips them, `make test` does not.
+pytestmark = pytest.mark.slow
 
 
 def mixed_prompts(tokenizer, num_prompts: int = 16) -> list[list[int]]:

@@ -14,7 +14,6 @@ from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs
 from aptserve.registry import load_model_config, resolve_model
 from aptserve.runner import ModelRunner
-from aptserve.runner.metadata import order_for_step
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import CacheConversion
 from tests.model_fixtures import (
@@ -265,7 +264,8 @@ def test_hidden_to_kv_in_place_mid_decode_matches_kv(engine_case):
 def test_kv_to_hidden_by_recompute_mid_decode_matches_kv(engine_case):
     engine = make_engine(engine_case.path, "auto")
     assert run_engine(engine, engine_case.prompts, {4: convert(["r1", "r3"], HIDDEN)}) == engine_case.kv_tokens
-    preempted = [(i, out.preempted_request_ids) for i, out in enumerate(engine.executor.outputs) if out.preempted_request_ids]
+    preempted = [(i, out.preempted_request_ids) for i, out in enumerate(engine.executor.outputs)
+                 if out.preempted_request_ids]
     assert [request_ids for _, request_ids in preempted] == [["r1", "r3"]]
     reprefills = [r for step in scheduled_steps(engine)[preempted[0][0]:] for r in step if r.num_tokens > 1]
     assert {r.request_id for r in reprefills} == {"r1", "r3"} and {r.cache_kind for r in reprefills} == {HIDDEN}

@@ -25,8 +25,8 @@ def create_app(engine: LLMEngine, server_config: ServerConfig = ServerConfig()) 
     """The app over an engine; the engine's thread starts and stops with the app."""
     app = FastAPI(title="aptserve", description="OpenAI-compatible LLM serving", lifespan=_lifespan)
     app.state.engine = AsyncLLMEngine(engine, server_config.max_queue_len)
-    names = server_config.served_model_names or (engine.model_config.served_name,)
-    app.state.model_names = tuple(dict.fromkeys(names + (engine.model_config.served_name,)))
+    names = server_config.served_model_names or (engine.config.model.served_name,)
+    app.state.model_names = tuple(dict.fromkeys(names + (engine.config.model.served_name,)))
     app.include_router(router)
     add_error_handlers(app)
     return app

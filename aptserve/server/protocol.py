@@ -132,11 +132,14 @@ class CompletionChoice(_Choice):
     text: str
 
 
-class CompletionResponse(OpenAIBaseModel):
+class _Response(OpenAIBaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -150,11 +153,8 @@ class ChatChoice(_Choice):
     message: AssistantMessage
 
 
-class ChatCompletionResponse(OpenAIBaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
 
@@ -168,11 +168,8 @@ class ChatStreamChoice(_Choice):
     delta: DeltaMessage
 
 
-class ChatCompletionChunk(OpenAIBaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
 

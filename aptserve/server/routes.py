@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import jinja2
 from fastapi import APIRouter, Request
@@ -44,7 +44,7 @@ async def metrics(raw_request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(raw_request: Request) -> ModelList:
-    max_model_len = raw_request.app.state.engine.engine.model_config.max_model_len
+    max_model_len = raw_request.app.state.engine.engine.config.model.max_model_len
     return ModelList(data=[ModelCard(id=raw_request.app.state.model_names[0], max_model_len=max_model_len)])
 
 
@@ -52,36 +52,41 @@ async def list_models(raw_request: Request) -> ModelList:
              responses={200: {"model": CompletionResponse}, **_ERRORS})
 async def create_completion(body: CompletionRequest,
                             raw_request: Request) -> Response | CompletionResponse:
-    model = _served_model(raw_request, body.model)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = await _add_request(raw_request, request_id, body.prompt_input(), body)
-    if body.stream:
-        return _EventStreamResponse(stream, _completion_events(stream, body, request_id, model))
-    output = await _final_output(raw_request, stream)
-    if output is None:
-        return Response(status_code=499)  # client closed the request; nobody reads this
-    completion = output.outputs[0]
-    choice = CompletionChoice(text=completion.text, finish_reason=completion.finish_reason,
-                              stop_reason=completion.stop_reason)
-    return CompletionResponse(id=request_id, model=model, choices=[choice], usage=_usage(output))
+    def respond(output: RequestOutput, request_id: str, model: str) -> CompletionResponse:
+        completion = output.outputs[0]
+        choice = CompletionChoice(text=completion.text, finish_reason=completion.finish_reason,
+                                  stop_reason=completion.stop_reason)
+        return CompletionResponse(id=request_id, model=model, choices=[choice], usage=_usage(output))
+
+    return await _serve(raw_request, body, "cmpl", body.prompt_input, _completion_events, respond)
 
 
 @router.post("/v1/chat/completions", response_model=None,
              responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
 async def create_chat_completion(body: ChatCompletionRequest,
                                  raw_request: Request) -> Response | ChatCompletionResponse:
+    def respond(output: RequestOutput, request_id: str, model: str) -> ChatCompletionResponse:
+        completion = output.outputs[0]
+        choice = ChatChoice(message=AssistantMessage(content=completion.text),
+                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+        return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=_usage(output))
+
+    return await _serve(raw_request, body, "chatcmpl", lambda: _chat_prompt(raw_request, body), _chat_events,
+                        respond)
+
+
+async def _serve(raw_request: Request, body: SamplingRequest, id_prefix: str, prompt: Callable[[], str | list[int]],
+                 events: Callable, respond: Callable) -> Response | BaseModel:
+    """Queue the request, then stream its events or answer once with `respond(final output, id, model)`."""
     model = _served_model(raw_request, body.model)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await _add_request(raw_request, request_id, _chat_prompt(raw_request, body), body)
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    stream = await _add_request(raw_request, request_id, prompt(), body)
     if body.stream:
-        return _EventStreamResponse(stream, _chat_events(stream, body, request_id, model))
+        return _EventStreamResponse(stream, events(stream, body, request_id, model))
     output = await _final_output(raw_request, stream)
     if output is None:
-        return Response(status_code=499)
-    completion = output.outputs[0]
-    choice = ChatChoice(message=AssistantMessage(content=completion.text),
-                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
-    return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=_usage(output))
+        return Response(status_code=499)  # client closed the request; nobody reads this
+    return respond(output, request_id, model)
 
 
 # --- request helpers -----------------------------------------------------------------------------
