@@ -12,6 +12,7 @@ import time
 import torch
 
 from aptserve.config import ModelConfig
+from aptserve.model.linear import Linear, can_pack
 from aptserve.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -19,14 +20,14 @@ logger = logging.getLogger(__name__)
 BLOCK_COUNTS = (2, 8, 32)  # fit the slope at batch-like sizes: a lone block under-uses the GEMM
 
 
-def _time_projection(x: torch.Tensor, weight: torch.Tensor, num_layers: int, device: str,
+def _time_projection(x: torch.Tensor, projection: Linear, num_layers: int, device: str,
                      repeats: int) -> float:
     def once() -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(num_layers):
-            torch.nn.functional.linear(x, weight)
+            projection(x)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -39,13 +40,16 @@ def _time_projection(x: torch.Tensor, weight: torch.Tensor, num_layers: int, dev
 @torch.inference_mode()
 def measure_alpha(model_config: ModelConfig, block_size: int, dtype: str, device: str,
                   repeats: int = 7) -> float:
-    """Least-squares slope (seconds per block) of the K/V projection time over BLOCK_COUNTS."""
+    """Least-squares slope (seconds per block) of the K/V projection time over BLOCK_COUNTS, on the same fused,
+    packed projection the model recomputes K/V with."""
     torch_dtype = getattr(torch, dtype)
-    weight = torch.randn(2 * model_config.kv_dim, model_config.hidden_size, dtype=torch_dtype, device=device)
+    projection = Linear(model_config.hidden_size, 2 * model_config.kv_dim, bias=False, dtype=torch_dtype,
+                        device=device).requires_grad_(False)
+    projection.pack()
     points = []
     for num_blocks in BLOCK_COUNTS:
         x = torch.randn(num_blocks * block_size, model_config.hidden_size, dtype=torch_dtype, device=device)
-        points.append((num_blocks, _time_projection(x, weight, model_config.num_layers, device, repeats)))
+        points.append((num_blocks, _time_projection(x, projection, model_config.num_layers, device, repeats)))
     mean_x = sum(p[0] for p in points) / len(points)
     mean_y = sum(p[1] for p in points) / len(points)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
@@ -54,8 +58,10 @@ def measure_alpha(model_config: ModelConfig, block_size: int, dtype: str, device
 
 def calibrated_alpha(model_config: ModelConfig, block_size: int, dtype: str, device: str) -> float:
     """measure_alpha, cached per model geometry, dtype, device and torch version."""
+    # The kernel is part of the key: a value timed on another GEMM path must not price this one.
+    kernel = "packed" if can_pack(torch.empty(0, dtype=getattr(torch, dtype), device=device)) else "plain"
     key = (f"{model_config.architecture}-L{model_config.num_layers}-H{model_config.hidden_size}"
-           f"-KV{model_config.kv_dim}-B{block_size}-{dtype}-{device}-torch{torch.__version__}")
+           f"-KV{model_config.kv_dim}-B{block_size}-{dtype}-{device}-torch{torch.__version__}-{kernel}")
     path = cache_dir() / "alpha.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     if key not in table:

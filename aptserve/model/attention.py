@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from aptserve.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillChunk
-from aptserve.model.hidden import ProjectKV, write_hidden_rows
+from aptserve.model.hidden import ProjectKV, write_hidden_rows, write_kv_rows
 
 
 def paged_attention(
@@ -44,7 +44,7 @@ def paged_attention(
     layer_cache = md.kv_cache[layer_idx]
     flat_cache = layer_cache.view(-1, layer_cache.shape[-1])
     kv_k, kv_v = (k, v) if md.kv_token_rows is None else (k[md.kv_token_rows], v[md.kv_token_rows])
-    flat_cache.index_copy_(0, md.slot_mapping, torch.cat([kv_k.flatten(1), kv_v.flatten(1)]))
+    write_kv_rows(flat_cache, md.slot_mapping, kv_k, kv_v)
     if md.hidden_token_rows is not None:
         write_hidden_rows(flat_cache, x[md.hidden_token_rows], md.hidden_slot_mapping)
     out = torch.empty_like(q)

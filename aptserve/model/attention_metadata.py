@@ -45,7 +45,7 @@ class RecomputeGroup:
 class AttentionMetadata:
     kv_cache: torch.Tensor
     # KV requests' rows: which rows of the step (None: all of them) and their cache slots, flattened
-    # over (unit, row): K slots, then V slots.
+    # over (unit, row): [2, rows], the K slots and the V slots.
     kv_token_rows: torch.Tensor | None
     slot_mapping: torch.Tensor
     # Hidden requests' rows (None: there are none) and the slots of their kv_dim slices (hidden.py).

@@ -24,6 +24,12 @@ from aptserve.cache.geometry import hidden_units_per_block
 ProjectKV = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
+def write_kv_rows(flat_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store K and V rows [N, kv_heads, head_dim] (strided views are fine) at their slots [2, N]."""
+    flat_cache.index_copy_(0, slots[0], k.flatten(1))
+    flat_cache.index_copy_(0, slots[1], v.flatten(1))
+
+
 def write_hidden_rows(flat_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store rows x [N, hidden] at their N * u slots of the layer's flat cache [slots, kv_dim]."""
     kv_dim = flat_cache.shape[1]
@@ -46,11 +52,11 @@ class HiddenProjection:
     hidden_slots: torch.Tensor  # [N * u] slots of the rows in the source cache
     hidden_size: int
     rope: Any  # the model's positional tables at the rows' absolute positions (None for OPT)
-    dst_slots: torch.Tensor  # [2 * N] slots of the destination (K rows, then V rows)
+    dst_slots: torch.Tensor  # [2, N] slots of the destination (the K rows, and the V rows)
 
     def run(self, src_flat: torch.Tensor, dst_flat: torch.Tensor, project_kv: ProjectKV) -> None:
         k, v = project_kv(gather_hidden_rows(src_flat, self.hidden_slots, self.hidden_size), self.rope)
-        dst_flat.index_copy_(0, self.dst_slots, torch.cat([k.flatten(1), v.flatten(1)]))
+        write_kv_rows(dst_flat, self.dst_slots, k, v)
 
 
 def convert_hidden_to_kv(kv_cache: torch.Tensor, projections: Sequence[HiddenProjection],

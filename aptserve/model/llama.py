@@ -1,4 +1,9 @@
-"""Llama-family decoder (SmolLM2, Llama 2): RMSNorm, RoPE, GQA, SiLU-gated MLP; HF parameter names."""
+"""Llama-family decoder (SmolLM2, Llama 2): RMSNorm, RoPE, GQA, SiLU-gated MLP; HF parameter names.
+
+Checkpoints load into HF's modules (q/k/v_proj, gate/up/down_proj); `prepare()` then fuses q|k|v into one
+projection and packs every weight for the CPU (model/linear.py), with the residual adds and SiLU-and-multiply
+done inside the GEMMs.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,9 +12,8 @@ from torch import nn
 
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
-from aptserve.model.linear import Linear, linear
-
-Rope = tuple[torch.Tensor, torch.Tensor]
+from aptserve.model.linear import Linear, packed_head
+from aptserve.model.rope import Rope, RotaryEmbedding, apply_rope, pair_rows
 
 
 class RMSNorm(nn.Module):
@@ -19,34 +23,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one kernel; the same arithmetic as the lines below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 and cast back before the weight, exactly as HF does (greedy parity in bf16).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in fp32 like HF's default rope."""
-
-    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device) -> None:
-        super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-        inv_freq = 1.0 / (theta**exponents)
-        freqs = torch.outer(torch.arange(max_positions, device=device).float(), inv_freq)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
-
-
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """x [T, heads, head_dim]; rope tables [T, head_dim] (HF's rotate_half convention)."""
-    cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class LlamaAttention(nn.Module):
@@ -61,17 +43,40 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv_proj: Linear | None = None  # set by prepare()
+        self.kv_proj: Linear | None = None  # set by prepare() when the hidden cache may need K/V recomputed
+
+    def prepare(self, keep_kv_projection: bool, paired_rope: bool) -> None:
+        """Fuse q|k|v (and k|v for recompute from hidden rows), then pack every weight; `paired_rope`: reorder
+        the q and k rows of each head for the complex rotation (model/rope.py)."""
+        if paired_rope:
+            for projection in (self.q_proj, self.k_proj):
+                projection.weight.data = pair_rows(projection.weight.data, self.head_dim)
+                if projection.bias is not None:
+                    projection.bias.data = pair_rows(projection.bias.data, self.head_dim)
+        self.qkv_proj = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
+        if keep_kv_projection:
+            self.kv_proj = Linear.fused([self.k_proj, self.v_proj])
+            self.kv_proj.pack()
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj.pack()
+        self.o_proj.pack()
 
     def project_kv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """K (with RoPE at the rows' positions) and V of normed inputs x [T, hidden]."""
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return apply_rope(k, rope), v
+        if self.kv_proj is None:
+            raise RuntimeError("this model was prepared without the K/V projection the hidden cache needs")
+        kv = self.kv_proj(x).view(-1, 2 * self.num_kv_heads, self.head_dim)
+        return apply_rope(kv[:, :self.num_kv_heads], rope), kv[:, self.num_kv_heads:]
 
-    def forward(self, x: torch.Tensor, rope: Rope, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        q = apply_rope(self.q_proj(x).view(-1, self.num_heads, self.head_dim), rope)
-        k, v = self.project_kv(x, rope)
-        return self.o_proj(paged_attention(self.layer_idx, x, q, k, v, attn_metadata, self.project_kv))
+    def forward(self, x: torch.Tensor, rope: Rope, attn_metadata: AttentionMetadata,
+                residual: torch.Tensor) -> torch.Tensor:
+        """residual + o_proj(attention(x)), with q and k rotated in one pass."""
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :self.num_heads + self.num_kv_heads], rope)
+        q, k, v = qk[:, :self.num_heads], qk[:, self.num_heads:], qkv[:, self.num_heads + self.num_kv_heads:]
+        out = paged_attention(self.layer_idx, x, q, k, v, attn_metadata, self.project_kv)
+        return self.o_proj.forward_add(out, residual)
 
 
 class LlamaMLP(nn.Module):
@@ -83,8 +88,14 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(hidden, inter, bias=bias)
         self.down_proj = Linear(inter, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def prepare(self) -> None:
+        for projection in (self.gate_proj, self.up_proj, self.down_proj):
+            projection.pack()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + down(silu(gate(x)) * up(x)): three GEMMs, the SiLU, multiply and add inside them."""
+        gated = self.up_proj.forward_mul(x, self.gate_proj(x, "swish"))
+        return self.down_proj.forward_add(gated, residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -97,8 +108,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, attn_metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = self.self_attn(self.input_layernorm(hidden), rope, attn_metadata, residual=hidden)
+        return self.mlp(self.post_attention_layernorm(hidden), residual=hidden)
 
 
 class LlamaModel(nn.Module):
@@ -127,6 +138,19 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = config.get("tie_word_embeddings", False)
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        self.logits_head: Linear | None = None  # set by prepare()
+
+    def prepare(self, keep_kv_projection: bool = False) -> None:
+        """Fuse and pack the weights for inference (after loading); `keep_kv_projection` for the hidden cache."""
+        paired_rope = self.model.embed_tokens.weight.dtype == torch.float32  # complex64 exists for fp32 only
+        for layer in self.model.layers:
+            layer.self_attn.prepare(keep_kv_projection, paired_rope)
+            layer.mlp.prepare()
+        self.model.rotary_emb.paired = paired_rope
+        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        self.logits_head = packed_head(weight)
+        if not self.tie_word_embeddings:
+            del self.lm_head
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -145,5 +169,4 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn for layer in self.model.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight)
+        return self.logits_head(hidden)

@@ -26,8 +26,10 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str | torch.device) -> nn.Module:
-    """Our module for the folder's architecture, weights cast to `dtype` on `device`, in eval mode."""
+def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str | torch.device,
+               keep_kv_projection: bool = False) -> nn.Module:
+    """Our module for the folder's architecture, weights cast to `dtype` on `device`, fused and packed for
+    inference, in eval mode. `keep_kv_projection`: keep a K/V projection for recomputing from hidden rows."""
     folder, device = Path(model_config.path), torch.device(device)
     hf_config = json.loads((folder / "config.json").read_text())
     model_class = MODEL_CLASSES[model_config.architecture]
@@ -41,7 +43,9 @@ def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str 
             continue  # A tied lm_head is the embedding matrix itself.
         weights[name] = tensor.to(torch_dtype(dtype))
     model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval()
+    model.eval().requires_grad_(False)
+    model.prepare(keep_kv_projection)
+    return model
 
 
 def _read_safetensors(folder: Path, device: torch.device):

@@ -1,18 +1,22 @@
 """OPT decoder: learned positions (offset 2), LayerNorm, ReLU FFN, pre-LN or post-LN (opt-350m),
-optional project_in/project_out when word_embed_proj_dim != hidden_size; HF parameter names."""
+optional project_in/project_out when word_embed_proj_dim != hidden_size; HF parameter names.
+
+Checkpoints load into HF's modules; `prepare()` then fuses q|k|v and packs every weight for the CPU
+(model/linear.py), with the ReLU and the residual adds done inside the GEMMs.
+"""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
-from aptserve.model.linear import Linear, linear
+from aptserve.model.linear import Linear, packed_head
 
 # OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).
 POSITION_OFFSET = 2
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+# HF's activation names -> the activations Linear applies inside its GEMM.
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}
 
 
 class OPTAttention(nn.Module):
@@ -27,18 +31,34 @@ class OPTAttention(nn.Module):
         self.k_proj = Linear(hidden, hidden, bias=bias)
         self.v_proj = Linear(hidden, hidden, bias=bias)
         self.out_proj = Linear(hidden, hidden, bias=bias)
+        self.qkv_proj: Linear | None = None  # set by prepare()
+        self.kv_proj: Linear | None = None  # set by prepare() when the hidden cache may need K/V recomputed
+
+    def prepare(self, keep_kv_projection: bool) -> None:
+        """Fuse q|k|v (and k|v for recompute from hidden rows), then pack every weight."""
+        self.qkv_proj = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
+        if keep_kv_projection:
+            self.kv_proj = Linear.fused([self.k_proj, self.v_proj])
+            self.kv_proj.pack()
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj.pack()
+        self.out_proj.pack()
 
     def project_kv(self, x: torch.Tensor, rope: None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of inputs x [T, hidden]; `rope` is always None (OPT has learned positions)."""
-        k = self.k_proj(x).view(-1, self.num_heads, self.head_dim)
-        return k, self.v_proj(x).view(-1, self.num_heads, self.head_dim)
+        if self.kv_proj is None:
+            raise RuntimeError("this model was prepared without the K/V projection the hidden cache needs")
+        kv = self.kv_proj(x).view(-1, 2 * self.num_heads, self.head_dim)
+        return kv[:, :self.num_heads], kv[:, self.num_heads:]
 
-    def forward(self, x: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_metadata: AttentionMetadata, residual: torch.Tensor) -> torch.Tensor:
+        """residual + out_proj(attention(x))."""
+        qkv = self.qkv_proj(x).view(-1, 3 * self.num_heads, self.head_dim)
         # HF scales q before attention (and attends with scale 1): same rounding as the reference.
-        q = (self.q_proj(x) * self.scaling).view(-1, self.num_heads, self.head_dim)
-        k, v = self.project_kv(x)
-        return self.out_proj(
-            paged_attention(self.layer_idx, x, q, k, v, attn_metadata, self.project_kv, scale=1.0))
+        q = qkv[:, :self.num_heads] * self.scaling
+        k, v = qkv[:, self.num_heads:2 * self.num_heads], qkv[:, 2 * self.num_heads:]
+        out = paged_attention(self.layer_idx, x, q, k, v, attn_metadata, self.project_kv, scale=1.0)
+        return self.out_proj.forward_add(out, residual)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -56,11 +76,11 @@ class OPTDecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
         if self.do_layer_norm_before:
-            hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden), attn_metadata)
-            return hidden + self.fc2(self.activation(self.fc1(self.final_layer_norm(hidden))))
+            hidden = self.self_attn(self.self_attn_layer_norm(hidden), attn_metadata, residual=hidden)
+            return self.fc2.forward_add(self.fc1(self.final_layer_norm(hidden), self.activation), hidden)
         # Post-LN (opt-350m): the attention input x is the residual stream itself.
-        hidden = self.self_attn_layer_norm(hidden + self.self_attn(hidden, attn_metadata))
-        return self.final_layer_norm(hidden + self.fc2(self.activation(self.fc1(hidden))))
+        hidden = self.self_attn_layer_norm(self.self_attn(hidden, attn_metadata, residual=hidden))
+        return self.final_layer_norm(self.fc2.forward_add(self.fc1(hidden, self.activation), hidden))
 
 
 class OPTDecoder(nn.Module):
@@ -94,6 +114,22 @@ class OPTForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             proj_dim = config.get("word_embed_proj_dim") or config["hidden_size"]
             self.lm_head = Linear(proj_dim, config["vocab_size"], bias=False)
+        self.logits_head: Linear | None = None  # set by prepare()
+
+    def prepare(self, keep_kv_projection: bool = False) -> None:
+        """Fuse and pack the weights for inference (after loading); `keep_kv_projection` for the hidden cache."""
+        decoder = self.model.decoder
+        for layer in decoder.layers:
+            layer.self_attn.prepare(keep_kv_projection)
+            layer.fc1.pack()
+            layer.fc2.pack()
+        for projection in (decoder.project_in, decoder.project_out):
+            if projection is not None:
+                projection.pack()
+        weight = decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        self.logits_head = packed_head(weight)
+        if not self.tie_word_embeddings:
+            del self.lm_head
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -119,5 +155,4 @@ class OPTForCausalLM(nn.Module):
         return [layer.self_attn for layer in self.model.decoder.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight)
+        return self.logits_head(hidden)

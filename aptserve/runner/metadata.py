@@ -28,9 +28,9 @@ def unit_slots(tables, req_of_row, positions, block_size: int, units_per_block: 
 
 
 def kv_slots(tables, req_of_row, positions, block_size: int) -> torch.Tensor:
-    """K slots of the rows, then their V slots."""
-    return torch.cat([unit_slots(tables, req_of_row, positions, block_size, KV_UNITS_PER_BLOCK, unit)
-                      for unit in range(KV_UNITS_PER_BLOCK)])
+    """[2, rows]: the K slots of the rows, and their V slots."""
+    return torch.stack([unit_slots(tables, req_of_row, positions, block_size, KV_UNITS_PER_BLOCK, unit)
+                        for unit in range(KV_UNITS_PER_BLOCK)])
 
 
 def hidden_slots(tables, req_of_row, positions, block_size: int, units_per_block: int) -> torch.Tensor:

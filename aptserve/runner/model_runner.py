@@ -52,12 +52,13 @@ class ModelRunner:
             torch.set_num_threads(int(os.environ[NUM_THREADS_ENV]))
         self.model_config = model_config
         self.dtype = torch_dtype(dtype)
-        self.model = load_model(model_config, self.dtype, self.device)
+        num_scratch_blocks = self._num_scratch_blocks(hidden_scratch_tokens, block_size)
+        # Without a scratch there is no hidden cache, and nothing needs K/V projected on their own.
+        self.model = load_model(model_config, self.dtype, self.device, keep_kv_projection=num_scratch_blocks > 0)
         # Zeroed, not empty: padded rows are masked out, but NaN garbage would still poison P @ V.
         cache_shape = (model_config.num_layers, num_units, block_size, model_config.kv_dim)
         self.kv_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         # Laid out like one layer of the cache, two units (K, V) per block of recomputed rows.
-        num_scratch_blocks = self._num_scratch_blocks(hidden_scratch_tokens, block_size)
         scratch_shape = (KV_UNITS_PER_BLOCK * num_scratch_blocks, block_size, model_config.kv_dim)
         self.scratch = torch.zeros(scratch_shape, dtype=self.dtype, device=self.device)
         self.metadata_builder = AttentionMetadataBuilder(
