@@ -40,20 +40,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds to let running requests finish before exiting")
     group.add_argument("--disable-uvicorn-access-log", action="store_true")
+    group.add_argument("--log-step-stats", action="store_true",
+                       help="log where each engine step's time went (schedule, prepare, forward, sample, update, "
+                            "output, gap); the same figures are on /metrics as aptserve:step_phase_seconds")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aptserve.engine import LLMEngine
-    from aptserve.server import ServerConfig, build_server, create_app
+    """Serve with the engine core in a process of its own; exits 1 if that process dies."""
+    from aptserve.core.client import ProcessCore
+    from aptserve.registry import load_tokenizer
+    from aptserve.server import AsyncLLM, ServerConfig, build_server, create_app
 
     if args.max_queue_len < 1:
         raise SystemExit("--max-queue-len must be >= 1")
-    engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    core = ProcessCore.launch(EngineArgs.from_cli_args(args), log_level=logging.getLogger().level)
+    engine = AsyncLLM(core, load_tokenizer(core.config.model.path), args.max_queue_len, args.log_step_stats)
     server_config = ServerConfig(served_model_names=tuple(args.served_model_name or ()),
-                                 max_queue_len=args.max_queue_len)
-    app = create_app(engine, server_config)
-    build_server(app, args.host, args.port, args.shutdown_timeout,
+                                 max_queue_len=args.max_queue_len, log_step_stats=args.log_step_stats)
+    build_server(create_app(engine, server_config), args.host, args.port, args.shutdown_timeout,
                  access_log=not args.disable_uvicorn_access_log).run()
+    if engine.dead_reason is not None:
+        print(f"error: {engine.dead_reason}", file=sys.stderr)
+        return 1
     return 0
 
 

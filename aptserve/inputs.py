@@ -1,14 +1,16 @@
 """The door of the engine: a prompt and its SamplingParams -> token ids and resolved params, or a typed error.
 
-Every prompt is tokenized here, once, and every check of a request against the model (empty, too long,
-token ids outside the vocabulary) and every default that depends on the prompt (`max_tokens=None` fills
-the context, as vLLM does) is decided here, so nothing behind it re-checks them.
+Every prompt is tokenized here, once, and every check of a request against the model and the pool (empty, too
+long, token ids outside the vocabulary, more cache than the whole pool) and every default that depends on the
+prompt (`max_tokens=None` fills the context, as vLLM does) is decided here, so nothing behind it re-checks them.
+It needs the configuration only, so it runs in the front-end process when the engine core has its own.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from aptserve.config import ModelConfig
+from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
+from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.sampling import SamplingParams
 
@@ -21,8 +23,9 @@ class ProcessedPrompt:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer=None) -> None:
-        self.model_config = model_config
+    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+        self.config = config
+        self.model_config = config.model
         self.tokenizer = tokenizer
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> ProcessedPrompt:
@@ -32,7 +35,9 @@ class InputProcessor:
             text, token_ids = None, self._ids(prompt)
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; send at least one token")
-        return ProcessedPrompt(text, token_ids, self._resolve_params(len(token_ids), params))
+        params = self._resolve_params(len(token_ids), params)
+        self._check_fits_pool(len(token_ids) + params.max_tokens)
+        return ProcessedPrompt(text, token_ids, params)
 
     def _tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -67,3 +72,16 @@ class InputProcessor:
                 f"{num_prompt_tokens + params.max_tokens} were requested ({num_prompt_tokens} in the prompt, "
                 f"{params.max_tokens} in max_tokens); lower max_tokens or the prompt")
         return params
+
+    def _check_fits_pool(self, max_num_tokens: int) -> None:
+        """Refuse what the whole pool could never hold, in the smallest kind it may use, so that no request can
+        wait forever for memory."""
+        cache = self.config.cache
+        units_per_block = [KV_UNITS_PER_BLOCK]
+        if cache.hybrid != HybridMode.OFF:
+            units_per_block.append(cache.units_per_hidden_block)
+        need = cdiv(max_num_tokens, cache.block_size) * min(units_per_block)
+        if need > cache.num_units:
+            raise InvalidRequestError(
+                f"the request needs up to {need} cache units ({max_num_tokens} tokens) but the "
+                f"pool has {cache.num_units}; raise kv_cache_memory or lower max_tokens")

@@ -1,110 +1,112 @@
-"""After each step: detokenize the new tokens, decide every stop, and build the outputs the caller asked for.
+"""The front end's side of each step: detokenize new tokens, stop on strings, build the outputs asked for.
 
-All stop rules live in `check_stop` (stop token ids, EOS, stop strings, max_tokens, max_model_len); the
-scheduler only appends tokens. Outputs follow each request's `output_kind`, so a stream gets deltas (O(new
-tokens) per step) and an offline batch gets one output per request at the end.
+The engine core decides the stops that depend on tokens (core/engine_core.py::check_stop); stop strings need the
+text, so they are decided here, and a request they end is aborted in the core. Outputs follow each request's
+`output_kind`: a stream gets deltas (O(new tokens) per step), an offline batch one output per request at the end.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs
 from aptserve.detokenizer import IncrementalDetokenizer
 from aptserve.outputs import CompletionOutput, RequestOutput, RequestStats
-from aptserve.request import Request, RequestStatus
-from aptserve.sampling import RequestOutputKind
-
-
-def check_stop(request: Request, stop_string: str | None,
-               max_model_len: int) -> tuple[RequestStatus, int | str | None] | None:
-    """(finish status, stop reason) if the request's last token ends it, else None."""
-    token_id = request.output_token_ids[-1]
-    params = request.sampling_params
-    if token_id in params.stop_token_ids:
-        return RequestStatus.FINISHED_STOPPED, token_id
-    if not params.ignore_eos and token_id in request.eos_token_ids:
-        return RequestStatus.FINISHED_STOPPED, None
-    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
-        return RequestStatus.FINISHED_LENGTH, None
-    if stop_string is not None:
-        return RequestStatus.FINISHED_STOPPED, stop_string
-    return None
+from aptserve.sampling import RequestOutputKind, SamplingParams
 
 
 @dataclass
 class _RequestState:
-    request: Request
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float
     detokenizer: IncrementalDetokenizer | None
-    num_tokens_seen: int = 0  # output tokens already detokenized and stop-checked
+    output_token_ids: list[int] = field(default_factory=list)
+    token_times_s: list[float] = field(default_factory=list)
+    first_scheduled_s: float | None = None
+    num_preemptions: int = 0
+    num_conversions: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
     num_tokens_sent: int = 0  # output tokens already in a DELTA output
+
+    def stats(self) -> RequestStats:
+        first_token_s = self.token_times_s[0] if self.token_times_s else None
+        return RequestStats(self.arrival_s, self.first_scheduled_s, first_token_s, self.token_times_s,
+                            self.num_preemptions, self.num_conversions)
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, max_model_len: int) -> None:
+    def __init__(self, tokenizer=None) -> None:
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
         self._states: dict[str, _RequestState] = {}
 
-    def add_request(self, request: Request) -> None:
-        params = request.sampling_params
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_s: float) -> None:
         detokenizer = None
         if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop,
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                                  params.include_stop_str_in_output)
-        self._states[request.request_id] = _RequestState(request, detokenizer)
+        self._states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, arrival_s, detokenizer)
 
-    def forget(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> None:
+        """Forget a request that ends without an output (client gone)."""
         self._states.pop(request_id, None)
 
-    def process(self, request_ids: list[str], finish) -> list[RequestOutput]:
-        """Outputs of the requests that got new tokens this step; `finish(request, status)` ends one."""
-        outputs = []
-        for request_id in request_ids:
-            state = self._states.get(request_id)
-            if state is None or state.request.num_output_tokens == state.num_tokens_seen:
-                continue  # aborted, or no new token (preempted mid-step)
-            output = self._process_new_tokens(state, finish)
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._states)
+
+    def process(self, core_outputs: EngineCoreOutputs) -> tuple[list[RequestOutput], list[str]]:
+        """The outputs to hand out, and the ids of requests a stop string ended (to abort in the core)."""
+        outputs, stopped = [], []
+        for core_output in core_outputs.outputs:
+            state = self._states.get(core_output.request_id)
+            if state is None:
+                continue  # aborted here, or already ended by a stop string
+            if self._update(state, core_output, core_outputs.timestamp_s):
+                stopped.append(state.request_id)
+            output = self._output(state, core_output.error)
             if output is not None:
                 outputs.append(output)
-        return outputs
+                if output.finished:
+                    del self._states[state.request_id]
+        return outputs, stopped
 
-    def _process_new_tokens(self, state: _RequestState, finish) -> RequestOutput | None:
-        request = state.request
-        new_token_ids = request.output_token_ids[state.num_tokens_seen:]
-        state.num_tokens_seen = request.num_output_tokens
-        stop_string = state.detokenizer.add_tokens(new_token_ids) if state.detokenizer else None
-        stop = check_stop(request, stop_string, self.max_model_len)
-        if stop is not None:
-            request.stop_reason = stop[1]
-            finish(request, stop[0])
-        output = self._output(state)
-        if request.is_finished:
-            self.forget(request.request_id)
-        return output
+    def _update(self, state: _RequestState, core_output: EngineCoreOutput, timestamp_s: float) -> bool:
+        """Take in one core output; True when a stop string ended the request here."""
+        state.output_token_ids.extend(core_output.new_token_ids)
+        state.token_times_s.extend([timestamp_s] * len(core_output.new_token_ids))
+        if core_output.first_scheduled_s is not None:
+            state.first_scheduled_s = core_output.first_scheduled_s
+        state.num_preemptions, state.num_conversions = core_output.num_preemptions, core_output.num_conversions
+        stop_string = None
+        if state.detokenizer is not None and core_output.new_token_ids:
+            stop_string = state.detokenizer.add_tokens(core_output.new_token_ids)
+        if core_output.finish_reason is not None:  # a token stop wins over a string the same token completes
+            state.finish_reason, state.stop_reason = core_output.finish_reason, core_output.stop_reason
+            return False
+        if stop_string is not None:
+            state.finish_reason, state.stop_reason = "stop", stop_string
+            return True
+        return False
 
-    def fail(self, request_id: str, error: str) -> RequestOutput | None:
-        """The last output of a request the engine gave up on (its batch failed)."""
-        state = self._states.pop(request_id, None)
-        return None if state is None else self._output(state, error)
-
-    def _output(self, state: _RequestState, error: str | None = None) -> RequestOutput | None:
-        """The output of a request in its output kind (None: nothing to send yet, FINAL_ONLY)."""
-        request, detokenizer = state.request, state.detokenizer
-        finished = request.is_finished or error is not None
-        kind = request.sampling_params.output_kind
+    def _output(self, state: _RequestState, error: str | None) -> RequestOutput | None:
+        """The request's output in its output kind (None: nothing to hand out yet, FINAL_ONLY)."""
+        finished = state.finish_reason is not None or error is not None
+        kind = state.params.output_kind
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
+        detokenizer = state.detokenizer
         if kind == RequestOutputKind.DELTA:
-            token_ids = request.output_token_ids[state.num_tokens_sent:]
+            token_ids = state.output_token_ids[state.num_tokens_sent:]
             text = detokenizer.take_new_text(finished) if detokenizer else ""
         else:
-            token_ids = list(request.output_token_ids)
+            token_ids = list(state.output_token_ids)
             text = detokenizer.text if detokenizer else ""
-        state.num_tokens_sent = request.num_output_tokens
-        completion = CompletionOutput(0, text, token_ids, request.finish_reason, request.stop_reason)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished,
-                             _stats(request) if finished else None, error, request.num_output_tokens)
-
-
-def _stats(request: Request) -> RequestStats:
-    return RequestStats(request.arrival_s, request.first_scheduled_s, request.first_token_s,
-                        list(request.token_times_s), request.num_preemptions, request.num_conversions)
+        state.num_tokens_sent = len(state.output_token_ids)
+        completion = CompletionOutput(0, text, token_ids, state.finish_reason or ("abort" if error else None),
+                                      state.stop_reason)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+                             state.stats() if finished else None, error, len(state.output_token_ids))

@@ -38,7 +38,6 @@ class Request:
     ttft_slo_s: float = 1.0
     tbt_slo_s: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
-    prompt: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     cache_kind: CacheKind = CacheKind.KV
@@ -50,7 +49,6 @@ class Request:
     token_times_s: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     num_conversions: int = 0
-    stop_reason: int | str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -141,11 +141,11 @@ def saturation(model: str, num_requests: int, prompt_len: int, output_len: int) 
         stats = llm.engine.stats()
         results.append({"policy": policy, "hybrid_cache": hybrid_cache, "resolved": llm.engine.hybrid_cache,
                         "elapsed_s": elapsed_s, "output_tokens_per_s": num_output / elapsed_s,
-                        "num_output_tokens": num_output, "num_preemptions": stats["num_preemptions"],
-                        "num_conversions": stats["num_conversions"], "num_steps": stats["num_steps"],
+                        "num_output_tokens": num_output, "num_preemptions": stats.num_preemptions,
+                        "num_conversions": stats.num_conversions, "num_steps": stats.num_steps,
                         "pool_units": llm.engine.cache.num_units, "load_average": load_average(), **peaks})
         print(f"saturation {policy}/{hybrid_cache}: {results[-1]['output_tokens_per_s']:.1f} tok/s, "
-              f"peak running {peaks['peak_running']}, preemptions {stats['num_preemptions']}", flush=True)
+              f"peak running {peaks['peak_running']}, preemptions {stats.num_preemptions}", flush=True)
         del llm
     return results
 

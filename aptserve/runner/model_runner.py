@@ -7,6 +7,7 @@ cache tensor, the hidden-cache recompute scratch and the sampler's per-request g
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -92,6 +93,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
+        start_s = time.perf_counter()
         self.sampler.forget(sched_out.finished_request_ids)
         if sched_out.conversions:  # before the forward: it may reuse the hidden units they read
             projections = self.metadata_builder.build_conversions(sched_out.conversions)
@@ -99,16 +101,19 @@ class ModelRunner:
         if sched_out.is_empty:
             return RunnerOutput()
         model_input = self.prepare_inputs(sched_out.scheduled)
+        prepared_s = time.perf_counter()
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.attn_metadata)
+        logits = self.model.compute_logits(hidden[model_input.logits_indices]) if model_input.sampled else None
+        if self.device.type == "cuda":  # the forward's kernels must be done before it is timed
+            torch.cuda.synchronize(self.device)
+        forwarded_s = time.perf_counter()
         sampled_token_ids: dict[str, int] = {}
-        if model_input.sampled:
-            logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        if logits is not None:
             request_ids = [r.request_id for r in model_input.sampled]
             params = [r.sampling_params for r in model_input.sampled]
             sampled_token_ids = dict(zip(request_ids, self.sampler(logits, request_ids, params)))
-        if self.device.type == "cuda":  # A step that samples nothing has not waited for its kernels.
-            torch.cuda.synchronize(self.device)
-        return RunnerOutput(sampled_token_ids)
+        return RunnerOutput(sampled_token_ids, prepare_s=prepared_s - start_s, forward_s=forwarded_s - prepared_s,
+                            sample_s=time.perf_counter() - forwarded_s)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInput:
         """Decodes first (they attend in batched groups: KV ones, then hidden ones), then prefill chunks."""

@@ -36,22 +36,11 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-        self.check_fits(request)
         if self.hybrid_cache == HybridMode.ALL_HIDDEN:
             request.cache_kind = CacheKind.HIDDEN
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
-
-    def check_fits(self, request: Request) -> None:
-        """Reject up front what the pool could never hold, so no request can livelock it (lengths against
-        max_model_len were checked where the request came in: inputs.py)."""
-        kinds = [CacheKind.KV] if self.hybrid_cache == HybridMode.OFF else list(CacheKind)
-        need = min(self.cache.num_units_for(kind, request.max_num_tokens) for kind in kinds)
-        if need > self.cache.num_units:
-            raise InvalidRequestError(
-                f"the request needs up to {need} cache units ({request.max_num_tokens} tokens) but the "
-                f"pool has {self.cache.num_units}; raise kv_cache_memory or lower max_tokens")
 
     def abort_request(self, request_id: str) -> None:
         """Finish a request early (client gone); its units return to the pool. Unknown ids are ignored."""

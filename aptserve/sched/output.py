@@ -78,3 +78,8 @@ class SchedulerOutput:
 class RunnerOutput:
     # One new token per scheduled request whose `sample` was True.
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # Seconds the step spent building its inputs, in the forward pass and sampling (step accounting; the
+    # simulator reports its cost model's prediction as forward time).
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
-from aptserve.server.async_engine import RequestFailedError, ServerDrainingError
+from aptserve.server.async_llm import EngineDeadError, RequestFailedError, ServerDrainingError
 from aptserve.server.protocol import ErrorResponse
 
 
@@ -46,7 +46,8 @@ async def _engine_error(raw_request: Request, exc: AptServeError) -> JSONRespons
     if isinstance(exc, InvalidRequestError):
         return error_response(400, str(exc))
     if isinstance(exc, EngineOverloadedError):
-        code = "server_shutting_down" if isinstance(exc, ServerDrainingError) else "server_overloaded"
+        code = ("server_shutting_down" if isinstance(exc, ServerDrainingError)
+                else "engine_dead" if isinstance(exc, EngineDeadError) else "server_overloaded")
         raw_request.app.state.engine.metrics.requests_rejected.labels(code).inc()
         return error_response(503, str(exc), "server_error", code=code, headers={"Retry-After": "1"})
     code = "request_failed" if isinstance(exc, RequestFailedError) else None

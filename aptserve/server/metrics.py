@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from aptserve.core.messages import EngineStats, StepStats
 from aptserve.outputs import RequestOutput
 
 # vLLM's buckets, so dashboards built for vLLM read ours the same way.
@@ -14,12 +15,17 @@ TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.
                   10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                  5.0, 7.5, 10.0)
+STEP_BUCKETS_S = (0.0001, 0.0003, 0.001, 0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                  1.0, 2.0, 5.0)
+# Where an engine step's time goes: the core's phases, the front end's output processing, and the gap between
+# the core's steps (its loop's own work and idle time).
+STEP_PHASES = ("schedule", "prepare", "forward", "sample", "update", "output", "gap")
 
 
 class ServerMetrics:
     """Per-request counters and latency histograms, plus the engine's gauges read at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         self.requests_finished = Counter(
             "aptserve:request_success", "Requests finished, by finish reason (stop, length, abort, error).",
@@ -33,6 +39,12 @@ class ServerMetrics:
         self.inter_token_latency = Histogram(
             "aptserve:inter_token_latency_seconds", "Time between consecutive tokens of a request.",
             buckets=ITL_BUCKETS_S, registry=self.registry)
+        self.step_seconds = Histogram(
+            "aptserve:step_phase_seconds", "Seconds of each engine step, by phase.", ["phase"],
+            buckets=STEP_BUCKETS_S, registry=self.registry)
+        self.step_tokens = Histogram(
+            "aptserve:step_tokens", "Tokens fed to the model per engine step.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=self.registry)
         self.registry.register(_EngineStatsCollector(engine_stats))
 
     def observe_finished(self, output: RequestOutput) -> None:
@@ -47,6 +59,12 @@ class ServerMetrics:
         for earlier, later in itertools.pairwise(times):
             self.inter_token_latency.observe(later - earlier)
 
+    def observe_step(self, step: StepStats, output_s: float) -> None:
+        phases = (step.schedule_s, step.prepare_s, step.forward_s, step.sample_s, step.update_s, output_s, step.gap_s)
+        for phase, seconds in zip(STEP_PHASES, phases):
+            self.step_seconds.labels(phase).observe(seconds)
+        self.step_tokens.observe(step.num_decode_tokens + step.num_prefill_tokens)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -55,23 +73,23 @@ class ServerMetrics:
 class _EngineStatsCollector:
     """Gauges from the engine's last stats snapshot (the engine itself is not thread-safe)."""
 
-    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
         self._engine_stats = engine_stats
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine_stats()
         yield GaugeMetricFamily("aptserve:num_requests_running", "Requests in the running batch.",
-                                value=stats["num_running"])
+                                value=stats.num_running)
         yield GaugeMetricFamily("aptserve:num_requests_waiting", "Requests waiting to be scheduled.",
-                                value=stats["num_waiting"])
+                                value=stats.num_waiting)
         used = GaugeMetricFamily("aptserve:cache_units_used", "Cache units in use, by cache kind.",
                                  labels=["kind"])
-        for kind, num_units in stats["cache_units"].items():
+        for kind, num_units in stats.cache_units.items():
             if kind != "free":
                 used.add_metric([kind], num_units)
         yield used
         yield GaugeMetricFamily("aptserve:cache_units_total", "Cache units in the pool.",
-                                value=stats["cache_units_total"])
+                                value=stats.cache_units_total)
         yield CounterMetricFamily("aptserve:num_preemptions", "Preemptions since start.",
-                                  value=stats["num_preemptions"])
-        yield CounterMetricFamily("aptserve:num_steps", "Engine steps since start.", value=stats["num_steps"])
+                                  value=stats.num_preemptions)
+        yield CounterMetricFamily("aptserve:num_steps", "Engine steps since start.", value=stats.num_steps)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible routes: completions and chat (JSON or SSE, one event per token), models, health,
-metrics. Handlers never touch the engine; they talk to AsyncLLMEngine."""
+metrics. Handlers never touch the engine; they talk to AsyncLLM."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from aptserve.errors import AptServeError, InvalidRequestError
 from aptserve.outputs import RequestOutput
-from aptserve.server.async_engine import AsyncLLMEngine, RequestStream
+from aptserve.server.async_llm import AsyncLLM, RequestStream
 from aptserve.server.errors import APIError, error_response
 from aptserve.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatStreamChoice, CompletionChoice,
@@ -27,7 +27,7 @@ _ERRORS = {400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 @router.get("/health")
 async def health(raw_request: Request) -> Response:
-    engine: AsyncLLMEngine = raw_request.app.state.engine
+    engine: AsyncLLM = raw_request.app.state.engine
     if engine.draining:
         return error_response(503, "the server is shutting down", "server_error",
                               code="server_shutting_down")
@@ -44,7 +44,7 @@ async def metrics(raw_request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(raw_request: Request) -> ModelList:
-    max_model_len = raw_request.app.state.engine.engine.config.model.max_model_len
+    max_model_len = raw_request.app.state.engine.config.model.max_model_len
     return ModelList(data=[ModelCard(id=raw_request.app.state.model_names[0], max_model_len=max_model_len)])
 
 
@@ -100,12 +100,12 @@ def _served_model(raw_request: Request, name: str) -> str:
 
 async def _add_request(raw_request: Request, request_id: str, prompt: str | list[int],
                        body: SamplingRequest) -> RequestStream:
-    engine: AsyncLLMEngine = raw_request.app.state.engine
+    engine: AsyncLLM = raw_request.app.state.engine
     return await engine.add_request(request_id, prompt, body.to_sampling_params(), body.ttft_slo, body.tbt_slo)
 
 
 def _chat_prompt(raw_request: Request, body: ChatCompletionRequest) -> str:
-    tokenizer = raw_request.app.state.engine.engine.tokenizer
+    tokenizer = raw_request.app.state.engine.tokenizer
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
     try:

@@ -10,7 +10,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from aptserve.server.async_engine import AsyncLLMEngine
+from aptserve.server.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_deadline: float | None = None
 
     @property
-    def engine(self) -> AsyncLLMEngine:
+    def engine(self) -> AsyncLLM:
         return self.config.app.state.engine
 
     @contextlib.contextmanager
@@ -51,6 +51,8 @@ class DrainingServer(uvicorn.Server):
         self._drain_deadline = time.monotonic() + self.shutdown_timeout_s
 
     async def on_tick(self, counter: int) -> bool:
+        if self.engine.dead_reason is not None:  # nothing more can be served: exit (cmd_serve says non-zero)
+            self.should_exit = True
         if self._drain_deadline is not None and (
                 self.engine.num_unfinished == 0 or time.monotonic() >= self._drain_deadline):
             self.should_exit = True

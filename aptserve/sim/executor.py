@@ -58,4 +58,4 @@ class CostModelExecutor:
             self.clock.advance(elapsed_s)
         self.num_steps += 1
         sampled = {r.request_id: self.token_id for r in sched_out.scheduled if r.sample}
-        return RunnerOutput(sampled_token_ids=sampled)
+        return RunnerOutput(sampled_token_ids=sampled, forward_s=elapsed_s)

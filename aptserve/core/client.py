@@ -1,0 +1,210 @@
+"""How the front end reaches the engine core: in a thread of its own process, or in a process of its own.
+
+Both take requests and aborts from the event loop without blocking it and hand each step's outputs back on the
+event loop (`on_outputs`); both report a core that stopped for good (`on_death`).
+
+- ThreadCore: an EngineCore (of an LLMEngine already built: tests, the simulator's engine) stepped by a thread.
+- ProcessCore: `aptserve serve`'s: the core is built from EngineArgs in a spawned process (core/process.py) and
+  talks over ZeroMQ; the front end's Python never holds the GIL the forward pass needs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from aptserve.config import EngineConfig
+from aptserve.core.engine_core import EngineCore
+from aptserve.core.messages import (AbortRequests, AddRequest, EngineCoreOutputs, EngineCoreRequest, EngineStats,
+                                    Shutdown)
+from aptserve.errors import AptServeError
+
+logger = logging.getLogger(__name__)
+
+OnOutputs = Callable[[EngineCoreOutputs], None]
+OnDeath = Callable[[str], None]
+
+
+class EngineStartError(AptServeError):
+    """The engine-core process could not build the engine (its error says why)."""
+
+
+class ThreadCore:
+    def __init__(self, core: EngineCore, idle_wait_s: float = 0.5) -> None:
+        self.core = core
+        self.config: EngineConfig = core.config
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._deliver_outputs: Callable[[EngineCoreOutputs], None] = lambda outputs: None
+
+    def initial_stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def start(self, on_outputs: OnOutputs, on_death: OnDeath) -> None:
+        loop = asyncio.get_running_loop()
+        deliver = lambda callback, *args: _call_soon(loop, callback, *args)  # noqa: E731
+        self._deliver_outputs = lambda outputs: deliver(on_outputs, outputs)
+        self._thread = threading.Thread(target=self._run, args=(on_outputs, on_death, deliver),
+                                        name="aptserve-engine", daemon=True)
+        self._thread.start()
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        def add() -> None:
+            try:
+                self.core.add_request(request)
+            except Exception as exc:  # the front end checked it; a refusal here ends that request alone
+                self._deliver_outputs(self.core.refusal(request.request_id, f"{type(exc).__name__}: {exc}"))
+
+        self._submit(add)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self._submit(lambda: self.core.abort_requests(request_ids))
+
+    def shutdown(self) -> None:
+        """Stop stepping; requests still in the core are aborted (their front end fails them itself)."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _run(self, on_outputs: OnOutputs, on_death: OnDeath, deliver) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if self.core.has_unfinished_requests():
+                    self._step(on_outputs, deliver)
+                else:
+                    self._wakeup.wait(self.idle_wait_s)
+                    self._wakeup.clear()
+        except BaseException:  # a bug outside step(): say so; the front end fails every waiter
+            logger.exception("the engine loop died")
+            deliver(on_death, "the engine loop died")
+        finally:
+            self._drain_commands()
+            self.core.abort_requests(list(self.core.scheduler.requests))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _step(self, on_outputs: OnOutputs, deliver) -> None:
+        try:
+            outputs = self.core.step()
+        except Exception as exc:  # an engine bug: fail what is in flight, keep serving new requests
+            logger.exception("engine step failed; aborting %d requests", len(self.core.scheduler.requests))
+            outputs = self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+        if outputs is not None:
+            deliver(on_outputs, outputs)
+
+
+class ProcessCore:
+    def __init__(self, config: EngineConfig, process, context: zmq.asyncio.Context, inputs: zmq.Socket,
+                 outputs: zmq.asyncio.Socket, socket_dir: str) -> None:
+        self.config = config
+        self.process = process
+        self._context, self._inputs, self._outputs, self._socket_dir = context, inputs, outputs, socket_dir
+        self._encoder = msgspec.msgpack.Encoder()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    @classmethod
+    def launch(cls, args, log_level: int = logging.INFO, startup_timeout_s: float = 600.0) -> ProcessCore:
+        """Spawn the engine-core process and wait until its model is loaded; raises EngineStartError."""
+        from aptserve.core.process import run_engine_core
+
+        socket_dir = tempfile.mkdtemp(prefix="aptserve-")  # short paths: ipc:// names have a length limit
+        input_address, output_address = f"ipc://{socket_dir}/in", f"ipc://{socket_dir}/out"
+        context = zmq.asyncio.Context()
+        inputs, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+        inputs.bind(input_address)
+        outputs.bind(output_address)
+        spawn = multiprocessing.get_context("spawn")
+        receive, send = spawn.Pipe(duplex=False)
+        process = spawn.Process(target=run_engine_core, name="aptserve-engine-core", daemon=True,
+                                args=(args, input_address, output_address, send, log_level))
+        process.start()
+        send.close()
+        try:
+            if not receive.poll(startup_timeout_s):
+                raise EngineStartError(f"the engine core did not start within {startup_timeout_s:.0f} s")
+            status, payload = receive.recv()
+        except EOFError:
+            process.join(5)
+            status, payload = "error", f"the engine-core process exited with code {process.exitcode}"
+        if status != "ready":
+            process.kill()
+            context.destroy(linger=0)
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            raise EngineStartError(payload)
+        return cls(payload, process, context, inputs, outputs, socket_dir)
+
+    def initial_stats(self) -> EngineStats:
+        return EngineStats(0, 0, self.config.cache.num_units, {}, 0, 0, 0, self.config.cache.hybrid.value)
+
+    def start(self, on_outputs: OnOutputs, on_death: OnDeath) -> None:
+        self._tasks = [asyncio.create_task(self._read_outputs(on_outputs)),
+                       asyncio.create_task(self._watch(on_death))]
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(AddRequest(request))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._send(AbortRequests(request_ids))
+
+    def shutdown(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        if self.process.is_alive():
+            self._send(Shutdown())
+            self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+        self._context.destroy(linger=0)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _send(self, message) -> None:
+        if not self.process.is_alive():
+            return  # its death is reported by _watch
+        try:
+            self._inputs.send(self._encoder.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:  # the core stopped reading: its death is reported by _watch
+            logger.error("the engine core is not taking input")
+
+    async def _read_outputs(self, on_outputs: OnOutputs) -> None:
+        decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+        while True:
+            on_outputs(decoder.decode(await self._outputs.recv()))
+
+    async def _watch(self, on_death: OnDeath) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.process.join)
+        if not self._closing:
+            on_death(f"the engine-core process exited with code {self.process.exitcode}")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the event loop is closed: nobody is left to tell
+        pass

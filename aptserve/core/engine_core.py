@@ -1,0 +1,149 @@
+"""EngineCore: the scheduler and the executor, one step at a time; requests in, token ids out.
+
+It runs inside the offline engine (engine.py) or alone in the engine-core process (process.py), where no HTTP,
+tokenizer or detokenizer shares its interpreter. It decides the stops that depend on tokens (stop token ids, EOS,
+max_tokens, max_model_len); stop strings need text and are the front end's (output_processor.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from aptserve.config import EngineConfig
+from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats, StepStats
+from aptserve.request import Request, RequestStatus
+from aptserve.sched import create_scheduler
+from aptserve.sched.output import RunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def execute(self, sched_out: SchedulerOutput) -> RunnerOutput: ...
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class WallClock:
+    def now(self) -> float:
+        return time.perf_counter()
+
+
+def check_stop(request: Request, max_model_len: int) -> tuple[RequestStatus, int | None] | None:
+    """(finish status, stop token) if the request's last token ends it, else None."""
+    token_id = request.output_token_ids[-1]
+    params = request.sampling_params
+    if token_id in params.stop_token_ids:
+        return RequestStatus.FINISHED_STOPPED, token_id
+    if not params.ignore_eos and token_id in request.eos_token_ids:
+        return RequestStatus.FINISHED_STOPPED, None
+    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH, None
+    return None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor, clock: Clock | None = None) -> None:
+        self.config = config
+        self.executor = executor
+        self.clock = clock or WallClock()
+        self.scheduler = create_scheduler(config)
+        self.num_steps = 0
+        self._last_step_end_s = time.perf_counter()
+
+    def add_request(self, core_request: EngineCoreRequest) -> Request:
+        """Queue a request the front end has checked; raises InvalidRequestError for a duplicate id."""
+        sched = self.config.scheduler
+        request = Request(
+            request_id=core_request.request_id, prompt_token_ids=core_request.prompt_token_ids,
+            sampling_params=core_request.sampling_params, arrival_s=core_request.arrival_s,
+            ttft_slo_s=sched.ttft_slo_s if core_request.ttft_slo_s is None else core_request.ttft_slo_s,
+            tbt_slo_s=sched.tbt_slo_s if core_request.tbt_slo_s is None else core_request.tbt_slo_s,
+            eos_token_ids=self.config.model.eos_token_ids)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs | None:
+        """One batch: schedule, execute, append tokens, decide token stops. None when nothing ran."""
+        start_s = time.perf_counter()
+        sched_out = self.scheduler.schedule(self.clock.now())
+        scheduled_s = time.perf_counter()
+        if sched_out.is_empty:
+            if sched_out.finished_request_ids or sched_out.conversions:  # aborted state; cache moves
+                self.executor.execute(sched_out)
+            self._last_step_end_s = time.perf_counter()
+            return None
+        try:
+            runner_out = self.executor.execute(sched_out)
+        except Exception as exc:  # a failing batch must not take the engine (or other requests) down
+            logger.exception("step %d failed; aborting its %d requests", sched_out.step_id, len(sched_out.scheduled))
+            return self._fail_batch(sched_out, f"{type(exc).__name__}: {exc}")
+        executed_s = time.perf_counter()
+        now = self.clock.now()
+        self.scheduler.update_from_output(sched_out, runner_out, now)
+        outputs = [self._output(s.request_id) for s in sched_out.scheduled if s.sample]
+        self.num_steps += 1
+        end_s = time.perf_counter()
+        step = _step_stats(sched_out, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
+                           executed_s - scheduled_s, end_s - executed_s)
+        self._last_step_end_s = end_s
+        return EngineCoreOutputs(now, [o for o in outputs if o is not None], step, self.stats())
+
+    def _output(self, request_id: str) -> EngineCoreOutput | None:
+        request = self.scheduler.requests.get(request_id)
+        if request is None or request.status != RequestStatus.RUNNING:
+            return None  # aborted while the step ran
+        stop = check_stop(request, self.config.model.max_model_len)
+        if stop is not None:
+            self.scheduler.finish_request(request, stop[0])
+        return EngineCoreOutput(
+            request_id, request.output_token_ids[-1:], request.finish_reason, stop[1] if stop else None,
+            first_scheduled_s=request.first_scheduled_s if request.num_output_tokens == 1 else None,
+            num_preemptions=request.num_preemptions, num_conversions=request.num_conversions)
+
+    def _fail_batch(self, sched_out: SchedulerOutput, error: str) -> EngineCoreOutputs:
+        outputs = []
+        for scheduled in sched_out.scheduled:
+            if scheduled.request_id in self.scheduler.requests:
+                self.scheduler.abort_request(scheduled.request_id)
+                outputs.append(EngineCoreOutput(scheduled.request_id, [], "abort", error=error))
+        self._last_step_end_s = time.perf_counter()
+        return EngineCoreOutputs(self.clock.now(), outputs, stats=self.stats())
+
+    def refusal(self, request_id: str, error: str) -> EngineCoreOutputs:
+        """The outputs that tell the front end a request it sent was not taken."""
+        return EngineCoreOutputs(self.clock.now(), [EngineCoreOutput(request_id, [], "abort", error=error)],
+                                 stats=self.stats())
+
+    def fail_all(self, error: str) -> EngineCoreOutputs:
+        """Abort every request (the loop hit a bug outside a batch); each one's front end gets `error`."""
+        request_ids = list(self.scheduler.requests)
+        self.abort_requests(request_ids)
+        outputs = [EngineCoreOutput(request_id, [], "abort", error=error) for request_id in request_ids]
+        return EngineCoreOutputs(self.clock.now(), outputs, stats=self.stats())
+
+    def stats(self) -> EngineStats:
+        scheduler, cache = self.scheduler, self.scheduler.cache
+        return EngineStats(scheduler.num_running, scheduler.num_waiting, cache.num_units, cache.usage(),
+                           scheduler.num_preemptions, scheduler.num_conversions, self.num_steps,
+                           self.config.cache.hybrid.value)
+
+
+def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: float, schedule_s: float,
+                execute_s: float, update_s: float) -> StepStats:
+    num_decode = sum(1 for r in sched_out.scheduled if r.num_tokens == 1)
+    # Executors that do not time their phases (the simulator's) count the whole call as forward time.
+    forward_s = runner_out.forward_s or max(0.0, execute_s - runner_out.prepare_s - runner_out.sample_s)
+    return StepStats(sched_out.step_id, len(sched_out.scheduled), num_decode,
+                     sched_out.total_num_scheduled_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
+                     runner_out.sample_s, update_s, max(0.0, gap_s))

@@ -1,0 +1,87 @@
+"""What crosses between the front end (HTTP, tokenizer, detokenizer) and the engine core (scheduler, forward).
+
+The same structs serve the in-process engine and the engine-core process; across the process boundary they are
+msgpack-encoded by msgspec (compact, and decoded straight into typed objects).
+"""
+from __future__ import annotations
+
+import msgspec
+
+from aptserve.sampling import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the door has accepted: token ids, resolved params, arrival (core clock) and SLOs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_s: float
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One request's news from one step: its new token(s), and how it finished if it did."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None  # the stop token id that ended it
+    error: str | None = None  # the engine gave up on it (its batch failed)
+    first_scheduled_s: float | None = None  # set on the first output
+    num_preemptions: int = 0
+    num_conversions: int = 0
+
+
+class StepStats(msgspec.Struct, array_like=True):
+    """Where one engine step's time went (wall seconds), for /metrics and --log-step-stats."""
+
+    step_id: int
+    num_requests: int
+    num_decode_tokens: int
+    num_prefill_tokens: int
+    schedule_s: float
+    prepare_s: float
+    forward_s: float
+    sample_s: float
+    update_s: float  # token bookkeeping and stop checks after the forward
+    gap_s: float  # since the previous step ended: the loop's own work (inputs, outputs) and idle time
+
+
+class EngineStats(msgspec.Struct, array_like=True):
+    """The engine's gauges after a step: queues, cache use by kind, counters."""
+
+    num_running: int
+    num_waiting: int
+    cache_units_total: int
+    cache_units: dict[str, int]
+    num_preemptions: int
+    num_conversions: int
+    num_steps: int
+    hybrid_cache: str
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Everything one step produced; `timestamp_s` (core clock) is when its tokens came out."""
+
+    timestamp_s: float
+    outputs: list[EngineCoreOutput] = []
+    step: StepStats | None = None
+    stats: EngineStats | None = None
+
+
+class AbortRequests(msgspec.Struct, array_like=True, tag=True):
+    request_ids: list[str]
+
+
+class AddRequest(msgspec.Struct, array_like=True, tag=True):
+    request: EngineCoreRequest
+
+
+class Shutdown(msgspec.Struct, array_like=True, tag=True):
+    pass
+
+
+# Front end -> engine core.
+CoreInput = AddRequest | AbortRequests | Shutdown

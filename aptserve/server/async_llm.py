@@ -1,0 +1,182 @@
+"""AsyncLLM: the server's front end on the event loop: the door, the output side and one stream per request,
+over an engine core in a thread (ThreadCore) or in a process of its own (ProcessCore, what `aptserve serve` runs).
+
+Tokenizing, detokenizing, stop strings and SSE happen here; the core only schedules and runs the model. Each
+core step's outputs arrive on the event loop and go to per-request asyncio queues; a core that dies fails every
+open request and turns /health and new requests away.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aptserve.config import EngineConfig
+from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, StepStats
+from aptserve.errors import AptServeError, EngineOverloadedError
+from aptserve.inputs import InputProcessor
+from aptserve.output_processor import OutputProcessor
+from aptserve.outputs import RequestOutput
+from aptserve.sampling import SamplingParams
+from aptserve.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class RequestFailedError(AptServeError):
+    """The engine gave up on this request (its batch failed, or the engine stopped); others go on."""
+
+
+class ServerDrainingError(EngineOverloadedError):
+    """The server is shutting down and accepts no new requests."""
+
+
+class EngineDeadError(EngineOverloadedError):
+    """The engine core has stopped; nothing more is served."""
+
+
+class RequestStream:
+    """The outputs of one request, pushed by the front end's output side, read by the one handler serving it."""
+
+    def __init__(self, request_id: str, engine: AsyncLLM) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.error is not None:
+            self.finished = True
+            raise RequestFailedError(f"the engine failed on this request: {item.error}")
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it finished (client gone, handler failed); safe to call twice."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncLLM:
+    def __init__(self, core, tokenizer, max_queue_len: int = 1024, log_step_stats: bool = False) -> None:
+        self.core = core
+        self.config: EngineConfig = core.config
+        self.tokenizer = tokenizer
+        self.max_queue_len = max_queue_len
+        self.log_step_stats = log_step_stats
+        self.input_processor = InputProcessor(self.config, tokenizer)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.stats = core.initial_stats()  # the core's gauges after its last step; /metrics reads only this
+        self.metrics = ServerMetrics(lambda: self.stats)
+        self.draining = False  # set on SIGTERM: new requests get 503, running ones finish
+        self.dead_reason: str | None = None  # set when the engine core stopped for good
+        self._streams: dict[str, RequestStream] = {}
+        self._num_sent_since_stats = 0  # adds the core has not counted in `stats` yet
+        self._started = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.core.start(self._on_outputs, self._on_death)
+        self._started = True
+
+    async def shutdown(self) -> None:
+        """Stop the core; requests still open get an error."""
+        await asyncio.to_thread(self.core.shutdown)
+        self._fail_all("the server is shutting down")
+
+    @property
+    def is_running(self) -> bool:
+        return self._started and self.dead_reason is None
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests added and not yet finished or aborted (what a drain waits for)."""
+        return len(self._streams)
+
+    # --- requests ----------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                          ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> RequestStream:
+        """Check, tokenize and queue a request; raises InvalidRequestError (400) or EngineOverloadedError (503)."""
+        self._check_capacity()
+        core_request, text = self._core_request(request_id, prompt, params, ttft_slo_s, tbt_slo_s)
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        self.output_processor.add_request(request_id, text, core_request.prompt_token_ids,
+                                          core_request.sampling_params, core_request.arrival_s)
+        self.core.add_request(core_request)
+        self._num_sent_since_stats += 1
+        return stream
+
+    def _core_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                      ttft_slo_s: float | None, tbt_slo_s: float | None) -> tuple[EngineCoreRequest, str | None]:
+        processed = self.input_processor.process(prompt, params)
+        return EngineCoreRequest(request_id, processed.token_ids, processed.params, time.perf_counter(),
+                                 ttft_slo_s, tbt_slo_s), processed.text
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.output_processor.abort(request_id)
+            self.core.abort_requests([request_id])
+            self.metrics.requests_finished.labels("abort").inc()
+
+    def _check_capacity(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine has stopped ({self.dead_reason}); the server is going down")
+        if self.draining:
+            raise ServerDrainingError("the server is shutting down; send the request to another replica")
+        num_waiting = self.stats.num_waiting + self._num_sent_since_stats
+        if num_waiting >= self.max_queue_len:
+            raise EngineOverloadedError(
+                f"the server is overloaded: {num_waiting} requests are already waiting (--max-queue-len "
+                f"{self.max_queue_len}); retry later")
+
+    # --- the core's side (event loop) ----------------------------------------------------------
+    def _on_outputs(self, core_outputs: EngineCoreOutputs) -> None:
+        start_s = time.perf_counter()
+        outputs, stopped = self.output_processor.process(core_outputs)
+        self.core.abort_requests(stopped)
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+                self.metrics.observe_finished(output)
+            if stream is not None:
+                stream.put(output)
+        if core_outputs.stats is not None:
+            self.stats, self._num_sent_since_stats = core_outputs.stats, 0
+        if core_outputs.step is not None:
+            self._observe_step(core_outputs.step, time.perf_counter() - start_s)
+
+    def _observe_step(self, step: StepStats, output_s: float) -> None:
+        self.metrics.observe_step(step, output_s)
+        if self.log_step_stats:
+            logger.info("step %d: %d requests (%d decodes, %d prefill tokens); schedule %.1f ms, prepare %.1f, "
+                        "forward %.1f, sample %.1f, update %.1f, output %.1f, gap %.1f", step.step_id,
+                        step.num_requests, step.num_decode_tokens, step.num_prefill_tokens, 1e3 * step.schedule_s,
+                        1e3 * step.prepare_s, 1e3 * step.forward_s, 1e3 * step.sample_s, 1e3 * step.update_s,
+                        1e3 * output_s, 1e3 * step.gap_s)
+
+    def _on_death(self, reason: str) -> None:
+        logger.error("%s: failing %d open requests", reason, len(self._streams))
+        self.dead_reason = reason
+        self._fail_all(reason)
+
+    def _fail_all(self, reason: str) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self._streams.pop(request_id, None)
+            self.output_processor.abort(request_id)
+            self.metrics.requests_finished.labels("error").inc()
+            stream.put(RequestFailedError(reason))
