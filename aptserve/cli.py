@@ -43,20 +43,31 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-step-stats", action="store_true",
                        help="log where each engine step's time went (schedule, prepare, forward, sample, update, "
                             "output, gap); the same figures are on /metrics as aptserve:step_phase_seconds")
+    group.add_argument("--engine-in-thread", action="store_true",
+                       help="step the engine core in a thread of the server's process instead of a process of its "
+                            "own (for measuring what the split buys; slower under load)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve with the engine core in a process of its own; exits 1 if that process dies."""
-    from aptserve.core.client import ProcessCore
+    from aptserve.core.client import ProcessCore, ThreadCore
     from aptserve.registry import load_tokenizer
     from aptserve.server import AsyncLLM, ServerConfig, build_server, create_app
 
     if args.max_queue_len < 1:
         raise SystemExit("--max-queue-len must be >= 1")
-    core = ProcessCore.launch(EngineArgs.from_cli_args(args), log_level=logging.getLogger().level)
-    engine = AsyncLLM(core, load_tokenizer(core.config.model.path), args.max_queue_len, args.log_step_stats)
     server_config = ServerConfig(served_model_names=tuple(args.served_model_name or ()),
                                  max_queue_len=args.max_queue_len, log_step_stats=args.log_step_stats)
+    engine_args = EngineArgs.from_cli_args(args)
+    if args.engine_in_thread:
+        from aptserve.engine import LLMEngine
+
+        llm_engine = LLMEngine.from_engine_args(engine_args)
+        core, tokenizer = ThreadCore(llm_engine.core), llm_engine.tokenizer
+    else:
+        core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
+        tokenizer = load_tokenizer(core.config.model.path)
+    engine = AsyncLLM(core, tokenizer, args.max_queue_len, args.log_step_stats)
     build_server(create_app(engine, server_config), args.host, args.port, args.shutdown_timeout,
                  access_log=not args.disable_uvicorn_access_log).run()
     if engine.dead_reason is not None:

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -90,13 +91,33 @@ def wait_until_idle(max_busy: float, timeout_s: float, log=print) -> float:
             last_log = now
 
 
+# Vector and matrix extensions that decide which kernels run (oneDNN's packed GEMMs, bf16 paths).
+ISA_FLAG = re.compile(r"^(avx\w*|amx\w*|fma|f16c|sse4_2|vnni\w*)$")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector ISA flags from /proc/cpuinfo (machines here differ: some AVX-512 with bf16, some AVX2)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(flag for flag in line.split(":", 1)[1].split() if ISA_FLAG.match(flag))
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict:
-    info = {"cpu": cpu_model(), "num_cpus": os.cpu_count(), "memory_gib": total_memory_gib(),
-            "platform": platform.platform(), "python": platform.python_version(), "load_average": load_average()}
+    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "num_cpus": os.cpu_count(),
+            "memory_gib": total_memory_gib(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_average": load_average()}
     try:
         import torch
+
+        from aptserve.model.linear import can_pack
         info.update(torch=torch.__version__, torch_num_threads=torch.get_num_threads(),
-                    cuda_available=torch.cuda.is_available())
+                    cuda_available=torch.cuda.is_available(),
+                    onednn_packed_fp32=can_pack(torch.empty(0)),
+                    onednn_packed_bf16=can_pack(torch.empty(0, dtype=torch.bfloat16)))
     except ImportError:
         pass
     return info

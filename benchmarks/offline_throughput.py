@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import (REPO_ROOT, RESULTS_DIR, bar_chart, cpu_snapshot, fp32_kv_bytes_per_token,  # noqa: E402
                                load_average, other_cpu_fraction, wait_until_idle, write_json)
+from benchmarks.servers import first_error_line, vllm_env, vllm_python  # noqa: E402
 
 WARMUP_REQUESTS = 4
 WARMUP_OUTPUT_LEN = 8
 MAX_OTHER_CPU = 0.1  # share of the cores other processes may use before a system starts
 KV_SLACK = 1.0625  # spare room: vLLM's 128-token blocks, aptserve's 16-token blocks
-VLLM_ENV_SCRIPT = REPO_ROOT / "benchmarks" / "vllm_cpu_env.sh"
 VLLM_WORKER = REPO_ROOT / "benchmarks" / "_vllm_offline_worker.py"
 
 # Plain English prose, so the model sees realistic text and its attention and logits behave as in use.
@@ -82,9 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--vllm-python", default=None,
                         help="interpreter with vllm-cpu (default: the one vllm_cpu_env.sh makes)")
-    parser.add_argument("--vllm-reserved-cpus", default="auto",
-                        help="VLLM_CPU_NUM_OF_RESERVED_CPU; 'auto' (default) keeps vLLM's own choice (1 core for its "
-                             "scheduler process, leaving 1 of 2 cores to compute here)")
+    parser.add_argument("--vllm-reserved-cpus", default="0",
+                        help="VLLM_CPU_NUM_OF_RESERVED_CPU: 0 (default) gives every core to vLLM's compute threads, "
+                             "as its best; 'auto' keeps its own choice (1 core kept for its scheduler process)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measured runs per system (and HF batch size); the fastest counts")
     parser.add_argument("--wait-idle-s", type=float, default=180,
@@ -191,18 +190,9 @@ def run_hf(args, model_dir: str, prompts: list[list[int]]) -> tuple[dict, dict[i
             "by_batch_size": {str(b): r for b, r in runs.items()}}, tokens
 
 
-def vllm_python(args) -> str:
-    if args.vllm_python:
-        return args.vllm_python
-    done = subprocess.run(["bash", str(VLLM_ENV_SCRIPT)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"vllm_cpu_env.sh failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
-
-
 def run_vllm(args, model_dir: str, prompts: list[list[int]], kv_bytes: int) -> tuple[dict, list[list[int]]]:
     """vLLM in its own interpreter; its logs go to a file whose tail is kept if it fails."""
-    python = vllm_python(args)
+    python = vllm_python(args.vllm_python)
     spec = {"model": model_dir, "prompts": prompts, "warmup_prompts": warmup_prompts(prompts),
             "warmup_max_tokens": WARMUP_OUTPUT_LEN, "max_tokens": args.output_len,
             "kv_cache_memory_bytes": kv_bytes, "max_num_seqs": args.num_requests, "repeats": args.repeats,
@@ -210,7 +200,7 @@ def run_vllm(args, model_dir: str, prompts: list[list[int]], kv_bytes: int) -> t
             "max_model_len": args.prompt_len + args.output_len}
     env = dict(os.environ)
     if args.vllm_reserved_cpus != "auto":
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = args.vllm_reserved_cpus
+        env.update(vllm_env(os.cpu_count() or 1), VLLM_CPU_NUM_OF_RESERVED_CPU=args.vllm_reserved_cpus)
     with tempfile.TemporaryDirectory(prefix="vllm-offline-") as tmp:
         spec_path, result_path, log_path = (Path(tmp) / n for n in ("spec.json", "result.json", "vllm.log"))
         spec_path.write_text(json.dumps(spec))
@@ -226,12 +216,6 @@ def run_vllm(args, model_dir: str, prompts: list[list[int]], kv_bytes: int) -> t
     summary = throughput(min(all_elapsed_s), token_ids, all_elapsed_s)
     summary.update(reserved_cpus=args.vllm_reserved_cpus, **result)
     return summary, token_ids
-
-
-def first_error_line(log_text: str) -> str:
-    """The root cause (the first 'SomeError: ...' line) followed by the log's tail, for the JSON."""
-    errors = [line for line in log_text.splitlines() if re.match(r"^\w+(Error|Exception): ", line)]
-    return (errors[0] if errors else "no error line in the log") + "\nlog tail:\n" + log_text[-2000:]
 
 
 def greedy_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:

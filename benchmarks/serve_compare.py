@@ -40,7 +40,7 @@ from aptserve.bench.report import plot_results  # noqa: E402
 from aptserve.bench.serving import (BenchSpec, bench_server, load_bench_trace, measure_unloaded,  # noqa: E402
                                     slos_from_unloaded, throughput_ratios, trace_stats)
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, load_average, write_json  # noqa: E402
-from benchmarks.offline_throughput import first_error_line, vllm_python  # noqa: E402
+from benchmarks.servers import first_error_line, vllm_python  # noqa: E402
 
 SERVED_NAME = "default"
 VLLM = "vllm"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from aptserve.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from aptserve.model.cpu_kernels import cpu_kernels
 from aptserve.model.hidden import ProjectKV, write_hidden_rows, write_kv_rows
 
 
@@ -70,6 +71,12 @@ def _attend(out, q, k, v, cache, decode_groups: list[DecodeGroup], prefills: lis
 def _decode_attention(q, cache, group: DecodeGroup, buffer, scale) -> torch.Tensor:
     num_decodes, num_heads, head_dim = q.shape
     num_kv_heads = cache.shape[-1] // head_dim
+    if group.k_units is not None:  # the paged kernel reads K/V where they are
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        cpu_kernels().paged_decode_attention(out, q.contiguous(), cache, group.k_units, group.v_units,
+                                             group.context_lens, head_dim**-0.5 if scale is None else scale,
+                                             num_kv_heads)
+        return out
     flat_units = cache.view(cache.shape[0], -1)
     gathered = torch.index_select(flat_units, 0, group.block_ids, out=buffer[: len(group.block_ids)])
     # [2, B, S, kv_heads, head_dim] -> K and V as [B, kv_heads, S, head_dim] (strided views, no copy).

@@ -16,10 +16,14 @@ from aptserve.model.hidden import HiddenProjection
 class DecodeGroup:
     token_start: int  # rows [token_start, token_end) of the step's flattened batch
     token_end: int
-    # [2 * n * max_blocks]: K unit ids of the group's blocks, then V unit ids (padded with unit 0).
-    block_ids: torch.Tensor
-    # [n, 1, 1, max_blocks * block_size] additive mask: 0 over each context, -inf on padding.
-    mask: torch.Tensor
+    # For the paged kernel, which reads K/V in place: [n, max_blocks] K and V unit ids, [n] context lengths.
+    k_units: torch.Tensor | None = None
+    v_units: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    # For the torch path, which gathers first: [2 * n * max_blocks] K unit ids of the group's blocks, then V
+    # unit ids (padded with unit 0), and the [n, 1, 1, max_blocks * block_size] additive mask (-inf on padding).
+    block_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

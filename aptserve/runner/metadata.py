@@ -82,7 +82,9 @@ class AttentionMetadataBuilder:
     """Builds each step's AttentionMetadata and HIDDEN -> KV conversion plan for one cache and scratch."""
 
     def __init__(self, kv_cache: torch.Tensor, scratch: torch.Tensor, hidden_size: int,
-                 rope_fn: RopeFn) -> None:
+                 rope_fn: RopeFn, paged_kernel: bool = False) -> None:
+        """`paged_kernel`: decodes attend with the kernel that reads K/V in place (model/cpu_kernels.py)."""
+        self.paged_kernel = paged_kernel
         self.kv_cache, self.scratch, self.rope_fn = kv_cache, scratch, rope_fn
         self.device, self.block_size, self.kv_dim = kv_cache.device, kv_cache.shape[2], kv_cache.shape[3]
         self.hidden_size = hidden_size
@@ -113,7 +115,7 @@ class AttentionMetadataBuilder:
             for group in pack(sizes, self.num_scratch_blocks, "hidden K/V recompute")
         ]
         all_groups = decode_groups + [g for group in recompute_groups for g in group.decode_groups]
-        gather_units = max([len(group.block_ids) for group in all_groups], default=0)
+        gather_units = max([len(group.block_ids) for group in all_groups if group.block_ids is not None], default=0)
         row_writes = self._row_writes(tables, req_of_row, positions, torch.tensor(is_hidden))
         metadata = AttentionMetadata(
             kv_cache=self.kv_cache, **row_writes,
@@ -215,6 +217,9 @@ class AttentionMetadataBuilder:
     def _decode_group(self, tables, context_lens: list[int], token_start: int) -> DecodeGroup:
         num_decodes, max_blocks = len(context_lens), self._num_blocks(max(context_lens))
         block_ids = tables[:, : max_blocks * KV_UNITS_PER_BLOCK].reshape(num_decodes, max_blocks, KV_UNITS_PER_BLOCK)
+        if self.paged_kernel:
+            return DecodeGroup(token_start, token_start + num_decodes, k_units=block_ids[:, :, 0].contiguous(),
+                               v_units=block_ids[:, :, 1].contiguous(), context_lens=torch.tensor(context_lens))
         valid = torch.arange(max_blocks * self.block_size) < torch.tensor(context_lens)[:, None]
         mask = torch.zeros(valid.shape, dtype=self.kv_cache.dtype).masked_fill_(~valid, float("-inf"))
         return DecodeGroup(

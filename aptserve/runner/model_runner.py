@@ -16,6 +16,7 @@ import torch
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, min_hidden_scratch_tokens
 from aptserve.config import EngineConfig, ModelConfig
 from aptserve.model.attention_metadata import AttentionMetadata
+from aptserve.model.cpu_kernels import cpu_kernels
 from aptserve.model.hidden import convert_hidden_to_kv
 from aptserve.model.loader import load_model, torch_dtype
 from aptserve.runner.metadata import AttentionMetadataBuilder, order_for_step
@@ -26,8 +27,11 @@ from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutpu
 NUM_THREADS_ENV = "APTSERVE_NUM_THREADS"
 
 
-def default_decode_group_bytes(device: torch.device) -> int:
-    """Cap of one decode group's gathered K/V: cache-sized on CPU, a memory bound elsewhere."""
+def default_decode_group_bytes(device: torch.device, paged_kernel: bool) -> int:
+    """Cap of one decode group's gathered K/V: cache-sized on CPU, a memory bound elsewhere; none for the paged
+    kernel, which gathers nothing."""
+    if paged_kernel:
+        return 1 << 62
     return 3 * 1024**2 if device.type == "cpu" else 512 * 1024**2
 
 
@@ -62,10 +66,12 @@ class ModelRunner:
         # Laid out like one layer of the cache, two units (K, V) per block of recomputed rows.
         scratch_shape = (KV_UNITS_PER_BLOCK * num_scratch_blocks, block_size, model_config.kv_dim)
         self.scratch = torch.zeros(scratch_shape, dtype=self.dtype, device=self.device)
+        # Decode attention reads K/V in place where our CPU kernel is built for this machine (fp32).
+        paged_kernel = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels() is not None
         self.metadata_builder = AttentionMetadataBuilder(
-            self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope)
+            self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope, paged_kernel)
         self.sampler = Sampler(seed, self.device)
-        self.decode_group_bytes = default_decode_group_bytes(self.device)
+        self.decode_group_bytes = default_decode_group_bytes(self.device, paged_kernel)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> ModelRunner:

@@ -1,0 +1,126 @@
+"""Starting and stopping the OpenAI servers the serving benchmarks compare: aptserve's and vLLM's CPU build.
+
+Every server runs alone (started, measured, stopped before the next), in its own process group, with its output
+in a log file. vLLM gets every core for its compute threads and its defaults otherwise (prefix caching, chunked
+prefill, its compiled model); `eager=True` runs it with --enforce-eager, its other CPU mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.common import REPO_ROOT
+
+SERVED_NAME = "default"
+VLLM = "vllm"
+VLLM_ENV_SCRIPT = REPO_ROOT / "benchmarks" / "vllm_cpu_env.sh"
+
+
+def vllm_python(explicit: str | None = None) -> str:
+    """The interpreter of the vLLM venv (created on first use by vllm_cpu_env.sh)."""
+    if explicit:
+        return explicit
+    done = subprocess.run(["bash", str(VLLM_ENV_SCRIPT)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm_cpu_env.sh failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def first_error_line(log_text: str) -> str:
+    """The root cause (the first 'SomeError: ...' line) followed by the log's tail, for the JSON."""
+    errors = [line for line in log_text.splitlines() if re.match(r"^\w+(Error|Exception): ", line)]
+    return (errors[0] if errors else "no error line in the log") + "\nlog tail:\n" + log_text[-2000:]
+
+
+def vllm_env(threads: int) -> dict:
+    """All `threads` cores for vLLM's compute threads (its default keeps one back for its engine process)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def vllm_command(python: str, model_dir: str, kv_cache_memory: int, max_num_seqs: int, max_model_len: int,
+                 port: int, threads: int, eager: bool = False) -> tuple[list[str], dict]:
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
+            SERVED_NAME, "--dtype", "float32", "--kv-cache-memory-bytes", str(kv_cache_memory),
+            "--gpu-memory-utilization", "0.3", "--max-num-seqs", str(max_num_seqs), "--max-model-len",
+            str(max_model_len), "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-uvicorn-access-log"]
+    return argv + (["--enforce-eager"] if eager else []), vllm_env(threads)
+
+
+def aptserve_command(model: str, kv_cache_memory: int, max_num_seqs: int, max_model_len: int, port: int,
+                     threads: int, scheduler: str | None = None, extra: list[str] | None = None,
+                     python: str = sys.executable) -> tuple[list[str], dict]:
+    argv = [python, "-m", "aptserve.cli", "serve", "--model", model, "--served-model-name", SERVED_NAME,
+            "--dtype", "float32", "--kv-cache-memory", str(kv_cache_memory), "--max-num-seqs", str(max_num_seqs),
+            "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(port),
+            "--disable-uvicorn-access-log"]
+    argv += (["--scheduler", scheduler] if scheduler else []) + (extra or [])
+    return argv, {"APTSERVE_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+
+
+@contextlib.contextmanager
+def running_server(name: str, argv: list[str], env: dict, log_dir: Path, port: int, timeout_s: float,
+                   cwd: Path = REPO_ROOT):
+    """Start a server in its own process group, wait until /health and /v1/models answer, stop the whole group."""
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
+                                   env={**os.environ, **env}, start_new_session=True)
+    try:
+        start_s = time.perf_counter()
+        wait_ready(process, f"http://127.0.0.1:{port}", timeout_s, log_path)
+        yield f"http://127.0.0.1:{port}", time.perf_counter() - start_s
+    finally:
+        stop(process)
+
+
+# Startup log lines that show the settings a server really ran with (batching, blocks, threads).
+SETTINGS_LINE = re.compile(r"non-default args|chunked prefill|max_num_batched_tokens|OpenMP thread|core ids|"
+                           r"KV cache size|block_size|Torch threads|cache pool", re.IGNORECASE)
+
+
+def settings_lines(log_path: Path, max_lines: int = 12) -> list[str]:
+    lines = log_path.read_text(errors="replace").splitlines()
+    return [line[-400:] for line in lines if SETTINGS_LINE.search(line)][:max_lines]
+
+
+def wait_ready(process: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited {process.returncode}: "
+                               + first_error_line(log_path.read_text(errors="replace")))
+        with contextlib.suppress(httpx.HTTPError):
+            if all(httpx.get(url + path, timeout=5, trust_env=False).status_code == 200
+                   for path in ("/health", "/v1/models")):
+                return
+        time.sleep(1)
+    raise RuntimeError(f"server not ready after {timeout_s} s; log tail:\n"
+                       + log_path.read_text(errors="replace")[-2000:])
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the group this script started (vLLM has child processes), then SIGKILL for any straggler."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(60)
+
+
+def scrape(url: str, prefix: str = "aptserve:") -> dict[tuple[str, tuple], float]:
+    """Samples of a server's /metrics whose names start with `prefix`: {(name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name.startswith(prefix)}

@@ -1,0 +1,61 @@
+"""Our CPU kernels and the plain paths they replace: the paged decode kernel against SDPA over gathered K/V,
+and the whole runner with neither the kernel nor packed weights still matching HF token for token."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aptserve.model import linear
+from aptserve.model.cpu_kernels import cpu_kernels
+from aptserve.runner import model_runner
+from tests.model_fixtures import Driver, DriverRequest, assert_matches_hf_greedy, save_tiny_llama
+from tests.test_model_runner import make_runner, random_prompts
+
+kernels = cpu_kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="the CPU kernels did not build on this machine")
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(9, 3), (4, 4)])
+def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_heads):
+    generator = torch.Generator().manual_seed(num_heads)
+    head_dim, block_size, num_requests = 64, 16, 7
+    context_lens = torch.tensor([1, 15, 16, 17, 100, 250, 33])
+    num_blocks = (context_lens + block_size - 1) // block_size
+    max_blocks = int(num_blocks.max())
+    cache = torch.randn(2 * int(num_blocks.sum()) + 4, block_size, num_kv_heads * head_dim, generator=generator)
+    order = torch.randperm(cache.shape[0], generator=generator)
+    k_units = torch.zeros(num_requests, max_blocks, dtype=torch.long)
+    v_units = torch.zeros_like(k_units)
+    used = 0
+    for b, n in enumerate(num_blocks.tolist()):
+        k_units[b, :n], v_units[b, :n] = order[used:used + 2 * n:2], order[used + 1:used + 2 * n:2]
+        used += 2 * n
+    q = torch.randn(num_requests, num_heads, head_dim, generator=generator)
+    out = torch.empty_like(q)
+    kernels.paged_decode_attention(out, q, cache, k_units, v_units, context_lens, head_dim**-0.5, num_kv_heads)
+    for b, length in enumerate(context_lens.tolist()):
+        k = cache[k_units[b]].reshape(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+        v = cache[v_units[b]].reshape(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[b][:, None], k, v, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_paths_without_kernel_or_packing_match_hf(tmp_path, monkeypatch):
+    """What runs where oneDNN cannot pack and the kernel cannot build (another CPU, another device)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(model_runner, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(linear, "can_pack", lambda weight: False)
+    path = save_tiny_llama(tmp_path, num_kv_heads=2, tie_word_embeddings=True)
+
+    runner, manager = make_runner(path, num_units=64, block_size=4)
+    assert not runner.metadata_builder.paged_kernel
+    assert all(layer.self_attn.qkv_proj.packed is None for layer in runner.model.model.layers)
+    prompts = random_prompts([5, 17, 30], seed=2)
+    requests = [DriverRequest(f"p{i}", p, max_new_tokens=8) for i, p in enumerate(prompts)]
+    outputs = Driver(runner, manager, chunk_size=8).run(requests)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for request, prompt in zip(requests, prompts):
+        assert_matches_hf_greedy(hf_model, prompt, outputs[request.request_id])
