@@ -36,7 +36,8 @@ from aptserve.bench.serving import (BenchSpec, effective_throughput, load_bench_
                                     run_rate, slos_from_unloaded, throughput_ratios, trace_stats)
 from aptserve.bench.cli import explicit_slos  # noqa: E402
 from benchmarks.common import RESULTS_DIR, fp32_kv_bytes_per_token, load_average, write_json  # noqa: E402
-from benchmarks.serve_compare import SERVED_NAME, VLLM, running_server, server_command, settings_lines  # noqa: E402
+from benchmarks.serve_compare import server_command  # noqa: E402
+from benchmarks.servers import SERVED_NAME, VLLM, running_server, settings_lines  # noqa: E402
 
 POLICIES = ("fcfs", "chunked", "apt", "apt-chunked")
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="scheduler-compare-") as log_dir:
         for name in names:
-            argv_, env = server_command(args, name, model_dir, slos)
+            argv_, env = server_command(args, name, model_dir, args.kv_cache_memory, slos)
             log(f"starting {name}")
             result = {"command": argv_, "env": env, "load_average_before": load_average(), "settings": {}}
             try:

@@ -32,7 +32,11 @@ ATTAINMENT_RULES = {"paper": "attainment", "vllm": "attainment_vllm"}
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """What every server is measured on; `rates` are requests/s, swept in ascending order."""
+    """What every server is measured on; `rates` are requests/s, swept in ascending order.
+
+    `trace` is what the unloaded probes draw from and what every rate replays, unless `windows` are given: then
+    the k-th measured rate replays windows[k % len(windows)], so no prompt comes back to a server's prefix cache
+    (serving peers cache prefixes by default; a replayed trace would skip their prefills)."""
     model: str
     trace: tuple[TraceRequest, ...]
     rates: tuple[float, ...]
@@ -45,6 +49,10 @@ class BenchSpec:
     bisect: bool = False
     max_num_probes: int = 8
     progress: bool = True
+    windows: tuple[tuple[TraceRequest, ...], ...] = ()
+
+    def trace_for_point(self, index: int) -> tuple[TraceRequest, ...]:
+        return self.windows[index % len(self.windows)] if self.windows else self.trace
 
 
 def load_bench_trace(dataset: str, tokenizer: Any, num_requests: int, seed: int,
@@ -107,11 +115,12 @@ def slos_from_unloaded(unloaded: dict, scale: float) -> dict:
             "unloaded": unloaded, "unloaded_definition": UNLOADED_DEFINITION}
 
 
-def run_rate(base_url: str, spec: BenchSpec, slos: dict, rate: float) -> dict:
-    """One sweep point: the whole trace at `rate` (seeded gamma arrivals), summarized, with per-request
+def run_rate(base_url: str, spec: BenchSpec, slos: dict, rate: float, point_index: int = 0) -> dict:
+    """One sweep point: the point's trace at `rate` (seeded gamma arrivals), summarized, with per-request
     latencies kept for CDFs (None for a failed request)."""
-    offsets_s = gamma_send_offsets_s(len(spec.trace), rate, spec.cv, spec.seed)
-    records, duration_s = _run(base_url, spec, spec.trace, offsets_s, spec.progress)
+    trace = spec.trace_for_point(point_index)
+    offsets_s = gamma_send_offsets_s(len(trace), rate, spec.cv, spec.seed)
+    records, duration_s = _run(base_url, spec, trace, offsets_s, spec.progress)
     summary = summarize(records, slos["ttft_slo_s"], slos["tbt_slo_s"], duration_s, slos["tpot_slo_s"])
     metrics = [request_metrics(r) if r.completed else None for r in records]
     requests = {name: [None if m is None else getattr(m, name) for m in metrics]
@@ -124,7 +133,7 @@ def bench_server(base_url: str, spec: BenchSpec, slos: dict, name: str = "server
     points: dict[float, dict] = {}
 
     def measure(rate: float) -> float:
-        points[rate] = run_rate(base_url, spec, slos, rate)
+        points[rate] = run_rate(base_url, spec, slos, rate, len(points))
         p = points[rate]
         tqdm.write(f"{name} rate {rate:g}/s: attainment {p['attainment']:.2f} (vLLM rule {p['attainment_vllm']:.2f})"
             f", p99 TTFT {_fmt(p['p99_ttft_s'])} s, p99 TBT {_fmt(p['p99_p99_tbt_s'])} s, failed {p['failed']}")
