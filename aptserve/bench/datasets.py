@@ -119,19 +119,22 @@ def read_sharegpt_pairs(path: str | None = None) -> list[tuple[str, str]]:
 
 def sample_sharegpt(tokenizer: Any, num_requests: int, rng: np.random.Generator, min_len: int = 4,
                     max_total_len: int = 2048, max_prompt_len: int | None = 1024,
-                    pairs: list[tuple[str, str]] | None = None) -> list[TraceRequest]:
+                    pairs: list[tuple[str, str]] | None = None,
+                    max_output_len: int | None = None) -> list[TraceRequest]:
     """ShareGPT requests: prompt = the human turn, output_len = tokens of the gpt reply, drawn without replacement.
 
     Kept iff prompt_len >= min_len, output_len >= min_len, prompt_len + output_len <= max_total_len and (when
-    set) prompt_len <= max_prompt_len: the DistServe / Apt-Serve / vLLM filter.
+    set) prompt_len <= max_prompt_len: the DistServe / Apt-Serve / vLLM filter; and (when set) output_len <=
+    max_output_len.
     """
     pairs = read_sharegpt_pairs() if pairs is None else pairs
     trace = []
     for index in rng.permutation(len(pairs)):  # tokenize lazily: only as many pairs as the sample needs
         prompt, reply = pairs[index]
         prompt_len, output_len = len(encode(tokenizer, prompt)), len(encode(tokenizer, reply))
-        too_long = prompt_len + output_len > max_total_len or (max_prompt_len is not None and
-                                                              prompt_len > max_prompt_len)
+        too_long = (prompt_len + output_len > max_total_len or (max_prompt_len is not None and
+                                                               prompt_len > max_prompt_len)
+                    or (max_output_len is not None and output_len > max_output_len))
         if prompt_len >= min_len and output_len >= min_len and not too_long:
             trace.append(TraceRequest(prompt, prompt_len, output_len))
             if len(trace) == num_requests:
