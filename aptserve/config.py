@@ -96,6 +96,9 @@ class SchedulerConfig:
     # Default SLOs (seconds) of requests that do not bring their own.
     ttft_slo_s: float
     tbt_slo_s: float
+    # While requests decode, the share of their tightest TBT SLO one step may take (prompt chunks are sized to
+    # it with the measured step cost); 0: only the token budget bounds a step.
+    step_tbt_fraction: float
     # Seconds to re-project one block's K/V across all layers: the hidden cache's price (apt policies).
     alpha_s: float
 

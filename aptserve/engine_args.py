@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # Tokens per step of the chunked policies when --max-num-batched-tokens is not given.
 CHUNKED_DEFAULT_BATCHED_TOKENS = 512
+# apt-chunked's default share of the tightest TBT SLO a step may take while requests decode.
+APT_CHUNKED_STEP_TBT_FRACTION = 0.8
 # (model_config, block_size, dtype, device) -> seconds to re-project one block's K/V in every layer.
 AlphaFn = Callable[[ModelConfig, int, str, str], float]
 
@@ -67,6 +69,10 @@ class EngineArgs:
                                "cache's price in the apt policies); default: measured at start-up", float)
     ttft_slo: float = flag(1.0, "default time-to-first-token SLO (s) of requests without their own", float)
     tbt_slo: float = flag(1.0, "default time-between-tokens SLO (s) of requests without their own", float)
+    step_tbt_fraction: float | None = flag(
+        None, "while requests are decoding, keep each step within this fraction of their tightest TBT SLO by "
+        "sizing prompt chunks with the step times the engine measures; 0 turns it off (default: "
+        f"{APT_CHUNKED_STEP_TBT_FRACTION} for apt-chunked, 0 for the others)", float)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -103,7 +109,7 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
     scheduler = SchedulerConfig(
         policy=policy, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
-        ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo,
+        ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, step_tbt_fraction=_step_tbt_fraction(args, policy),
         alpha_s=resolve_alpha(args, model_config, policy, hybrid, measure_alpha))
     return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=args.dtype,
                         device=args.device, seed=args.seed)
@@ -151,6 +157,14 @@ def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: Scheduler
     if measure_alpha is None:
         from aptserve.calibration import calibrated_alpha as measure_alpha
     return measure_alpha(model_config, args.block_size, args.dtype, args.device)
+
+
+def _step_tbt_fraction(args: EngineArgs, policy: SchedulerPolicy) -> float:
+    if args.step_tbt_fraction is not None:
+        if not 0 <= args.step_tbt_fraction <= 1:
+            raise ValueError(f"step_tbt_fraction must be in [0, 1], got {args.step_tbt_fraction}")
+        return args.step_tbt_fraction
+    return APT_CHUNKED_STEP_TBT_FRACTION if policy == SchedulerPolicy.APT_CHUNKED else 0.0
 
 
 def _max_num_batched_tokens(args: EngineArgs, policy: SchedulerPolicy, model_config: ModelConfig) -> int:

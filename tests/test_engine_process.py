@@ -99,3 +99,13 @@ def test_an_engine_that_cannot_start_is_a_clear_error():
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "kv_cache_memory=1000 bytes holds no KV block" in result.stderr
+
+
+def test_sigterm_stops_the_engine_process_and_exits_cleanly(served):
+    base_url, proc = served
+    core_pid = engine_core_pid(proc.pid)
+    body = {"model": "default", "prompt": "Hi", "max_tokens": 2}
+    assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).status_code == 200
+    proc.terminate()
+    assert proc.wait(30) == 0
+    assert not Path(f"/proc/{core_pid}").exists() or "zombie" in Path(f"/proc/{core_pid}/status").read_text()

@@ -72,10 +72,14 @@ class ThreadCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         self._submit(lambda: self.core.abort_requests(request_ids))
 
-    def shutdown(self) -> None:
-        """Stop stepping; requests still in the core are aborted (their front end fails them itself)."""
+    def stop(self) -> None:
+        """Stop stepping after the current step (shutdown() waits for it)."""
         self._stopping = True
         self._wakeup.set()
+
+    def shutdown(self) -> None:
+        """Blocking: wait for the thread; requests still in the core are aborted (their front end fails them)."""
+        self.stop()
         if self._thread is not None:
             self._thread.join(10)
 
@@ -118,11 +122,11 @@ class ThreadCore:
 
 
 class ProcessCore:
-    def __init__(self, config: EngineConfig, process, context: zmq.asyncio.Context, inputs: zmq.Socket,
-                 outputs: zmq.asyncio.Socket, socket_dir: str) -> None:
+    def __init__(self, config: EngineConfig, process, contexts: tuple[zmq.Context, zmq.asyncio.Context],
+                 inputs: zmq.Socket, outputs: zmq.asyncio.Socket, socket_dir: str) -> None:
         self.config = config
         self.process = process
-        self._context, self._inputs, self._outputs, self._socket_dir = context, inputs, outputs, socket_dir
+        self._contexts, self._inputs, self._outputs, self._socket_dir = contexts, inputs, outputs, socket_dir
         self._encoder = msgspec.msgpack.Encoder()
         self._tasks: list[asyncio.Task] = []
         self._closing = False
@@ -134,8 +138,10 @@ class ProcessCore:
 
         socket_dir = tempfile.mkdtemp(prefix="aptserve-")  # short paths: ipc:// names have a length limit
         input_address, output_address = f"ipc://{socket_dir}/in", f"ipc://{socket_dir}/out"
-        context = zmq.asyncio.Context()
-        inputs, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+        # Inputs on a plain socket (sent from the event loop, and at shutdown from a worker thread); outputs on
+        # an asyncio one, awaited by the loop.
+        contexts = (zmq.Context(), zmq.asyncio.Context())
+        inputs, outputs = contexts[0].socket(zmq.PUSH), contexts[1].socket(zmq.PULL)
         inputs.bind(input_address)
         outputs.bind(output_address)
         spawn = multiprocessing.get_context("spawn")
@@ -153,10 +159,11 @@ class ProcessCore:
             status, payload = "error", f"the engine-core process exited with code {process.exitcode}"
         if status != "ready":
             process.kill()
-            context.destroy(linger=0)
+            for context in contexts:
+                context.destroy(linger=0)
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise EngineStartError(payload)
-        return cls(payload, process, context, inputs, outputs, socket_dir)
+        return cls(payload, process, contexts, inputs, outputs, socket_dir)
 
     def initial_stats(self) -> EngineStats:
         return EngineStats(0, 0, self.config.cache.num_units, {}, 0, 0, 0, self.config.cache.hybrid.value)
@@ -172,16 +179,21 @@ class ProcessCore:
         if request_ids:
             self._send(AbortRequests(request_ids))
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """On the event loop: stop reading outputs and tell the core to stop (shutdown() waits for it)."""
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        if self.process.is_alive():
-            self._send(Shutdown())
-            self.process.join(10)
+        self._send(Shutdown())
+
+    def shutdown(self) -> None:
+        """Blocking: wait for the core to exit (kill it after 10 s) and release the sockets."""
+        self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
-        self._context.destroy(linger=0)
+            self.process.join(5)
+        for context in self._contexts:
+            context.destroy(linger=0)
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _send(self, message) -> None:

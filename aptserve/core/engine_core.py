@@ -15,6 +15,7 @@ from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCo
 from aptserve.request import Request, RequestStatus
 from aptserve.sched import create_scheduler
 from aptserve.sched.output import RunnerOutput, SchedulerOutput
+from aptserve.sched.step_cost import StepCostFitter, attention_work
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class EngineCore:
         self.executor = executor
         self.clock = clock or WallClock()
         self.scheduler = create_scheduler(config)
+        # Refits the scheduler's step-time model from every step run (the policies size prompt chunks with it).
+        self.step_cost_fitter = StepCostFitter(self.scheduler.step_cost)
         self.num_steps = 0
         self._last_step_end_s = time.perf_counter()
 
@@ -89,6 +92,7 @@ class EngineCore:
             logger.exception("step %d failed; aborting its %d requests", sched_out.step_id, len(sched_out.scheduled))
             return self._fail_batch(sched_out, f"{type(exc).__name__}: {exc}")
         executed_s = time.perf_counter()
+        self._learn_step_cost(sched_out, runner_out)
         now = self.clock.now()
         self.scheduler.update_from_output(sched_out, runner_out, now)
         outputs = [self._output(s.request_id) for s in sched_out.scheduled if s.sample]
@@ -98,6 +102,12 @@ class EngineCore:
                            executed_s - scheduled_s, end_s - executed_s)
         self._last_step_end_s = end_s
         return EngineCoreOutputs(now, [o for o in outputs if o is not None], step, self.stats())
+
+    def _learn_step_cost(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> None:
+        work = sum(attention_work(r.start_pos, r.num_tokens) for r in sched_out.scheduled)
+        seconds = runner_out.prepare_s + runner_out.forward_s + runner_out.sample_s
+        self.step_cost_fitter.observe(sched_out.total_num_scheduled_tokens, work, seconds)
+        self.scheduler.step_cost = self.step_cost_fitter.model
 
     def _output(self, request_id: str) -> EngineCoreOutput | None:
         request = self.scheduler.requests.get(request_id)

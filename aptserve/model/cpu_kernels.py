@@ -22,7 +22,9 @@ from aptserve.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "APTSERVE_CPU_KERNELS"
-SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "paged_decode.cpp", CSRC / "bindings.cpp"]
+HEADERS = [CSRC / "attention_common.h"]
 
 
 CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]  # -fopenmp for at::parallel_for's pragmas; torch's runtime at link
@@ -34,7 +36,7 @@ def _cpu_signature() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     build = f"{torch.__version__} {' '.join(CFLAGS)}".encode()
     digest = hashlib.sha256(flags.encode() + source + build).hexdigest()[:12]
     return f"{platform.machine()}-{digest}"
@@ -57,7 +59,8 @@ def cpu_kernels():
         build_dir.mkdir(parents=True, exist_ok=True)
         march = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
         return load(name="aptserve_cpu_kernels", sources=[str(path) for path in SOURCES],
-                    extra_cflags=[*CFLAGS, *march], build_directory=str(build_dir), verbose=False)
+                    extra_cflags=[*CFLAGS, *march], extra_include_paths=[str(CSRC)],
+                    build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means the fallback, said once
         logger.warning("CPU kernels unavailable (%s: %s); torch's attention path is used", type(exc).__name__,
                        str(exc).splitlines()[0] if str(exc) else "")

@@ -60,10 +60,10 @@ class AptScheduler(Scheduler):
         running_p = sum(now - r.last_token_s for r in self.running)
         waiting_p = sum(now - r.last_token_s for r in self.waiting)
         if self.running and (running_p > waiting_p or not plan):
-            self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, chunked=False)
+            self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, False, now)
             self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         else:
-            self._apply_plan(plan, out, self.config.max_num_batched_tokens, chunked=False)
+            self._apply_plan(plan, out, self.config.max_num_batched_tokens, False, now)
 
     # --- values ------------------------------------------------------------------------------
     def _num_live(self, now: float) -> int:
@@ -109,19 +109,22 @@ class AptScheduler(Scheduler):
         reserve = self.watermark_units if self.running else 0
         return max(0, self.cache.num_free_units - growth - reserve)
 
-    def _apply_plan(self, plan: list[PlanEntry], out: SchedulerOutput, budget: int, chunked: bool) -> int:
+    def _apply_plan(self, plan: list[PlanEntry], out: SchedulerOutput, budget: int, chunked: bool,
+                    now: float) -> int:
         """Convert the chosen upgrades in place and admit the chosen waiting requests; returns budget left."""
         for item_id, choice in plan:
             request = self.requests[item_id.request_id]
             if isinstance(item_id, Upgrade):
                 self._convert_in_place(request, CacheKind.KV, out)  # stays HIDDEN if memory is short
             elif budget > 0 and len(self.running) < self.config.max_num_seqs:
-                budget = self._admit_planned(request, self._kind(choice), out, budget, chunked)
+                budget = self._admit_planned(request, self._kind(choice), out, budget, chunked, now)
         return budget
 
     def _admit_planned(self, request: Request, kind: CacheKind, out: SchedulerOutput, budget: int,
-                       chunked: bool) -> int:
-        num_new = min(request.num_tokens, budget) if chunked else request.num_tokens
+                       chunked: bool, now: float) -> int:
+        num_new = request.num_tokens
+        if chunked:
+            num_new = min(num_new, budget, self._chunk_cap(out, request, now))
         if not chunked and out.scheduled and num_new > budget:
             return budget  # whole prompts only; a smaller one further down may still fit
         if not self.cache.allocate(request.request_id, kind, num_new):
@@ -143,9 +146,9 @@ class AptChunkedScheduler(AptScheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         plan = self._plan(now, self._num_live(now), upgrades=True)
         upgrades = [entry for entry in plan if isinstance(entry[0], Upgrade)]
-        self._apply_plan(upgrades, out, 0, chunked=True)
+        self._apply_plan(upgrades, out, 0, True, now)
         num_preempted = len(out.preempted_request_ids)
         budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         if len(out.preempted_request_ids) == num_preempted:  # no memory to spare after a preemption
             admissions = [entry for entry in plan if isinstance(entry[0], Admit)]
-            self._apply_plan(admissions, out, budget, chunked=True)
+            self._apply_plan(admissions, out, budget, True, now)

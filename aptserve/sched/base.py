@@ -12,6 +12,10 @@ from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
 from aptserve.sched.output import CacheConversion, RunnerOutput, ScheduledRequest, SchedulerOutput
+from aptserve.sched.step_cost import StepCostModel, attention_work
+
+# The smallest prompt chunk a step takes even when the step-time bound leaves no room, so prompts progress.
+MIN_CHUNK_TOKENS = 32
 
 
 class Scheduler:
@@ -25,6 +29,8 @@ class Scheduler:
         self._requested_conversions: dict[str, CacheKind] = {}
         self.num_conversions = 0
         self.watermark_units = int(config.cache.watermark * self.cache.num_units)
+        # Predicted step time from a step's make-up; the engine core refits it from the steps it runs.
+        self.step_cost = StepCostModel()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -167,18 +173,33 @@ class Scheduler:
         part-way prompts in chunks; returns the budget left. Memory pressure preempts the newest."""
         decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        scheduled: list[tuple[Request, int]] = []
+        scheduled: list[Request] = []
         for request in decodes + prefills:
             if budget == 0 or request not in self.running:
                 continue  # out of budget, or preempted to make room for an earlier request
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, request.num_computed_tokens + num_new,
-                                         [r for r, _ in scheduled], out, now):
-                scheduled.append((request, num_new))
+            if num_new > 1:
+                num_new = min(num_new, self._chunk_cap(out, request, now))
+            if num_new and self._allocate_or_preempt(request, request.num_computed_tokens + num_new, scheduled,
+                                                     out, now):
+                scheduled.append(request)
+                self._schedule_tokens(out, request, num_new)
                 budget -= num_new
-        for request, num_new in scheduled:
-            self._schedule_tokens(out, request, num_new)
         return budget
+
+    def _chunk_cap(self, out: SchedulerOutput, request: Request, now: float) -> int:
+        """Most prompt tokens `request` may add to this step besides the token budget: with step_tbt_fraction
+        set and requests decoding, as many as keep the step's predicted time within that share of their
+        tightest TBT SLO (never under MIN_CHUNK_TOKENS, so prompts always progress)."""
+        fraction = self.config.step_tbt_fraction
+        decoding = [r.tbt_slo_s for r in self.running if r.output_token_ids and r is not request]
+        if fraction <= 0 or not decoding:
+            return request.num_tokens
+        num_tokens = sum(r.num_tokens for r in out.scheduled)
+        work = sum(attention_work(r.start_pos, r.num_tokens) for r in out.scheduled)
+        fits = self.step_cost.max_extra_tokens(fraction * min(decoding), num_tokens, work,
+                                               request.num_computed_tokens)
+        return max(MIN_CHUNK_TOKENS, fits)
 
     def _admit(self, request: Request) -> None:
         """Waiting -> running; the caller has allocated its `request.cache_kind` table."""

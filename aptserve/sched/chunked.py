@@ -17,12 +17,12 @@ class ChunkedScheduler(Scheduler):
         budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         # Nothing new starts in a step that had to preempt for memory: the memory is not there.
         if len(out.preempted_request_ids) == num_preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, now)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens, budget)
+            num_new = min(request.num_tokens, budget, self._chunk_cap(out, request, now))
             reserve = self.watermark_units if self.running else 0
             if not self.cache.can_allocate(request.request_id, request.cache_kind, num_new, reserve):
                 break

@@ -94,6 +94,7 @@ class AsyncLLM:
 
     async def shutdown(self) -> None:
         """Stop the core; requests still open get an error."""
+        self.core.stop()
         await asyncio.to_thread(self.core.shutdown)
         self._fail_all("the server is shutting down")
 

@@ -4,9 +4,10 @@
 // in v_units[b][j] (block j, `block_size` rows each, row = kv_dim values, the KV head h at columns
 // [h * head_dim, (h + 1) * head_dim)); the query heads of one KV head (GQA) share its rows. Each K and V row is
 // read once. Softmax is computed online (running max and sum), so nothing the size of the context is
-// materialised. Compiled once per machine with the host's vector ISA, and
-// with -ffast-math so that exp is vectorised (glibc's vector math); no value here is ever inf or NaN.
+// materialised.
 #include <torch/extension.h>
+
+#include "attention_common.h"
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -15,27 +16,15 @@
 #include <vector>
 
 namespace {
-
-// Below every real score, and finite: the file is built with -ffast-math (vectorised exp), which assumes no inf.
-constexpr float kNoScore = -1e30f;
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-inline void prefetch_unit(const float* unit, int64_t num_floats) {
-  for (int64_t i = 0; i < num_floats; i += 16) __builtin_prefetch(unit + i, 0, 1);
-}
-
-inline void scale_add(float* acc, const float* v, float weight, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += weight * v[i];
-}
-
+// How many blocks ahead K and V are prefetched (memory latency is what bounds this kernel).
+constexpr int64_t kPrefetchBlocks = 2;
 }  // namespace
+
+
+using aptserve::dot;
+using aptserve::kNoScore;
+using aptserve::prefetch_unit;
+using aptserve::scale_add;
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor cache, torch::Tensor k_units,
                             torch::Tensor v_units, torch::Tensor context_lens, double scale, int64_t num_kv_heads) {
@@ -71,9 +60,10 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
         const int64_t rows = std::min(block_size, len - block * block_size);
         const float* k_rows = kv + k_table[b * max_blocks + block] * block_size * kv_dim;
         const float* v_rows = kv + v_table[b * max_blocks + block] * block_size * kv_dim;
-        if (block + 1 < num_blocks) {
-          prefetch_unit(kv + k_table[b * max_blocks + block + 1] * block_size * kv_dim, block_size * kv_dim);
-          prefetch_unit(kv + v_table[b * max_blocks + block + 1] * block_size * kv_dim, block_size * kv_dim);
+        if (block + kPrefetchBlocks < num_blocks) {
+          const int64_t ahead = b * max_blocks + block + kPrefetchBlocks;
+          prefetch_unit(kv + k_table[ahead] * block_size * kv_dim, block_size * kv_dim);
+          prefetch_unit(kv + v_table[ahead] * block_size * kv_dim, block_size * kv_dim);
         }
         for (int64_t t = 0; t < rows; ++t) {
           for (int64_t h = 0; h < num_heads; ++h) {
@@ -113,8 +103,4 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
       }
     }
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged K/V cache (fp32)");
 }

@@ -1,0 +1,9 @@
+// The Python module of our CPU kernels (built by cpu_kernels.py).
+#include <torch/extension.h>
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor cache, torch::Tensor k_units,
+                            torch::Tensor v_units, torch::Tensor context_lens, double scale, int64_t num_kv_heads);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged K/V cache (fp32)");
+}

@@ -1,0 +1,78 @@
+"""How long a step will take, from what it holds: fitted online from the engine's own steps.
+
+A step's time is close to linear in three things: a fixed part (launching it, streaming the weights at small
+batch), the rows it feeds (decode tokens and prompt tokens: the GEMMs) and the attention work (each fed token's
+context: the K/V it reads). The engine core records every step it runs and refits the three coefficients by least
+squares over a window of recent steps, so the estimate follows this machine, this model and its load. The
+scheduler only evaluates the fitted function: it stays pure (no clock, no tensors).
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepCostModel:
+    """seconds = base_s + per_token_s * tokens fed + per_attention_s * attention work (context tokens read)."""
+
+    base_s: float = 0.01
+    per_token_s: float = 0.001
+    per_attention_s: float = 1e-7
+
+    def predict(self, num_tokens: int, attention_work: float) -> float:
+        return self.base_s + self.per_token_s * num_tokens + self.per_attention_s * attention_work
+
+    def max_extra_tokens(self, target_s: float, num_tokens: int, attention_work: float, context_len: int) -> int:
+        """Prompt tokens that can join a step already holding `num_tokens` and `attention_work` while it stays
+        within `target_s`, for a chunk that starts after `context_len` cached tokens."""
+        spare_s = target_s - self.predict(num_tokens, attention_work)
+        if spare_s <= 0:
+            return 0
+        # n tokens cost n * per_token + per_attention * attention_work(context_len, n): the quadratic in n.
+        a, b = self.per_attention_s / 2, self.per_token_s + self.per_attention_s * (context_len + 0.5)
+        if a <= 0:
+            return int(spare_s / b) if b > 0 else 1 << 30
+        return int((-b + (b * b + 4 * a * spare_s) ** 0.5) / (2 * a))
+
+
+def attention_work(start_pos: int, num_tokens: int) -> float:
+    """Context tokens read by `num_tokens` fed tokens starting at `start_pos` (causal: each reads those before)."""
+    return num_tokens * (start_pos + (num_tokens + 1) / 2)
+
+
+class StepCostFitter:
+    """Least squares over the last `window` steps; refits every `refit_every` steps once it has `min_steps`."""
+
+    def __init__(self, prior: StepCostModel | None = None, window: int = 512, refit_every: int = 32,
+                 min_steps: int = 48) -> None:
+        self.model = prior or StepCostModel()
+        self.window, self.refit_every, self.min_steps = window, refit_every, min_steps
+        self._rows: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._num_since_fit = 0
+
+    def observe(self, num_tokens: int, work: float, seconds: float) -> None:
+        self._rows.append((num_tokens, work, seconds))
+        self._num_since_fit += 1
+        if self._num_since_fit >= self.refit_every and len(self._rows) >= self.min_steps:
+            self._num_since_fit = 0
+            self.model = fit(list(self._rows), self.model)
+
+
+def fit(rows: Sequence[tuple[float, float, float]], fallback: StepCostModel) -> StepCostModel:
+    """Non-negative least squares of seconds on (1, tokens, attention work); `fallback` if the data cannot say."""
+    data = np.asarray(rows, dtype=float)
+    features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    scale = np.maximum(features.max(axis=0), 1e-12)  # columns of very different magnitudes
+    active = [0, 1, 2]
+    while active:  # drop a negative coefficient and refit the rest (a small active-set NNLS)
+        coef, *_ = np.linalg.lstsq(features[:, active] / scale[active], data[:, 2], rcond=None)
+        if np.all(coef >= 0):
+            full = np.zeros(3)
+            full[active] = coef / scale[active]
+            return StepCostModel(float(full[0]), float(full[1]), float(full[2]))
+        active.pop(int(np.argmin(coef)))
+    return fallback

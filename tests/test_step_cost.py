@@ -1,0 +1,77 @@
+"""The step-time model: fitted from observed steps, and used to size prompt chunks so that a step holding
+decoding requests stays within a share of their TBT SLO."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aptserve.config import ModelConfig
+from aptserve.sampling import SamplingParams
+from aptserve.sched.step_cost import StepCostFitter, StepCostModel, attention_work, fit
+from aptserve.sim.executor import LinearCostModel
+from aptserve.sim.simulator import sim_engine
+from tests.sim_fixtures import sim_args
+
+MODEL = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                    head_dim=16, vocab_size=1000, max_model_len=1024)
+
+
+def test_fit_recovers_a_linear_step_time():
+    truth = StepCostModel(base_s=0.012, per_token_s=0.0007, per_attention_s=2e-7)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(200):
+        tokens, work = int(rng.integers(1, 600)), float(rng.uniform(0, 5e5))
+        rows.append((tokens, work, truth.predict(tokens, work) * rng.uniform(0.98, 1.02)))
+    fitted = fit(rows, StepCostModel())
+    assert abs(fitted.base_s - truth.base_s) < 2e-3
+    assert abs(fitted.per_token_s - truth.per_token_s) / truth.per_token_s < 0.05
+    assert abs(fitted.per_attention_s - truth.per_attention_s) / truth.per_attention_s < 0.1
+
+
+def test_fitter_keeps_its_prior_until_it_has_seen_enough_steps():
+    prior = StepCostModel(0.5, 0.5, 0.5)
+    fitter = StepCostFitter(prior, refit_every=8, min_steps=16)
+    for i in range(15):
+        fitter.observe(10 + i, 100.0 * i, 0.01 + 0.001 * i)
+    assert fitter.model == prior
+    for i in range(16):
+        fitter.observe(10 + i, 100.0 * i, 0.01 + 0.001 * i)
+    assert fitter.model != prior and fitter.model.per_token_s > 0
+
+
+@given(target=st.floats(0.001, 1.0), base=st.integers(0, 64), work=st.floats(0, 1e5), context=st.integers(0, 900))
+@settings(max_examples=300, deadline=None)
+def test_the_extra_tokens_fit_the_target_and_one_more_would_not(target, base, work, context):
+    model = StepCostModel(0.01, 0.0007, 2e-7)
+    n = model.max_extra_tokens(target, base, work, context)
+    if n == 0:
+        return
+    assert model.predict(base + n, work + attention_work(context, n)) <= target * (1 + 1e-9)
+    assert model.predict(base + n + 2, work + attention_work(context, n + 2)) > target
+
+
+def test_step_tbt_fraction_keeps_decoding_steps_short_and_loses_nothing():
+    """A long prompt arriving among decoding requests is chunked so that steps stay near 0.8 x the TBT SLO
+    under the cost model the engine learns, instead of one step as long as the token budget allows."""
+    cost = LinearCostModel(base_s=0.01, per_token_s=0.001, per_context_token_s=0.0, per_recompute_token_s=0.0)
+    steps = {}
+    for fraction in (0.0, 0.8):
+        args = sim_args(MODEL, 2000, block_size=16, scheduler="apt-chunked", max_num_batched_tokens=1024,
+                        step_tbt_fraction=fraction, tbt_slo=0.1, ttft_slo=5.0)
+        engine, clock = sim_engine(args, MODEL, cost)
+        for i in range(4):
+            engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=200, ignore_eos=True))
+        for _ in range(60):  # decoding, long enough for the engine to learn the step cost
+            engine.step()
+        engine.add_request(list(range(3, 903)), SamplingParams(max_tokens=4, ignore_eos=True))
+        times, finished = [], 0
+        while engine.has_unfinished_requests():
+            start = clock.now()
+            finished += sum(o.finished for o in engine.step())
+            times.append(clock.now() - start)
+        assert finished == 5 and engine.cache.num_free_units == engine.cache.num_units
+        steps[fraction] = max(times)
+    assert steps[0.0] > 0.5  # the whole 900-token prompt in one step
+    assert steps[0.8] <= 0.8 * 0.1 + 0.005
