@@ -49,6 +49,10 @@ class Request:
     token_times_s: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     num_conversions: int = 0
+    # Gaps between this request's tokens above its TBT SLO, and the longest gap (they bound the steps it can
+    # still take without missing its P99 TBT SLO: sched/tbt_allowance.py).
+    num_slow_gaps: int = 0
+    max_gap_s: float = 0.0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -86,6 +90,10 @@ class Request:
         return now - self.last_token_s > slo
 
     def append_output_token(self, token_id: int, now: float) -> None:
+        if self.token_times_s:
+            gap_s = now - self.token_times_s[-1]
+            self.num_slow_gaps += gap_s > self.tbt_slo_s
+            self.max_gap_s = max(self.max_gap_s, gap_s)
         self.output_token_ids.append(token_id)
         self.token_times_s.append(now)
         if self.first_token_s is None:

@@ -5,6 +5,7 @@ output, freeing cache units) lives here, so policies differ only in whom they ru
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from aptserve.cache.manager import CacheKind, CacheManager
@@ -13,6 +14,7 @@ from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
 from aptserve.sched.output import CacheConversion, RunnerOutput, ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import StepCostModel, attention_work
+from aptserve.sched.tbt_allowance import tbt_allowance_s
 
 # The smallest prompt chunk a step takes even when the step-time bound leaves no room, so prompts progress.
 MIN_CHUNK_TOKENS = 32
@@ -188,18 +190,24 @@ class Scheduler:
         return budget
 
     def _chunk_cap(self, out: SchedulerOutput, request: Request, now: float) -> int:
-        """Most prompt tokens `request` may add to this step besides the token budget: with step_tbt_fraction
-        set and requests decoding, as many as keep the step's predicted time within that share of their
-        tightest TBT SLO (never under MIN_CHUNK_TOKENS, so prompts always progress)."""
+        """Most prompt tokens `request` may add to this step besides the token budget. With step_tbt_fraction
+        set and requests decoding: as many as keep the step's predicted time within that share of the longest
+        gap every decoding request can still take without missing its P99 TBT SLO (the step's first chunk gets at
+        least MIN_CHUNK_TOKENS, so prompts always progress)."""
         fraction = self.config.step_tbt_fraction
-        decoding = [r.tbt_slo_s for r in self.running if r.output_token_ids and r is not request]
+        decoding = [r for r in self.running if r.output_token_ids and r is not request]
         if fraction <= 0 or not decoding:
             return request.num_tokens
         num_tokens = sum(r.num_tokens for r in out.scheduled)
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in out.scheduled)
-        fits = self.step_cost.max_extra_tokens(fraction * min(decoding), num_tokens, work,
-                                               request.num_computed_tokens)
-        return max(MIN_CHUNK_TOKENS, fits)
+        typical_gap_s = self.step_cost.predict(num_tokens, work)
+        target_s = min(tbt_allowance_s(r.sampling_params.max_tokens - 1, r.num_slow_gaps, r.max_gap_s, r.tbt_slo_s,
+                                       typical_gap_s) - (now - r.last_token_s) for r in decoding)
+        if math.isinf(target_s):
+            return request.num_tokens
+        fits = self.step_cost.max_extra_tokens(fraction * target_s, num_tokens, work, request.num_computed_tokens)
+        has_chunk = any(r.num_tokens > 1 for r in out.scheduled)
+        return fits if has_chunk else max(MIN_CHUNK_TOKENS, fits)
 
     def _admit(self, request: Request) -> None:
         """Waiting -> running; the caller has allocated its `request.cache_kind` table."""
