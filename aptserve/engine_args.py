@@ -55,7 +55,8 @@ class EngineArgs:
     kv_cache_memory: int = flag(1 << 30, "cache pool size in bytes (like vLLM's kv_cache_memory_bytes); 512M, "
                                 "1G also work", parse_bytes)
     block_size: int = flag(16, "tokens per cache block", int)
-    scheduler: str = flag("fcfs", "scheduling policy", choices=tuple(p.value for p in SchedulerPolicy))
+    scheduler: str = flag("apt-chunked", "scheduling policy (apt-chunked, the default, won the serving comparison; "
+                          "fcfs: vLLM-like, prefill first)", choices=tuple(p.value for p in SchedulerPolicy))
     hybrid_cache: str = flag("auto", "hidden cache: 'auto' (on where it is smaller than KV), 'off', 'on', "
                              "'all-hidden'", choices=tuple(m.value for m in HybridMode))
     max_num_seqs: int = flag(256, "most requests in one batch", int)

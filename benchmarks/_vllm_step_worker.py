@@ -1,0 +1,37 @@
+"""step_speed.py's vLLM side, run in the .venv-vllm interpreter: the same figures, timed the same way.
+
+    python _vllm_step_worker.py SPEC.json RESULT.json
+
+This file imports only vLLM, the standard library and _step_speed_common (aptserve is not installed in that venv).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _step_speed_common import measure  # noqa: E402
+
+
+def main(spec_path: str, result_path: str) -> None:
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    spec = json.loads(Path(spec_path).read_text())
+    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=spec["eager"], gpu_memory_utilization=0.3,
+              kv_cache_memory_bytes=spec["kv_cache_memory_bytes"], max_num_seqs=64, max_model_len=2048, seed=0)
+
+    def generate(prompts, max_tokens):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        start = time.perf_counter()
+        llm.generate(inputs, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    result = measure(generate, spec["decode_rows"], spec["prefill_lens"], spec["repeats"], spec["decode_context"])
+    Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":  # vLLM spawns processes: the guard keeps them from re-running main
+    main(sys.argv[1], sys.argv[2])

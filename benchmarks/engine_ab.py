@@ -1,0 +1,85 @@
+"""A/B of the engine's CPU speed work, in one process: each change switched off on its own, the rest as shipped.
+
+- packed: oneDNN-packed (and fused, with the activations and residual adds inside the GEMMs) linears, vs the same
+  fused linears on plain F.linear (what machines without oneDNN packing run);
+- paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA.
+
+Each configuration builds its own engine on the default model and is timed with step_speed's figures (decode step
+at 1, 8 and 32 rows of 256-token contexts, prefill of one 512-token prompt), min of --repeats.
+
+    .venv/bin/python benchmarks/engine_ab.py        # ~4 min
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+from benchmarks._step_speed_common import measure  # noqa: E402
+from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
+
+CONFIGS = {"as shipped": (), "plain linears": ("packed",), "gather attention": ("kernel",),
+           "neither": ("packed", "kernel")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def switched_off(features: tuple[str, ...]):
+    from aptserve.model import linear
+    from aptserve.runner import model_runner
+
+    saved = linear.can_pack, model_runner.cpu_kernels
+    if "packed" in features:
+        linear.can_pack = lambda weight: False
+    if "kernel" in features:
+        model_runner.cpu_kernels = lambda: None
+    try:
+        yield
+    finally:
+        linear.can_pack, model_runner.cpu_kernels = saved
+
+
+def run(args, features: tuple[str, ...]) -> dict:
+    from aptserve import LLM, SamplingParams
+
+    with switched_off(features):
+        llm = LLM(model=args.model, kv_cache_memory=512 << 20, max_num_seqs=64, max_model_len=2048)
+
+    def generate(prompts, max_tokens):
+        start = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - start
+
+    result = measure(generate, [1, 8, 32], [512], args.repeats, 256)
+    del llm
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = {}
+    for name, features in CONFIGS.items():
+        results[name] = run(args, features)
+        print(f"{name}: {results[name]}", flush=True)
+    write_json(Path(args.out_dir) / "engine_ab.json", {"benchmark": "engine_ab", "config": vars(args),
+                                                       "switched_off": CONFIGS, "results": results})
+    labels = [f"{name}\n{what}" for name in results for what in ("decode x1", "decode x8", "decode x32", "prefill 512")]
+    values = [v for r in results.values() for v in (r["decode"]["1"]["step_ms"], r["decode"]["8"]["step_ms"],
+                                                    r["decode"]["32"]["step_ms"], r["prefill"]["512"]["ms"])]
+    bar_chart(Path(args.out_dir) / "engine_ab.png", labels, values, title="engine A/B, one process (ms, lower is "
+              "better)", ylabel="ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
