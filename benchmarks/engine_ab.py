@@ -61,7 +61,6 @@ def run(args, features: tuple[str, ...]) -> dict:
         return time.perf_counter() - start
 
     result = measure(generate, [1, 8, 32], [512], args.repeats, 256)
-    del llm
     return result
 
 

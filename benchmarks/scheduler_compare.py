@@ -205,7 +205,8 @@ def plot_summary(path: Path, settings: dict, payload: dict) -> None:
                 values.append(eff.get("interpolated_rate") or eff.get("best_rate") or 0.0)
             ax.bar(np.arange(len(keys)) + index * width, values, width, label=name)
         ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
-        ax.set(ylabel="effective throughput (req/s)", title=f"{rule} rule (attainment >= {payload['config']['target']:g})")
+        target = payload["config"]["target"]
+        ax.set(ylabel="effective throughput (req/s)", title=f"{rule} rule (attainment >= {target:g})")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     slo = payload["slo"]
