@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import re
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from benchmarks.servers import (SERVED_NAME, VLLM, aptserve_command, running_ser
                                 settings_lines, vllm_command, vllm_python)
 
 PHASES = ("schedule", "prepare", "forward", "sample", "update", "output", "gap")
+ENV_WORD = re.compile(r"^[A-Z][A-Z0-9_]*=")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bytes for both servers (default: 32 full-length requests of the model in fp32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=EXTRA_FLAGS: one more aptserve server with these serve flags (repeatable)")
+                        help="NAME=EXTRA_FLAGS: one more aptserve server with these serve flags; words of the form "
+                             "VAR=VALUE (upper-case name) go to its environment instead, e.g. "
+                             "'bind=OMP_PROC_BIND=close OMP_PLACES=cores' (repeatable)")
     parser.add_argument("--checkout", action="append", default=[],
                         help="NAME=PATH: one more aptserve server run from another checkout (ITL only if it has no "
                              "step accounting)")
@@ -74,8 +78,10 @@ def servers(args, model_dir: str, kv_bytes: int) -> dict[str, tuple[list[str], d
     if not args.skip_aptserve:
         found["aptserve"] = (*aptserve_command(args.model, *common), None)
     for variant in args.variant:
-        name, _, flags = variant.partition("=")
-        found[name] = (*aptserve_command(args.model, *common, extra=flags.split()), None)
+        name, _, words = variant.partition("=")
+        env_words = [w for w in words.split() if ENV_WORD.match(w)]
+        argv, env = aptserve_command(args.model, *common, extra=[w for w in words.split() if w not in env_words])
+        found[name] = (argv, {**env, **dict(w.split("=", 1) for w in env_words)}, None)
     for checkout in args.checkout:
         name, _, path = checkout.partition("=")
         found[name] = (*aptserve_command(args.model, *common), Path(path))
