@@ -29,37 +29,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # --- `aptserve serve`: the OpenAI-compatible server (owned with aptserve/server/) -------------------
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from aptserve.server.args import ServerArgs
+
     EngineArgs.add_cli_args(parser)
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1")
-    group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--served-model-name", nargs="+", default=None,
-                       help="names requests may use for the model (the first is reported); default: --model")
-    group.add_argument("--max-queue-len", type=int, default=1024,
-                       help="most requests that may wait for the engine; beyond it new ones get HTTP 503")
-    group.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="on SIGTERM, seconds to let running requests finish before exiting")
-    group.add_argument("--disable-uvicorn-access-log", action="store_true")
-    group.add_argument("--log-step-stats", action="store_true",
-                       help="log where each engine step's time went (schedule, prepare, forward, sample, update, "
-                            "output, gap); the same figures are on /metrics as aptserve:step_phase_seconds")
-    group.add_argument("--engine-in-thread", action="store_true",
-                       help="step the engine core in a thread of the server's process instead of a process of its "
-                            "own (for measuring what the split buys; slower under load)")
+    ServerArgs.add_cli_args(parser)
+
+
+# Exit statuses of `aptserve serve` beyond 0 (drained cleanly) and 2 (bad flags).
+EXIT_ENGINE_DIED = 1
+EXIT_REQUESTS_CUT = 3
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve with the engine core in a process of its own; exits 1 if that process dies."""
+    """Serve with the engine core in a process of its own; exits 1 if that process dies, 3 if the drain had to
+    cut requests."""
     from aptserve.core.client import ProcessCore, ThreadCore
     from aptserve.registry import load_tokenizer
-    from aptserve.server import AsyncLLM, ServerConfig, build_server, create_app
+    from aptserve.server import AsyncLLM, ServerArgs, build_server, create_app
 
-    if args.max_queue_len < 1:
-        raise SystemExit("--max-queue-len must be >= 1")
-    server_config = ServerConfig(served_model_names=tuple(args.served_model_name or ()),
-                                 max_queue_len=args.max_queue_len, log_step_stats=args.log_step_stats)
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     engine_args = EngineArgs.from_cli_args(args)
-    if args.engine_in_thread:
+    if server_args.engine_in_thread:
         from aptserve.engine import LLMEngine
 
         llm_engine = LLMEngine.from_engine_args(engine_args)
@@ -67,12 +60,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
         tokenizer = load_tokenizer(core.config.model.path)
-    engine = AsyncLLM(core, tokenizer, args.max_queue_len, args.log_step_stats)
-    build_server(create_app(engine, server_config), args.host, args.port, args.shutdown_timeout,
-                 access_log=not args.disable_uvicorn_access_log).run()
+    engine = AsyncLLM(core, tokenizer, server_args.max_queue_len, server_args.log_step_stats)
+    server = build_server(create_app(engine, server_args), server_args.host, server_args.port,
+                          server_args.shutdown_timeout, access_log=not server_args.disable_uvicorn_access_log,
+                          limit_concurrency=server_args.limit_concurrency,
+                          timeout_keep_alive=server_args.timeout_keep_alive,
+                          header_read_timeout=server_args.header_read_timeout)
+    server.run()
     if engine.dead_reason is not None:
         print(f"error: {engine.dead_reason}", file=sys.stderr)
-        return 1
+        return EXIT_ENGINE_DIED
+    if server.num_cut:
+        print(f"error: the shutdown timeout cut {server.num_cut} unfinished requests", file=sys.stderr)
+        return EXIT_REQUESTS_CUT
     return 0
 
 

@@ -8,39 +8,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_units_per_block,
-                                     min_hidden_scratch_tokens, scratch_bytes)
+                                     max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_bytes)
 from aptserve.config import (DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig,
                              SchedulerPolicy)
+from aptserve.flags import add_cli_args, flag, from_cli_args, parse_bytes
 
 logger = logging.getLogger(__name__)
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # Tokens per step of the chunked policies when --max-num-batched-tokens is not given.
 CHUNKED_DEFAULT_BATCHED_TOKENS = 512
 # apt-chunked's default share of the tightest TBT SLO a step may take while requests decode.
 APT_CHUNKED_STEP_TBT_FRACTION = 0.8
 # (model_config, block_size, dtype, device) -> seconds to re-project one block's K/V in every layer.
 AlphaFn = Callable[[ModelConfig, int, str, str], float]
-
-
-def parse_bytes(text: str | int) -> int:
-    """'1073741824', '512M', '1G', '1.5GiB' -> bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgKMG]?)(i?[bB])?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (use e.g. 1073741824, 512M or 1G)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-
-
-def flag(default, help: str, parse: Callable | None = None, choices=None):
-    """A dataclass field that is also a CLI option (`parse` turns the option's text into the value)."""
-    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -81,15 +65,11 @@ class EngineArgs:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("engine")
-        for field in dataclasses.fields(cls):
-            meta = field.metadata
-            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=field.default,
-                               type=meta["parse"], choices=meta["choices"], help=meta["help"])
+        add_cli_args(cls, parser, "engine")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
-        return cls(**{name: getattr(args, name) for name in cls.field_names()})
+        return from_cli_args(cls, args)
 
 
 def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
@@ -107,6 +87,18 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
     policy = SchedulerPolicy(args.scheduler)
     hybrid = resolve_hybrid_cache(HybridMode(args.hybrid_cache), model_config)
     cache = _cache_config(args, model_config, hybrid)
+    fitting = max_tokens_of_one_request(cache)
+    if fitting < model_config.max_model_len:
+        if args.max_model_len is not None:  # asked for: kept; requests longer than the pool are refused one by one
+            logger.warning("max_model_len=%d does not fit the cache: the whole pool holds %d tokens of one request; "
+                           "requests that need more will be refused (raise --kv-cache-memory, or give "
+                           "--max-model-len %d or less)", args.max_model_len, fitting, fitting)
+        else:  # a server that starts and then refuses every request without max_tokens would be a trap
+            logger.warning("max_model_len capped from %d to %d tokens: the cache pool (%d bytes) holds no more of "
+                           "one request; raise --kv-cache-memory for the model's whole context",
+                           model_config.max_model_len, fitting, args.kv_cache_memory)
+            model_config = model_config.with_max_model_len(fitting)
+            cache = _cache_config(args, model_config, hybrid)
     scheduler = SchedulerConfig(
         policy=policy, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),

@@ -15,3 +15,11 @@ class UnknownModelError(AptServeError, ValueError):
 
 class EngineOverloadedError(AptServeError):
     """The queue is full; the client should retry later (HTTP 503)."""
+
+
+class ConversionFailedError(AptServeError):
+    """The executor could not move these requests' cache to another kind; their cached rows are lost."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"cache conversion failed for {len(request_ids)} requests")
+        self.request_ids = request_ids

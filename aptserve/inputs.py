@@ -8,11 +8,15 @@ It needs the configuration only, so it runs in the front-end process when the en
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
-from aptserve.config import EngineConfig, HybridMode
+from aptserve.cache.geometry import cdiv, max_tokens_of_one_request, smallest_units_per_block
+from aptserve.config import EngineConfig
 from aptserve.errors import InvalidRequestError
 from aptserve.sampling import SamplingParams
+
+# How much a tokenizer's normalizer may shorten text (Unicode composition joins up to ~3 code points into one).
+NORMALIZER_SHRINK = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +39,27 @@ class InputProcessor:
             text, token_ids = None, self._ids(prompt)
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; send at least one token")
+        self._check_params(params)
         params = self._resolve_params(len(token_ids), params)
         self._check_fits_pool(len(token_ids) + params.max_tokens)
         return ProcessedPrompt(text, token_ids, params)
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """A text longer than this cannot fit max_model_len tokens: no token covers more characters than the
+        longest in the vocabulary (times what a normalizer may shrink text by), so it is refused untokenized."""
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        shrink = 1 if backend is not None and backend.normalizer is None else NORMALIZER_SHRINK
+        return longest * shrink * self.model_config.max_model_len
+
     def _tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequestError("this engine has no tokenizer; send token ids")
+        if len(prompt) > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} characters, more than {self.model_config.max_model_len} tokens (the "
+                f"maximum context length) can hold; shorten the prompt")
         try:
             prompt.encode()  # JSON may carry lone surrogates; the tokenizer fails on them with a TypeError
         except UnicodeEncodeError as exc:
@@ -59,16 +77,28 @@ class InputProcessor:
             raise InvalidRequestError(f"token ids must be integers in [0, {vocab})")
         return token_ids
 
+    def _check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check without the model: token ids and top_k against the vocabulary."""
+        vocab = self.model_config.vocab_size
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"top_k must be -1, 0 (disabled) or at most the vocabulary size {vocab}, "
+                                      f"got {params.top_k}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})")
+
     def _resolve_params(self, num_prompt_tokens: int, params: SamplingParams) -> SamplingParams:
         max_len = self.model_config.max_model_len
+        limit = f"{max_len} tokens"
+        if max_tokens_of_one_request(self.config.cache) <= max_len:  # the pool, not the model, sets it
+            limit += " (all the cache pool holds of one request; raise kv_cache_memory for more)"
         if num_prompt_tokens >= max_len:
             raise InvalidRequestError(f"the prompt has {num_prompt_tokens} tokens but the maximum context "
-                                      f"length is {max_len}; shorten the prompt")
+                                      f"length is {limit}; shorten the prompt")
         if params.max_tokens is None:
             return dataclasses.replace(params, max_tokens=max_len - num_prompt_tokens)
         if num_prompt_tokens + params.max_tokens > max_len:
             raise InvalidRequestError(
-                f"this model's maximum context length is {max_len} tokens, but "
+                f"this model's maximum context length is {limit}, but "
                 f"{num_prompt_tokens + params.max_tokens} were requested ({num_prompt_tokens} in the prompt, "
                 f"{params.max_tokens} in max_tokens); lower max_tokens or the prompt")
         return params
@@ -77,10 +107,7 @@ class InputProcessor:
         """Refuse what the whole pool could never hold, in the smallest kind it may use, so that no request can
         wait forever for memory."""
         cache = self.config.cache
-        units_per_block = [KV_UNITS_PER_BLOCK]
-        if cache.hybrid != HybridMode.OFF:
-            units_per_block.append(cache.units_per_hidden_block)
-        need = cdiv(max_num_tokens, cache.block_size) * min(units_per_block)
+        need = cdiv(max_num_tokens, cache.block_size) * smallest_units_per_block(cache)
         if need > cache.num_units:
             raise InvalidRequestError(
                 f"the request needs up to {need} cache units ({max_num_tokens} tokens) but the "

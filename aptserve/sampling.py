@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 
 from aptserve.errors import InvalidRequestError
 
+# Below this temperature a request is sampled greedily, as vLLM does: dividing logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+# Stop conditions are checked on every token of every request: bounded so one request cannot slow the rest.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
 
 class RequestOutputKind(enum.Enum):
     """What each RequestOutput of a request carries (vLLM's names)."""
@@ -53,9 +61,16 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidRequestError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most "
+                                      f"{MAX_STOP_STRING_CHARS} characters each")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} token ids")
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

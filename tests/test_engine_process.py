@@ -2,6 +2,7 @@
 real default model; a core that dies fails the open streams, turns /health away and ends the server non-zero."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -33,11 +34,12 @@ def engine_core_pid(server_pid: int) -> int:
     raise AssertionError(f"no engine-core process among {children}")
 
 
-@pytest.fixture
-def served():
+@contextlib.contextmanager
+def serving(*flags: str):
+    """`aptserve serve` on the default model in a process: (base url, process)."""
     port = free_port()
     command = [sys.executable, "-m", "aptserve.cli", "serve", "--model", "default", "--port", str(port),
-               "--kv-cache-memory", "64M", "--disable-uvicorn-access-log"]
+               "--kv-cache-memory", "64M", "--disable-uvicorn-access-log", *flags]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -47,6 +49,12 @@ def served():
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def served():
+    with serving() as (base_url, proc):
+        yield base_url, proc
 
 
 def _healthy(base_url: str) -> bool:
@@ -109,3 +117,31 @@ def test_sigterm_stops_the_engine_process_and_exits_cleanly(served):
     proc.terminate()
     assert proc.wait(30) == 0
     assert not Path(f"/proc/{core_pid}").exists() or "zombie" in Path(f"/proc/{core_pid}/status").read_text()
+
+
+def test_a_drain_that_runs_out_of_time_ends_streams_cleanly_and_says_so():
+    with serving("--shutdown-timeout", "2") as (base_url, proc):
+        events, first_events = [], threading.Event()
+
+        def read() -> None:
+            body = {"model": "default", "prompt": "Count:", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line.removeprefix("data: "))
+                        if len(events) == 3:
+                            first_events.set()
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        assert first_events.wait(120)
+        proc.terminate()
+        for reader in readers:
+            reader.join(60)
+        assert proc.wait(60) == 3  # requests were cut
+        output = proc.stdout.read()
+        assert "cut 2 unfinished requests" in output and "Traceback" not in output, output
+    assert events.count("[DONE]") == 2
+    errors = [json.loads(e)["error"] for e in events if e.startswith('{"error"')]
+    assert [e["code"] for e in errors] == ["server_shutting_down"] * 2

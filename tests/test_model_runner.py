@@ -191,11 +191,13 @@ def test_unseeded_requests_follow_runner_seed_and_forget_restarts():
     assert sample_rounds(sampler, logits, ["r"], params, rounds=10) == first
 
 
-def test_top_k_one_and_tiny_top_p_equal_greedy():
+def test_top_k_one_tiny_top_p_and_tiny_temperature_equal_greedy():
     logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(1))
     greedy = logits.argmax(-1).tolist()
     request_ids = [f"r{i}" for i in range(8)]
-    for params in (SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)):
+    # top_p below fp32's smallest value and temperatures below 1e-5 (greedy, as vLLM) must not sample from NaN.
+    for params in (SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6),
+                   SamplingParams(temperature=1.5, top_p=1e-300), SamplingParams(temperature=1e-308)):
         for tokens in sample_rounds(Sampler(), logits, request_ids, [params] * 8, rounds=5):
             assert tokens == greedy
 

@@ -19,7 +19,7 @@ from aptserve.cli import build_parser, cmd_serve
 from aptserve.detokenizer import releasable_len
 from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs
-from aptserve.server import DrainingServer, ServerConfig, build_server, create_app
+from aptserve.server import DrainingServer, ServerArgs, build_server, create_app
 from aptserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MODEL = "default"
@@ -62,10 +62,13 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def running_server(engine: LLMEngine, shutdown_timeout_s: float = 30.0, **server_config):
-    """The real app under uvicorn on a free loopback port, in a background thread."""
-    app = create_app(engine, ServerConfig(**server_config))
-    server = build_server(app, shutdown_timeout_s=shutdown_timeout_s, access_log=False, log_level="warning")
+def running_server(engine: LLMEngine, shutdown_timeout_s: float = 30.0, uvicorn_options: dict | None = None,
+                   **server_args):
+    """The real app under uvicorn on a free loopback port, in a background thread; `server_args` are ServerArgs
+    fields, `uvicorn_options` build_server's connection options."""
+    app = create_app(engine, ServerArgs(**server_args))
+    server = build_server(app, shutdown_timeout_s=shutdown_timeout_s, access_log=False, log_level="warning",
+                          **(uvicorn_options or {}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -221,6 +224,15 @@ def test_bad_requests_get_400_with_openai_error_body(live, path, body, param):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
+
+
+def test_a_pool_below_the_model_context_caps_it_and_chat_without_max_tokens_is_served(live):
+    # 64 MiB holds ~1,450 tokens of SmolLM2 in fp32, not its 8,192: the server starts with what fits.
+    max_model_len = live.engine.config.model.max_model_len
+    assert 1000 < max_model_len < 8192
+    assert live.client().models.list().data[0].model_extra["max_model_len"] == max_model_len
+    answer = live.client().chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
+    assert answer.choices[0].finish_reason == "stop" and "Paris" in answer.choices[0].message.content
 
 
 def test_unknown_model_is_400_model_not_found(live):

@@ -6,7 +6,7 @@ row of a token split into column slices of kv_dim, the last one zero-padded).
 """
 from __future__ import annotations
 
-from aptserve.config import DTYPE_BYTES, ModelConfig
+from aptserve.config import DTYPE_BYTES, CacheConfig, HybridMode, ModelConfig
 
 KV_UNITS_PER_BLOCK = 2
 
@@ -34,3 +34,15 @@ def min_hidden_scratch_tokens(model_config: ModelConfig, block_size: int) -> int
 def scratch_bytes(model_config: ModelConfig, scratch_tokens: int, dtype: str) -> int:
     """Bytes of the one-layer buffer that holds K/V recomputed from hidden rows."""
     return scratch_tokens * KV_UNITS_PER_BLOCK * model_config.kv_dim * DTYPE_BYTES[dtype]
+
+
+def smallest_units_per_block(cache: CacheConfig) -> int:
+    """Units per block of the smallest cache kind a request may use in this pool."""
+    if cache.hybrid == HybridMode.OFF:
+        return KV_UNITS_PER_BLOCK
+    return min(KV_UNITS_PER_BLOCK, cache.units_per_hidden_block)
+
+
+def max_tokens_of_one_request(cache: CacheConfig) -> int:
+    """The most tokens one request could ever hold: the whole pool, in its smallest kind."""
+    return cache.num_units // smallest_units_per_block(cache) * cache.block_size

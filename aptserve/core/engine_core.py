@@ -12,9 +12,10 @@ from typing import Protocol
 
 from aptserve.config import EngineConfig
 from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats, StepStats
+from aptserve.errors import ConversionFailedError
 from aptserve.request import Request, RequestStatus
 from aptserve.sched import create_scheduler
-from aptserve.sched.output import RunnerOutput, SchedulerOutput
+from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import StepCostFitter, attention_work
 
 logger = logging.getLogger(__name__)
@@ -88,14 +89,18 @@ class EngineCore:
             return None
         try:
             runner_out = self.executor.execute(sched_out)
-        except Exception as exc:  # a failing batch must not take the engine (or other requests) down
-            logger.exception("step %d failed; aborting its %d requests", sched_out.step_id, len(sched_out.scheduled))
-            return self._fail_batch(sched_out, f"{type(exc).__name__}: {exc}")
-        executed_s = time.perf_counter()
-        self._learn_step_cost(sched_out, runner_out)
+            executed_s = time.perf_counter()
+        except Exception as exc:  # a failing request must not take the engine, or the rest of its batch, down
+            logger.exception("step %d failed; isolating the failing requests among its %d", sched_out.step_id,
+                             len(sched_out.scheduled))
+            runner_out = self._isolate_failures(sched_out, exc)
+            executed_s = time.perf_counter()
+        else:  # a step re-run in parts says nothing about the cost of one step
+            self._learn_step_cost(sched_out, runner_out)
+        failures = [self._fail(request_id, error) for request_id, error in runner_out.failed.items()]
         now = self.clock.now()
         self.scheduler.update_from_output(sched_out, runner_out, now)
-        outputs = [self._output(s.request_id) for s in sched_out.scheduled if s.sample]
+        outputs = [self._output(s.request_id) for s in sched_out.scheduled if s.sample] + failures
         self.num_steps += 1
         end_s = time.perf_counter()
         step = _step_stats(sched_out, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
@@ -121,14 +126,44 @@ class EngineCore:
             first_scheduled_s=request.first_scheduled_s if request.num_output_tokens == 1 else None,
             num_preemptions=request.num_preemptions, num_conversions=request.num_conversions)
 
-    def _fail_batch(self, sched_out: SchedulerOutput, error: str) -> EngineCoreOutputs:
-        outputs = []
-        for scheduled in sched_out.scheduled:
-            if scheduled.request_id in self.scheduler.requests:
-                self.scheduler.abort_request(scheduled.request_id)
-                outputs.append(EngineCoreOutput(scheduled.request_id, [], "abort", error=error))
-        self._last_step_end_s = time.perf_counter()
-        return EngineCoreOutputs(self.clock.now(), outputs, stats=self.stats())
+    def _isolate_failures(self, sched_out: SchedulerOutput, exc: Exception) -> RunnerOutput:
+        """Run a failed step again in halves until each failing request is alone: those fail, the others get
+        their tokens. Re-running is safe: a request's forward only writes its own cache rows, at the same
+        positions. Conversions are not re-run; if they failed, the converted requests fail (their rows are lost)."""
+        out = RunnerOutput()
+        scheduled = sched_out.scheduled
+        if isinstance(exc, ConversionFailedError):
+            lost = set(exc.request_ids)
+            out.failed.update((request_id, "its cache could not be converted") for request_id in lost)
+            scheduled = [r for r in scheduled if r.request_id not in lost]
+            if scheduled:
+                self._execute_parts(sched_out.step_id, [scheduled], out)
+        else:
+            self._bisect(sched_out.step_id, scheduled, f"{type(exc).__name__}: {exc}", out)
+        return out
+
+    def _bisect(self, step_id: int, scheduled: list[ScheduledRequest], error: str, out: RunnerOutput) -> None:
+        if len(scheduled) == 1:
+            out.failed[scheduled[0].request_id] = error
+            return
+        middle = len(scheduled) // 2
+        self._execute_parts(step_id, [scheduled[:middle], scheduled[middle:]], out)
+
+    def _execute_parts(self, step_id: int, parts: list[list[ScheduledRequest]], out: RunnerOutput) -> None:
+        for part in parts:
+            try:
+                part_out = self.executor.execute(SchedulerOutput(step_id, part))
+            except Exception as exc:
+                self._bisect(step_id, part, f"{type(exc).__name__}: {exc}", out)
+            else:
+                out.sampled_token_ids.update(part_out.sampled_token_ids)
+                out.failed.update(part_out.failed)
+
+    def _fail(self, request_id: str, error: str) -> EngineCoreOutput:
+        """Finish one request with an error (its cache goes back to the pool); the front end reports it."""
+        logger.error("request %s failed: %s", request_id, error)
+        self.scheduler.abort_request(request_id)
+        return EngineCoreOutput(request_id, [], "abort", error=error)
 
     def refusal(self, request_id: str, error: str) -> EngineCoreOutputs:
         """The outputs that tell the front end a request it sent was not taken."""

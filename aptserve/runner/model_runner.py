@@ -15,6 +15,7 @@ import torch
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, min_hidden_scratch_tokens
 from aptserve.config import EngineConfig, ModelConfig
+from aptserve.errors import ConversionFailedError
 from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.cpu_kernels import cpu_kernels
 from aptserve.model.hidden import convert_hidden_to_kv
@@ -102,8 +103,11 @@ class ModelRunner:
         start_s = time.perf_counter()
         self.sampler.forget(sched_out.finished_request_ids)
         if sched_out.conversions:  # before the forward: it may reuse the hidden units they read
-            projections = self.metadata_builder.build_conversions(sched_out.conversions)
-            convert_hidden_to_kv(self.kv_cache, projections, self.model.attention_layers())
+            try:
+                projections = self.metadata_builder.build_conversions(sched_out.conversions)
+                convert_hidden_to_kv(self.kv_cache, projections, self.model.attention_layers())
+            except Exception as exc:
+                raise ConversionFailedError([c.request_id for c in sched_out.conversions]) from exc
         if sched_out.is_empty:
             return RunnerOutput()
         model_input = self.prepare_inputs(sched_out.scheduled)
@@ -113,13 +117,25 @@ class ModelRunner:
         if self.device.type == "cuda":  # the forward's kernels must be done before it is timed
             torch.cuda.synchronize(self.device)
         forwarded_s = time.perf_counter()
-        sampled_token_ids: dict[str, int] = {}
-        if logits is not None:
-            request_ids = [r.request_id for r in model_input.sampled]
-            params = [r.sampling_params for r in model_input.sampled]
-            sampled_token_ids = dict(zip(request_ids, self.sampler(logits, request_ids, params)))
-        return RunnerOutput(sampled_token_ids, prepare_s=prepared_s - start_s, forward_s=forwarded_s - prepared_s,
-                            sample_s=time.perf_counter() - forwarded_s)
+        sampled_token_ids, failed = self._sample(logits, model_input.sampled) if logits is not None else ({}, {})
+        return RunnerOutput(sampled_token_ids, failed, prepare_s=prepared_s - start_s,
+                            forward_s=forwarded_s - prepared_s, sample_s=time.perf_counter() - forwarded_s)
+
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> tuple[dict[str, int], dict[str, str]]:
+        """Tokens of the sampled rows; if the batch fails, each row alone, so a request whose sampling fails
+        (request id -> error) fails by itself."""
+        request_ids = [r.request_id for r in sampled]
+        params = [r.sampling_params for r in sampled]
+        try:
+            return dict(zip(request_ids, self.sampler(logits, request_ids, params))), {}
+        except Exception:
+            tokens, failed = {}, {}
+            for row, (request_id, request_params) in enumerate(zip(request_ids, params)):
+                try:
+                    tokens[request_id] = self.sampler(logits[row:row + 1], [request_id], [request_params])[0]
+                except Exception as exc:
+                    failed[request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+            return tokens, failed
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInput:
         """Decodes first (they attend in batched groups: KV ones, then hidden ones), then prefill chunks."""

@@ -68,9 +68,11 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     k = torch.where(top_k > 0, top_k, logits.shape[-1])
     sorted_logits.masked_fill_(rank >= k[:, None], float("-inf"))
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    # Keep a token while the mass before it is below top_p (so the most likely token always stays).
+    # Keep a token while the mass before it is below top_p; the most likely one always stays, however small top_p
+    # is (a top_p that rounds to 0 in fp32 would otherwise mask every token and sample from NaN).
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_logits.masked_fill_((mass_before >= top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))
+    cut = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1) & (rank > 0)
+    sorted_logits.masked_fill_(cut, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 

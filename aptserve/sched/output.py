@@ -76,8 +76,10 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    # One new token per scheduled request whose `sample` was True.
+    # One new token per scheduled request whose `sample` was True, unless the request is in `failed`.
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # Requests the executor could not serve this step, and why (the engine finishes them with that error, alone).
+    failed: dict[str, str] = field(default_factory=dict)
     # Seconds the step spent building its inputs, in the forward pass and sampling (step accounting; the
     # simulator reports its cost model's prediction as forward time).
     prepare_s: float = 0.0

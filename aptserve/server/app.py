@@ -1,40 +1,46 @@
-"""The FastAPI app over an engine: its routes, its errors, and the engine thread's lifetime."""
+"""The FastAPI app over an engine: its guards, routes and errors, and the engine core's lifetime."""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from aptserve.core.client import ThreadCore
 from aptserve.engine import LLMEngine
+from aptserve.server.args import ServerArgs
 from aptserve.server.async_llm import AsyncLLM
 from aptserve.server.errors import add_error_handlers
+from aptserve.server.guards import APIKeyCheck, BodySizeLimit
 from aptserve.server.routes import router
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    # Names a request's `model` may use; the first is the one reported. Empty: the engine's model name.
-    served_model_names: tuple[str, ...] = ()
-    max_queue_len: int = 1024
-    log_step_stats: bool = False
-
-
-def create_app(engine: LLMEngine | AsyncLLM, server_config: ServerConfig = ServerConfig()) -> FastAPI:
+def create_app(engine: LLMEngine | AsyncLLM, server_args: ServerArgs = ServerArgs()) -> FastAPI:
     """The app over a front end (its engine core in another process: `aptserve serve`) or over an engine
     built in this process (stepped by a thread of its own); the core starts and stops with the app."""
     if isinstance(engine, LLMEngine):
-        engine = AsyncLLM(ThreadCore(engine.core), engine.tokenizer, server_config.max_queue_len,
-                          server_config.log_step_stats)
-    app = FastAPI(title="aptserve", description="OpenAI-compatible LLM serving", lifespan=_lifespan)
+        engine = AsyncLLM(ThreadCore(engine.core), engine.tokenizer, server_args.max_queue_len,
+                          server_args.log_step_stats)
+    docs = {} if not server_args.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="aptserve", description="OpenAI-compatible LLM serving", lifespan=_lifespan, **docs)
     app.state.engine = engine
     served_name = engine.config.model.served_name
-    names = server_config.served_model_names or (served_name,)
+    names = server_args.served_model_name or (served_name,)
     app.state.model_names = tuple(dict.fromkeys(names + (served_name,)))
     app.include_router(router)
     add_error_handlers(app)
+    # Added innermost first: the body limit runs before anything reads a body, the key check before that, CORS
+    # outermost so that its preflights and headers also reach clients the key check turns away.
+    app.add_middleware(BodySizeLimit, max_bytes=server_args.max_request_body_bytes)
+    if server_args.api_key:
+        app.add_middleware(APIKeyCheck, api_key=server_args.api_key,
+                           protect_health_and_metrics=server_args.protect_health_and_metrics)
+    if server_args.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server_args.allowed_origins),
+                           allow_methods=list(server_args.allowed_methods),
+                           allow_headers=list(server_args.allowed_headers),
+                           allow_credentials=server_args.allow_credentials)
     return app
 
 

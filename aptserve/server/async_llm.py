@@ -21,10 +21,16 @@ from aptserve.sampling import SamplingParams
 from aptserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+# Prompts longer than this (characters) are tokenized off the event loop, so streams never wait for them.
+INLINE_TOKENIZE_CHARS = 20_000
 
 
 class RequestFailedError(AptServeError):
     """The engine gave up on this request (its batch failed, or the engine stopped); others go on."""
+
+
+class RequestCutError(RequestFailedError):
+    """The server's drain ran out of time before this request finished."""
 
 
 class ServerDrainingError(EngineOverloadedError):
@@ -112,7 +118,12 @@ class AsyncLLM:
                           ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> RequestStream:
         """Check, tokenize and queue a request; raises InvalidRequestError (400) or EngineOverloadedError (503)."""
         self._check_capacity()
-        core_request, text = self._core_request(request_id, prompt, params, ttft_slo_s, tbt_slo_s)
+        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:  # the tokenizer releases the GIL
+            core_request, text = await asyncio.to_thread(self._core_request, request_id, prompt, params, ttft_slo_s,
+                                                         tbt_slo_s)
+            self._check_capacity()  # it may have changed meanwhile
+        else:
+            core_request, text = self._core_request(request_id, prompt, params, ttft_slo_s, tbt_slo_s)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         self.output_processor.add_request(request_id, text, core_request.prompt_token_ids,
@@ -175,9 +186,18 @@ class AsyncLLM:
         self.dead_reason = reason
         self._fail_all(reason)
 
-    def _fail_all(self, reason: str) -> None:
+    def cut_unfinished(self) -> int:
+        """End every open request now (the drain ran out of time): each gets a shutdown error. Returns how many."""
+        request_ids = list(self._streams)
+        if request_ids:
+            logger.warning("shutdown timeout: cutting %d unfinished requests", len(request_ids))
+            self.core.abort_requests(request_ids)
+            self._fail_all("the server shut down before this request finished", RequestCutError)
+        return len(request_ids)
+
+    def _fail_all(self, reason: str, error_type: type[AptServeError] = RequestFailedError) -> None:
         for request_id, stream in list(self._streams.items()):
             self._streams.pop(request_id, None)
             self.output_processor.abort(request_id)
             self.metrics.requests_finished.labels("error").inc()
-            stream.put(RequestFailedError(reason))
+            stream.put(error_type(reason))

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
-from aptserve.server.async_llm import EngineDeadError, RequestFailedError, ServerDrainingError
+from aptserve.server.async_llm import (EngineDeadError, RequestCutError, RequestFailedError,
+                                      ServerDrainingError)
 from aptserve.server.protocol import ErrorResponse
 
 
@@ -42,16 +43,24 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code)
 
 
-async def _engine_error(raw_request: Request, exc: AptServeError) -> JSONResponse:
+def engine_error(exc: AptServeError) -> tuple[int, str, str | None]:
+    """The HTTP status, error type and code of an engine error (one table for answers and stream events)."""
     if isinstance(exc, InvalidRequestError):
-        return error_response(400, str(exc))
+        return 400, "invalid_request_error", None
+    if isinstance(exc, RequestCutError):  # another replica may serve it
+        return 503, "server_error", "server_shutting_down"
     if isinstance(exc, EngineOverloadedError):
-        code = ("server_shutting_down" if isinstance(exc, ServerDrainingError)
-                else "engine_dead" if isinstance(exc, EngineDeadError) else "server_overloaded")
+        return 503, "server_error", ("server_shutting_down" if isinstance(exc, ServerDrainingError)
+                                     else "engine_dead" if isinstance(exc, EngineDeadError) else "server_overloaded")
+    return 500, "server_error", "request_failed" if isinstance(exc, RequestFailedError) else None
+
+
+async def _engine_error(raw_request: Request, exc: AptServeError) -> JSONResponse:
+    status_code, type, code = engine_error(exc)
+    if isinstance(exc, EngineOverloadedError):
         raw_request.app.state.engine.metrics.requests_rejected.labels(code).inc()
-        return error_response(503, str(exc), "server_error", code=code, headers={"Retry-After": "1"})
-    code = "request_failed" if isinstance(exc, RequestFailedError) else None
-    return error_response(500, str(exc), "server_error", code=code)
+    headers = {"Retry-After": "1"} if status_code == 503 else None
+    return error_response(status_code, str(exc), type, code=code, headers=headers)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,7 +79,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(exc.status_code, str(exc.detail), type, headers=exc.headers)
+    code = "request_too_large" if exc.status_code == 413 else None
+    return error_response(exc.status_code, str(exc.detail), type, code=code, headers=exc.headers)
 
 
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aptserve.errors import InvalidRequestError
 from aptserve.sampling import RequestOutputKind, SamplingParams
@@ -12,7 +12,8 @@ from aptserve.sampling import RequestOutputKind, SamplingParams
 
 class OpenAIBaseModel(BaseModel):
     # Unknown fields are ignored as OpenAI and vLLM do; NaN/inf would poison a whole batch in the sampler.
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # Strict types, as the OpenAI API: "16", true and 2.0 are not integers, 1 is not a boolean.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -22,7 +23,7 @@ class StreamOptions(OpenAIBaseModel):
 class SamplingRequest(OpenAIBaseModel):
     """The fields that completions and chat share."""
 
-    model: str
+    model: str | None = None  # None or "": the served model
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
@@ -90,6 +91,13 @@ class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> "ChatMessage":
+        # An assistant turn may carry only tool calls; every other role speaks.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -6,37 +6,45 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 import jinja2
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from aptserve.errors import AptServeError, InvalidRequestError
 from aptserve.outputs import RequestOutput
 from aptserve.server.async_llm import AsyncLLM, RequestStream
-from aptserve.server.errors import APIError, error_response
+from aptserve.server.errors import APIError, engine_error, error_response
 from aptserve.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatStreamChoice, CompletionChoice,
                                       CompletionRequest, CompletionResponse, DeltaMessage, ErrorResponse,
                                       ModelCard, ModelList, SamplingRequest, UsageInfo)
 
 router = APIRouter()
-_ERRORS = {400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 500, 503)}
+# Completions answer JSON, or with "stream": true server-sent events (one JSON object per `data:` line).
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
-@router.get("/health")
-async def health(raw_request: Request) -> Response:
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+@router.get("/health", response_model=HealthStatus, responses={503: {"model": ErrorResponse}})
+async def health(raw_request: Request) -> HealthStatus | Response:
     engine: AsyncLLM = raw_request.app.state.engine
     if engine.draining:
         return error_response(503, "the server is shutting down", "server_error",
                               code="server_shutting_down")
     if not engine.is_running:
         return error_response(503, "the engine loop is not running", "server_error", code="engine_dead")
-    return Response(status_code=200)
+    return HealthStatus()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(raw_request: Request) -> Response:
     content, content_type = raw_request.app.state.engine.metrics.render()
     return Response(content, media_type=content_type)
@@ -49,7 +57,7 @@ async def list_models(raw_request: Request) -> ModelList:
 
 
 @router.post("/v1/completions", response_model=None,
-             responses={200: {"model": CompletionResponse}, **_ERRORS})
+             responses={200: {"model": CompletionResponse, "content": _STREAM}, **_ERRORS})
 async def create_completion(body: CompletionRequest,
                             raw_request: Request) -> Response | CompletionResponse:
     def respond(output: RequestOutput, request_id: str, model: str) -> CompletionResponse:
@@ -62,7 +70,7 @@ async def create_completion(body: CompletionRequest,
 
 
 @router.post("/v1/chat/completions", response_model=None,
-             responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
+             responses={200: {"model": ChatCompletionResponse, "content": _STREAM}, **_ERRORS})
 async def create_chat_completion(body: ChatCompletionRequest,
                                  raw_request: Request) -> Response | ChatCompletionResponse:
     def respond(output: RequestOutput, request_id: str, model: str) -> ChatCompletionResponse:
@@ -90,9 +98,9 @@ async def _serve(raw_request: Request, body: SamplingRequest, id_prefix: str, pr
 
 
 # --- request helpers -----------------------------------------------------------------------------
-def _served_model(raw_request: Request, name: str) -> str:
+def _served_model(raw_request: Request, name: str | None) -> str:
     names = raw_request.app.state.model_names
-    if name not in names:
+    if name and name not in names:
         raise APIError(400, f"the model {name!r} does not exist; this server serves {names[0]!r}",
                        param="model", code="model_not_found")
     return names[0]
@@ -163,9 +171,9 @@ async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield f"data: {event.model_dump_json()}\n\n"
-    except AptServeError as exc:  # the engine failed this request mid-stream: tell the client, then end
-        error = ErrorResponse.of(str(exc), "server_error", code="request_failed")
-        yield f"data: {error.model_dump_json()}\n\n"
+    except AptServeError as exc:  # the engine failed or cut this request mid-stream: tell the client, then end
+        _, type, code = engine_error(exc)
+        yield f"data: {ErrorResponse.of(str(exc), type, code=code).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 

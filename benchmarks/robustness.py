@@ -1,0 +1,239 @@
+"""Robustness probes against `aptserve serve` on the default model, each while a bystander stream runs.
+
+For every probe: what the server answered, how long it took, the cache units still held once everything settled
+(leaks), and the largest gap between the bystander's events (a probe must not stall other clients). The last
+probe drains the server with SIGTERM while long streams run past --shutdown-timeout.
+
+    .venv/bin/python benchmarks/robustness.py        # ~3 min; writes benchmarks/results/robustness.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+from benchmarks.servers import scrape, wait_ready  # noqa: E402
+
+MODEL = "default"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8133)
+    parser.add_argument("--kv-cache-memory", default="256M")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    return parser.parse_args(argv)
+
+
+def body(**fields) -> dict:
+    return {"model": MODEL, "prompt": "Tell me a long story about the sea.", "max_tokens": 8, **fields}
+
+
+class Bystander(threading.Thread):
+    """A stream of `max_tokens` that records its largest gap between events."""
+
+    def __init__(self, url: str, max_tokens: int = 150) -> None:
+        super().__init__(daemon=True)
+        self.url, self.max_tokens = url, max_tokens
+        self.largest_gap_s, self.num_events, self.started = 0.0, 0, threading.Event()
+
+    def run(self) -> None:
+        request = body(max_tokens=self.max_tokens, stream=True, ignore_eos=True)
+        with httpx.stream("POST", f"{self.url}/v1/completions", json=request, timeout=300) as response:
+            last = None
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    now = time.perf_counter()
+                    if last is not None:
+                        self.largest_gap_s = max(self.largest_gap_s, now - last)
+                    last, self.num_events = now, self.num_events + 1
+                    self.started.set()
+
+
+def post(url: str, payload, **kwargs) -> str:
+    kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
+    response = httpx.post(f"{url}/v1/completions", timeout=300, headers={"content-type": "application/json"},
+                          **kwargs)
+    return f"{response.status_code} {response.text[:140]}"
+
+
+def junk_fields(url: str) -> str:
+    return post(url, json.dumps({**body(), **{f"x{i}": "y" * 1000 for i in range(20_000)}}).encode())
+
+
+def huge_prompt(num_bytes: int):
+    return lambda url: post(url, json.dumps(body(prompt="word " * (num_bytes // 5))).encode())
+
+
+def many_stop_strings(url: str) -> str:
+    stops = [f"{i:04d}" + "z" * 3000 for i in range(1000)]
+    return post(url, body(stop=stops))
+
+
+def max_stop_strings_streams(url: str) -> str:
+    """What the limits still allow: 4 streams of 300 tokens with 16 stop strings of 256 characters."""
+    stops = [f"{i:02d}" + "z" * 254 for i in range(16)]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body(
+                stop=stops, max_tokens=300, ignore_eos=True)) for _ in range(4)))
+
+    return " ".join(str(r.status_code) for r in asyncio.run(run()))
+
+
+def idle_connections(num: int):
+    def probe(url: str) -> str:
+        host, port = url.removeprefix("http://").split(":")
+        sockets = [socket.create_connection((host, int(port))) for _ in range(num)]
+        answered = post(url, body())
+        time.sleep(11)  # past the header-read timeout: the server closes them
+        closed = 0
+        for sock in sockets:
+            sock.settimeout(1)
+            try:
+                closed += sock.recv(16) == b""
+            except OSError:
+                closed += 1
+            sock.close()
+        return f"normal request: {answered[:3]}; {closed}/{num} idle connections closed by the server"
+    return probe
+
+
+def disconnects(url: str) -> str:
+    def one() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body(max_tokens=200, stream=True, ignore_eos=True),
+                          timeout=300) as response:
+            for _ in zip(range(3), response.iter_lines()):
+                pass
+
+    threads = [threading.Thread(target=one) for _ in range(70)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return "70 streams closed after their first events"
+
+
+def burst(url: str) -> str:
+    async def run():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body()) for _ in range(200)))
+
+    return str(dict(Counter(r.status_code for r in asyncio.run(run()))))
+
+
+PROBES = {
+    "top_k 2**63 (overflows the sampler)": lambda url: post(url, body(top_k=2**63, temperature=1)),
+    "max_tokens '16' (a string)": lambda url: post(url, body(max_tokens="16")),
+    "temperature 1e-308": lambda url: post(url, body(temperature=1e-308)),
+    "top_p 1e-300": lambda url: post(url, body(top_p=1e-300, temperature=1)),
+    "user message without content": lambda url: httpx.post(
+        f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user"}]}, timeout=60).text[:140],
+    "20 MB of junk fields": junk_fields,
+    "10 MB prompt": huge_prompt(10 << 20),
+    "2 MB prompt": huge_prompt(2 << 20),
+    "1,000 stop strings of 3,000 characters": many_stop_strings,
+    "4 streams x 16 stop strings of 256 characters": max_stop_strings_streams,
+    "2,000 idle connections": idle_connections(2000),
+    "70 disconnects mid-stream": disconnects,
+    "burst of 200 against --max-queue-len 32": burst,
+}
+
+
+def units_held(url: str) -> float:
+    return sum(value for (name, _), value in scrape(url).items() if name == "aptserve:cache_units_used")
+
+
+def settle(url: str, timeout_s: float = 60) -> float:
+    """Cache units still held once no request runs or waits (0 unless something leaked)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = scrape(url)
+        busy = sum(v for (name, _), v in metrics.items()
+                   if name in ("aptserve:num_requests_running", "aptserve:num_requests_waiting"))
+        if busy == 0:
+            break
+        time.sleep(0.5)
+    return units_held(url)
+
+
+def drain(url: str, process) -> dict:
+    """10 streams of 1,500 tokens, SIGTERM after 3 s, --shutdown-timeout 10: every stream must end cleanly."""
+    endings: list[list[str]] = []
+
+    def read() -> None:
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=300,
+                          json=body(max_tokens=1500, stream=True, ignore_eos=True)) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+        endings.append(events[-2:])
+
+    readers = [threading.Thread(target=read) for _ in range(10)]
+    for reader in readers:
+        reader.start()
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    for reader in readers:
+        reader.join(120)
+    clean = sum(1 for end in endings if len(end) == 2 and end[1] == "[DONE]" and '"server_shutting_down"' in end[0])
+    return {"probe": "SIGTERM with 10 streams of 1,500 tokens, --shutdown-timeout 10",
+            "result": f"{clean}/10 streams ended with an error event and [DONE]; exit status {process.wait(60)}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import subprocess
+
+    args = parse_args(argv)
+    url = f"http://127.0.0.1:{args.port}"
+    log_path = Path(tempfile.mkdtemp(prefix="robustness-")) / "server.log"
+    command = [sys.executable, "-m", "aptserve.cli", "serve", "--model", MODEL, "--port", str(args.port),
+               "--kv-cache-memory", args.kv_cache_memory, "--max-queue-len", "32", "--max-num-seqs", "32",
+               "--shutdown-timeout", "10", "--disable-uvicorn-access-log"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_ready(process, url, 600, log_path)
+        for name, probe in PROBES.items():
+            bystander = Bystander(url)
+            bystander.start()
+            bystander.started.wait(60)
+            start = time.perf_counter()
+            result = probe(url)
+            seconds = time.perf_counter() - start
+            bystander.join(300)
+            rows.append({"probe": name, "result": result, "seconds": round(seconds, 2),
+                         "units_leaked": settle(url), "bystander_largest_gap_s": round(bystander.largest_gap_s, 3),
+                         "bystander_events": bystander.num_events})
+            print(json.dumps(rows[-1]), flush=True)
+        rows.append(drain(url, process))
+        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        process.kill()
+        process.wait()
+    log_text = log_path.read_text(errors="replace")
+    summary = {"tracebacks_in_log": log_text.count("Traceback"), "log_lines": log_text.count("\n")}
+    path = write_json(Path(args.out_dir) / "robustness.json",
+                      {"benchmark": "robustness", "command": command, "probes": rows, "log": summary})
+    print(f"wrote {path}; log: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
