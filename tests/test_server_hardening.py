@@ -14,7 +14,7 @@ import pytest
 
 from aptserve.server.args import API_KEY_ENV, ServerArgs
 from aptserve.server.guards import BoundedLoopErrorLog
-from tests.test_server import running_server, wait_until
+from tests.test_server import running_server
 from tests.test_server_robustness import POISON_TOKEN_ID, SIM, completion, sim_engine
 
 
