@@ -5,17 +5,16 @@ Each field of `EngineArgs` is one flag: `LLM(**kwargs)` takes the field names, t
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_units_per_block,
                                      max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_bytes)
 from aptserve.config import (DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig,
                              SchedulerPolicy)
-from aptserve.flags import add_cli_args, flag, from_cli_args, parse_bytes
+from aptserve.flags import FlagTable, flag, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,9 @@ AlphaFn = Callable[[ModelConfig, int, str, str], float]
 
 
 @dataclass(frozen=True)
-class EngineArgs:
+class EngineArgs(FlagTable):
+    cli_group: ClassVar[str] = "engine"
+
     model: str = flag("default", "'default' (SmolLM2-135M-Instruct), an OPT shape such as 'opt-125m', "
                       "or the path of a local HF folder (Llama or OPT)")
     dtype: str = flag("float32", "weights and cache dtype", choices=tuple(DTYPE_BYTES))
@@ -59,17 +60,6 @@ class EngineArgs:
         "sizing prompt chunks with the step times the engine measures; 0 turns it off (default: "
         f"{APT_CHUNKED_STEP_TBT_FRACTION} for apt-chunked, 0 for the others)", float)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_cli_args(cls, parser, "engine")
-
-    @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
-        return from_cli_args(cls, args)
 
 
 def resolve(args: EngineArgs, model_config: ModelConfig | None = None,

@@ -45,3 +45,21 @@ def add_cli_args(cls: type, parser: argparse.ArgumentParser, title: str) -> None
 def from_cli_args(cls: type[T], args: argparse.Namespace) -> T:
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
     return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+
+
+class FlagTable:
+    """Mixin of a flag dataclass: its CLI options under `cli_group`, and back from parsed options."""
+
+    cli_group = "options"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_cli_args(cls, parser, cls.cli_group)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace):
+        return from_cli_args(cls, args)

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+from aptserve.bench.bystander import Bystander  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 from benchmarks.servers import scrape, wait_ready  # noqa: E402
 
@@ -39,27 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def body(**fields) -> dict:
     return {"model": MODEL, "prompt": "Tell me a long story about the sea.", "max_tokens": 8, **fields}
-
-
-class Bystander(threading.Thread):
-    """A stream of `max_tokens` that records its largest gap between events."""
-
-    def __init__(self, url: str, max_tokens: int = 150) -> None:
-        super().__init__(daemon=True)
-        self.url, self.max_tokens = url, max_tokens
-        self.largest_gap_s, self.num_events, self.started = 0.0, 0, threading.Event()
-
-    def run(self) -> None:
-        request = body(max_tokens=self.max_tokens, stream=True, ignore_eos=True)
-        with httpx.stream("POST", f"{self.url}/v1/completions", json=request, timeout=300) as response:
-            last = None
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    now = time.perf_counter()
-                    if last is not None:
-                        self.largest_gap_s = max(self.largest_gap_s, now - last)
-                    last, self.num_events = now, self.num_events + 1
-                    self.started.set()
 
 
 def post(url: str, payload, **kwargs) -> str:
@@ -211,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_ready(process, url, 600, log_path)
         for name, probe in PROBES.items():
-            bystander = Bystander(url)
+            bystander = Bystander(url, body(max_tokens=150, ignore_eos=True))
             bystander.start()
             bystander.started.wait(60)
             start = time.perf_counter()

@@ -55,37 +55,39 @@ def alone(model_path: str, scheduler: str) -> dict[str, list[int]]:
     return {request_id: tokens for request_id, (tokens, _) in run(engine).items()}
 
 
-@pytest.mark.parametrize("scheduler", ["fcfs", "apt-chunked"])
-def test_a_sampling_fault_fails_only_its_request(model_path, scheduler):
-    expected = alone(model_path, scheduler)
-    engine = make_engine(model_path, scheduler)
-    params = dataclasses.replace(GREEDY, max_tokens=MAX_TOKENS)
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(prompt, params, request_id=f"r{i}")
-        if i == 1:
-            engine.add_request([30, 31, 32], BrokenSamplingParams(temperature=0, max_tokens=MAX_TOKENS),
-                               request_id="broken")
+def assert_only_it_failed(engine: LLMEngine, expected: dict[str, list[int]], failing_id: str, error_text: str):
+    """Run to the end: `failing_id` ends with `error_text` and no token, every other request with the tokens it
+    gets alone, and every cache unit is back in the pool."""
     results = run(engine)
-    tokens, error = results.pop("broken")
-    assert tokens == [] and "crafted sampling fault" in error
+    tokens, error = results.pop(failing_id)
+    assert tokens == [] and error_text in error
     assert {request_id: tokens for request_id, (tokens, _) in results.items()} == expected
     assert all(error is None for _, error in results.values())
     assert engine.cache.num_free_units == engine.cache.num_units
 
 
-@pytest.mark.parametrize("scheduler", ["fcfs", "apt-chunked"])
-def test_a_forward_fault_fails_only_its_request(model_path, scheduler):
+def queued(model_path: str, scheduler: str) -> tuple[LLMEngine, dict[str, list[int]]]:
+    """An engine with PROMPTS queued, and each prompt's tokens when served without a faulty neighbour."""
     expected = alone(model_path, scheduler)
     engine = make_engine(model_path, scheduler)
-    params = dataclasses.replace(GREEDY, max_tokens=MAX_TOKENS)
     for i, prompt in enumerate(PROMPTS):
-        engine.add_request(prompt, params, request_id=f"r{i}")
+        engine.add_request(prompt, dataclasses.replace(GREEDY, max_tokens=MAX_TOKENS), request_id=f"r{i}")
+    return engine, expected
+
+
+@pytest.mark.parametrize("scheduler", ["fcfs", "apt-chunked"])
+def test_a_sampling_fault_fails_only_its_request(model_path, scheduler):
+    engine, expected = queued(model_path, scheduler)
+    engine.add_request([30, 31, 32], BrokenSamplingParams(temperature=0, max_tokens=MAX_TOKENS), request_id="broken")
+    assert_only_it_failed(engine, expected, "broken", "crafted sampling fault")
+
+
+@pytest.mark.parametrize("scheduler", ["fcfs", "apt-chunked"])
+def test_a_forward_fault_fails_only_its_request(model_path, scheduler):
+    engine, expected = queued(model_path, scheduler)
+    params = dataclasses.replace(GREEDY, max_tokens=MAX_TOKENS)
     # Past the door (which refuses ids outside the vocabulary): the embedding lookup fails in the forward pass.
     poisoned = EngineCoreRequest("poisoned", [40, TINY_VOCAB + 7, 41], params, engine.clock.now(), None, None)
     engine.core.add_request(poisoned)
     engine.output_processor.add_request("poisoned", None, poisoned.prompt_token_ids, params, poisoned.arrival_s)
-    results = run(engine)
-    tokens, error = results.pop("poisoned")
-    assert tokens == [] and "IndexError" in error
-    assert {request_id: tokens for request_id, (tokens, _) in results.items()} == expected
-    assert engine.cache.num_free_units == engine.cache.num_units
+    assert_only_it_failed(engine, expected, "poisoned", "IndexError")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 
+from aptserve.bench.bystander import Bystander
 from aptserve.server.args import API_KEY_ENV, ServerArgs
 from aptserve.server.guards import BoundedLoopErrorLog
 from tests.test_server import running_server
@@ -96,30 +96,9 @@ def test_a_failing_request_fails_alone_and_its_batch_goes_on():
 
 
 # --- size limits -----------------------------------------------------------------------------------
-class Bystander(threading.Thread):
-    """A stream that records its largest gap between events."""
-
-    def __init__(self, base_url: str, max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.base_url, self.max_tokens = base_url, max_tokens
-        self.num_events, self.largest_gap_s, self.started = 0, 0.0, threading.Event()
-
-    def run(self) -> None:
-        body = completion(max_tokens=self.max_tokens, stream=True)
-        with httpx.stream("POST", f"{self.base_url}/v1/completions", json=body, timeout=60) as response:
-            last = None
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    now = time.perf_counter()
-                    if last is not None:
-                        self.largest_gap_s = max(self.largest_gap_s, now - last)
-                    last, self.num_events = now, self.num_events + 1
-                    self.started.set()
-
-
 def test_huge_bodies_and_prompts_are_refused_fast_while_streams_go_on():
     with running_server(sim_engine(num_units=128, step_s=0.03), max_request_body_bytes=8 << 20) as live:
-        bystander = Bystander(live.base_url, max_tokens=120)  # >= 3.6 s: it streams through every probe
+        bystander = Bystander(live.base_url, completion(max_tokens=120))  # >= 3.6 s: through every probe
         bystander.start()
         assert bystander.started.wait(30)
         start = time.perf_counter()

@@ -2,17 +2,19 @@
 has the flag. Uvicorn-level limits (connections, timeouts) go to build_server; the rest to create_app."""
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
-from aptserve.flags import add_cli_args, flag, from_cli_args, parse_bytes
+from aptserve.flags import FlagTable, flag, parse_bytes
 
 API_KEY_ENV = "APTSERVE_API_KEY"
 
 
 @dataclass(frozen=True)
-class ServerArgs:
+class ServerArgs(FlagTable):
+    cli_group: ClassVar[str] = "server"
+
     host: str = flag("127.0.0.1", "address to listen on")
     port: int = flag(8000, "port to listen on", int)
     served_model_name: tuple[str, ...] = flag(
@@ -54,11 +56,3 @@ class ServerArgs:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-
-    @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_cli_args(cls, parser, "server")
-
-    @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
-        return from_cli_args(cls, args)
