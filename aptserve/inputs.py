@@ -8,7 +8,6 @@ It needs the configuration only, so it runs in the front-end process when the en
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from aptserve.cache.geometry import cdiv, max_tokens_of_one_request, smallest_units_per_block
 from aptserve.config import EngineConfig
@@ -31,6 +30,8 @@ class InputProcessor:
         self.config = config
         self.model_config = config.model
         self.tokenizer = tokenizer
+        # Once, at start-up: reading the vocabulary takes tens of milliseconds.
+        self.max_prompt_chars = self._max_prompt_chars() if tokenizer is not None else 0
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> ProcessedPrompt:
         if isinstance(prompt, str):
@@ -44,8 +45,7 @@ class InputProcessor:
         self._check_fits_pool(len(token_ids) + params.max_tokens)
         return ProcessedPrompt(text, token_ids, params)
 
-    @functools.cached_property
-    def max_prompt_chars(self) -> int:
+    def _max_prompt_chars(self) -> int:
         """A text longer than this cannot fit max_model_len tokens: no token covers more characters than the
         longest in the vocabulary (times what a normalizer may shrink text by), so it is refused untokenized."""
         longest = max(map(len, self.tokenizer.get_vocab()), default=1)
