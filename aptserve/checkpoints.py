@@ -34,6 +34,10 @@ OPT_SHAPES = {
     "opt-66b": (9216, 64, 36864, 72, 9216, True),
 }
 OPT_ARCHITECTURE = "OPTForCausalLM"
+# What every built OPT shape shares: the SmolLM2 tokenizer's vocabulary and EOS, OPT's 2,048 positions.
+OPT_VOCAB_SIZE = 49152
+OPT_MAX_POSITIONS = 2048
+OPT_EOS_TOKEN_ID = 2
 
 
 def _log(message: str) -> None:
@@ -102,9 +106,10 @@ def opt_config(name: str):
 
     hidden, layers, ffn, heads, proj_dim, pre_ln = OPT_SHAPES[name]
     return OPTConfig(
-        vocab_size=49152, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+        vocab_size=OPT_VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
         num_attention_heads=heads, word_embed_proj_dim=proj_dim, do_layer_norm_before=pre_ln,
-        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype="float16",
+        max_position_embeddings=OPT_MAX_POSITIONS, bos_token_id=1, eos_token_id=OPT_EOS_TOKEN_ID,
+        pad_token_id=OPT_EOS_TOKEN_ID, dtype="float16",
         architectures=[OPT_ARCHITECTURE],
     )
 

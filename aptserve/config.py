@@ -51,6 +51,9 @@ class ModelConfig:
     served_name: str = ""
     # The model's own limit (max_position_embeddings); max_model_len may be set lower, never higher.
     max_position_embeddings: int | None = None
+    # Width of the feed-forward layer (Llama: gated, three matrices; OPT: two); 0 when unknown (cost models then
+    # take 4 x hidden_size).
+    intermediate_size: int = 0
 
     @property
     def kv_dim(self) -> int:

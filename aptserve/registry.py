@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from aptserve.checkpoints import DEFAULT_MODEL_DIR, OPT_SHAPES, prepare_folder
+from aptserve.checkpoints import (DEFAULT_MODEL_DIR, OPT_EOS_TOKEN_ID, OPT_MAX_POSITIONS, OPT_SHAPES,
+                                  OPT_VOCAB_SIZE, prepare_folder)
 from aptserve.config import ModelConfig
 from aptserve.errors import UnknownModelError
 from aptserve.paths import cache_dir
@@ -60,7 +61,21 @@ def load_model_config(path: str, max_model_len: int | None = None, served_name: 
         eos_token_ids=_eos_token_ids(folder, hf),
         served_name=served_name or folder.name,
         max_position_embeddings=hf["max_position_embeddings"],
+        intermediate_size=hf.get("intermediate_size") or hf.get("ffn_dim") or 0,
     )
+    return config.with_max_model_len(max_model_len)
+
+
+def shape_model_config(name: str, max_model_len: int | None = None) -> ModelConfig:
+    """The ModelConfig of a published OPT shape without building its folder (the simulator's paper-scale models,
+    which no machine here could hold)."""
+    if name not in OPT_SHAPES:
+        raise UnknownModelError(f"unknown shape {name!r}: use one of {', '.join(OPT_SHAPES)}")
+    hidden, layers, ffn, heads, _, _ = OPT_SHAPES[name]
+    config = ModelConfig(path=name, architecture="opt", num_layers=layers, hidden_size=hidden, num_heads=heads,
+                         num_kv_heads=heads, head_dim=hidden // heads, vocab_size=OPT_VOCAB_SIZE,
+                         max_model_len=OPT_MAX_POSITIONS, eos_token_ids=(OPT_EOS_TOKEN_ID,), served_name=name,
+                         max_position_embeddings=OPT_MAX_POSITIONS, intermediate_size=ffn)
     return config.with_max_model_len(max_model_len)
 
 

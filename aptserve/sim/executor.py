@@ -6,6 +6,7 @@ predicts; with the SimClock it lets the real engine.step() run without a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from aptserve.cache.manager import CacheKind
 from aptserve.sched.output import RunnerOutput, SchedulerOutput
@@ -44,8 +45,16 @@ class LinearCostModel:
                 + self.per_context_token_s * num_context + self.per_recompute_token_s * num_recompute)
 
 
+class CostModel(Protocol):
+    """What the simulator needs of a cost model (LinearCostModel here, RooflineCostModel in roofline.py)."""
+
+    def step_time(self, sched_out: SchedulerOutput) -> float: ...
+
+    def alpha_s(self, model_config, block_size: int, dtype: str, device: str) -> float: ...
+
+
 class CostModelExecutor:
-    def __init__(self, clock: SimClock | None = None, cost_model: LinearCostModel | None = None,
+    def __init__(self, clock: SimClock | None = None, cost_model: CostModel | None = None,
                  token_id: int = 7) -> None:
         self.clock = clock
         self.cost_model = cost_model or LinearCostModel()

@@ -12,11 +12,11 @@ from aptserve.engine_args import EngineArgs, resolve
 from aptserve.errors import InvalidRequestError
 from aptserve.outputs import RequestOutput
 from aptserve.sampling import RequestOutputKind, SamplingParams
-from aptserve.sim.executor import CostModelExecutor, LinearCostModel, SimClock
+from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel, SimClock
 
 
-def sim_engine(args: EngineArgs, model_config: ModelConfig, cost_model: LinearCostModel | None = None,
-               make_executor: Callable[[SimClock, LinearCostModel], Executor] = CostModelExecutor,
+def sim_engine(args: EngineArgs, model_config: ModelConfig, cost_model: CostModel | None = None,
+               make_executor: Callable[[SimClock, CostModel], Executor] = CostModelExecutor,
                ) -> tuple[LLMEngine, SimClock]:
     """The real engine, configured by the same resolve() as a served one (the hidden cache priced by the
     cost model unless args.alpha is given), on a simulated clock and a cost-model executor."""

@@ -1,0 +1,79 @@
+"""The roofline cost model at paper scale: figures in the range of published measurements (OPT-13B on an
+A100-40GB), the hidden cache priced by its recompute, tensor parallelism, the KV budget as vLLM sizes it, and the
+real engine driven by it through the same resolve() as a served one."""
+from __future__ import annotations
+
+import pytest
+
+from aptserve.bench.datasets import TraceRequest
+from aptserve.cache.manager import CacheKind
+from aptserve.config import HybridMode
+from aptserve.engine_args import EngineArgs
+from aptserve.registry import shape_model_config
+from aptserve.sampling import SamplingParams
+from aptserve.sched.output import CacheConversion, ScheduledRequest, SchedulerOutput
+from aptserve.sim.gpus import GIB, gpu_spec
+from aptserve.sim.roofline import RooflineCostModel
+from aptserve.sim.simulator import sim_engine, simulate
+
+OPT_13B = shape_model_config("opt-13b")
+
+
+def step(*requests: tuple[int, int, CacheKind], conversions: tuple[CacheConversion, ...] = ()) -> SchedulerOutput:
+    """A step of (new tokens, start position, cache kind) requests, each sampled."""
+    scheduled = [ScheduledRequest(str(i), [5] * n, start, kind, [], True, SamplingParams())
+                 for i, (n, start, kind) in enumerate(requests)]
+    return SchedulerOutput(0, scheduled, conversions=list(conversions))
+
+
+def model(name: str = "opt-13b", gpu: str = "a100-40gb", tensor_parallel: int = 1) -> RooflineCostModel:
+    return RooflineCostModel(shape_model_config(name), gpu_spec(gpu), tensor_parallel)
+
+
+def test_opt13b_on_an_a100_in_the_range_of_published_figures():
+    cost = model()
+    assert 23 * GIB < cost.weight_bytes < 25 * GIB
+    decode_s = cost.step_time(step((1, 512, CacheKind.KV)))  # memory-bound: the weights once per step
+    assert 0.020 < decode_s < 0.035
+    batch_s = cost.step_time(step(*[(1, 512, CacheKind.KV)] * 32))  # batching decodes is almost free
+    assert batch_s < 1.5 * decode_s
+    prefill_s = cost.step_time(step((1024, 0, CacheKind.KV)))  # compute-bound
+    assert 0.12 < prefill_s < 0.25
+    assert 8 * GIB < cost.kv_cache_bytes(max_num_batched_tokens=2048) < 14 * GIB
+
+
+def test_the_hidden_cache_costs_its_recompute_and_alpha_is_one_block_of_it():
+    cost = model()
+    kv_s = cost.step_time(step(*[(1, 1024, CacheKind.KV)] * 16))
+    hidden_s = cost.step_time(step(*[(1, 1024, CacheKind.HIDDEN)] * 16))
+    assert hidden_s > kv_s
+    block = 16
+    alpha = cost.alpha_s(OPT_13B, block, "float16", "cuda")
+    assert alpha == pytest.approx(OPT_13B.num_layers * cost._recompute_s(block))
+    converted = step((1, 256, CacheKind.KV), conversions=(
+        CacheConversion("x", 256, CacheKind.HIDDEN, [], CacheKind.KV, []),))
+    assert cost.step_time(converted) > cost.step_time(step((1, 256, CacheKind.KV)))
+
+
+def test_tensor_parallelism_splits_the_weights_and_pays_all_reduces():
+    one, two = model("opt-30b", "a100-80gb", 1), model("opt-30b", "a100-80gb", 2)
+    decode = step(*[(1, 512, CacheKind.KV)] * 8)
+    assert two.step_time(decode) < one.step_time(decode)
+    assert two.step_time(decode) > one.step_time(decode) / 2  # the all-reduces and the overhead do not split
+    with pytest.raises(ValueError, match="does not fit 1 x a100-40gb"):
+        model("opt-66b", "a100-40gb", 1).kv_cache_bytes(2048)
+    assert model("opt-66b", "a100-80gb", 4).kv_cache_bytes(2048) > 100 * GIB
+
+
+def test_the_real_engine_runs_on_the_roofline_at_paper_scale():
+    cost = model()
+    args = EngineArgs(model="opt-13b", dtype="float16", kv_cache_memory=cost.kv_cache_bytes(2048),
+                      scheduler="apt-chunked", max_num_seqs=64)
+    engine, clock = sim_engine(args, OPT_13B, cost_model=cost)
+    assert engine.config.cache.hybrid == HybridMode.ON  # OPT is MHA: the hidden cache is half the size
+    assert engine.config.scheduler.alpha_s == pytest.approx(cost.alpha_s(OPT_13B, 16, "float16", "cuda"))
+    trace = [TraceRequest("", 300 + 10 * i, 50) for i in range(20)]
+    records = simulate(engine, clock, trace, [0.05 * i for i in range(20)])
+    assert all(r.ok and r.output_len == 50 for r in records)
+    gaps = [b - a for r in records for a, b in zip(r.token_times_s, r.token_times_s[1:])]
+    assert 0.02 < min(gaps) and max(gaps) < 1.0  # decode steps of tens of milliseconds, as on the real GPU
