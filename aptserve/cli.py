@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
+    from aptserve.sim.cli import add_sim_parser
+
+    add_sim_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,16 +92,24 @@ def _run(base_url: str, spec: BenchSpec, trace: Sequence[TraceRequest], offsets_
 
 def measure_unloaded(base_url: str, spec: BenchSpec, num_probes: int = 5, probe_max_tokens: int = 32) -> dict:
     """The server's latency with nothing else running (see UNLOADED_DEFINITION); raises if a probe fails."""
-    median_len = float(np.median([r.prompt_len for r in spec.trace]))
-    nearest = sorted(range(len(spec.trace)), key=lambda i: (abs(spec.trace[i].prompt_len - median_len), i))
-    probes = [replace(spec.trace[i], output_len=min(spec.trace[i].output_len, probe_max_tokens))
-              for i in nearest[:num_probes]]
+    def run_alone(request: TraceRequest) -> RequestRecord:
+        return _run(base_url, spec, [request], [0.0], progress=False)[0][0]
+
+    return unloaded_latency(run_alone, spec.trace, num_probes, probe_max_tokens)
+
+
+def unloaded_latency(run_alone: Callable[[TraceRequest], RequestRecord], trace: Sequence[TraceRequest],
+                     num_probes: int, probe_max_tokens: int) -> dict:
+    """UNLOADED_DEFINITION over `run_alone` (a served or a simulated request with nothing else running)."""
+    median_len = float(np.median([r.prompt_len for r in trace]))
+    nearest = sorted(range(len(trace)), key=lambda i: (abs(trace[i].prompt_len - median_len), i))
+    probes = [replace(trace[i], output_len=min(trace[i].output_len, probe_max_tokens)) for i in nearest[:num_probes]]
     metrics = []
     for request in [probes[-1], *probes]:  # the first, a warm-up, is not counted
-        records, _ = _run(base_url, spec, [request], [0.0], progress=False)
-        if not records[0].completed:
-            raise RuntimeError(f"unloaded probe failed on {base_url}: {records[0].error}")
-        metrics.append(request_metrics(records[0]))
+        record = run_alone(request)
+        if not record.completed:
+            raise RuntimeError(f"unloaded probe failed: {record.error}")
+        metrics.append(request_metrics(record))
     metrics = metrics[1:]
     values = {"ttft_s": [m.ttft_s for m in metrics], "p99_tbt_s": [m.p99_tbt_s for m in metrics],
               "mean_tpot_s": [m.mean_tpot_s for m in metrics]}
@@ -123,6 +131,11 @@ def run_rate(base_url: str, spec: BenchSpec, slos: dict, rate: float, point_inde
     trace = spec.trace_for_point(point_index)
     offsets_s = gamma_send_offsets_s(len(trace), rate, spec.cv, spec.seed)
     records, duration_s = _run(base_url, spec, trace, offsets_s, spec.progress)
+    return sweep_point(rate, records, duration_s, slos)
+
+
+def sweep_point(rate: float, records: list[RequestRecord], duration_s: float, slos: dict) -> dict:
+    """A point of a sweep, measured or simulated: the summary and each request's latencies (for CDFs)."""
     summary = summarize(records, slos["ttft_slo_s"], slos["tbt_slo_s"], duration_s, slos["tpot_slo_s"])
     metrics = [request_metrics(r) if r.completed else None for r in records]
     requests = {name: [None if m is None else getattr(m, name) for m in metrics]

@@ -27,8 +27,9 @@ def sim_engine(args: EngineArgs, model_config: ModelConfig, cost_model: CostMode
 
 
 def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
-             send_offsets_s: Sequence[float], max_num_steps: int = 10_000_000) -> list[RequestRecord]:
-    """Run every request of the trace to completion; one RequestRecord per request, in trace order."""
+             send_offsets_s: Sequence[float], max_num_steps: int = 10_000_000, progress=None) -> list[RequestRecord]:
+    """Run every request of the trace to completion; one RequestRecord per request, in trace order.
+    `progress`: a tqdm bar, advanced by one per request finished."""
     records: dict[int, RequestRecord] = {}
     next_index, num_steps = 0, 0
     start_s = clock.now()
@@ -42,6 +43,8 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
         for output in engine.step():
             if output.finished:
                 records[int(output.request_id)] = _record(output, trace[int(output.request_id)])
+                if progress is not None:
+                    progress.update(1)
         num_steps += 1
         if num_steps > max_num_steps:
             raise RuntimeError(f"simulation did not drain in {max_num_steps} steps")
