@@ -198,13 +198,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "ratios": throughput_ratios(results, baseline),
               "title": (f"{args.dataset} x {len(spec.trace)} requests, cv {args.cv:g}, TTFT SLO "
                         f"{slos['ttft_slo_s']:.3g} s, P99 TBT SLO {slos['tbt_slo_s']:.3g} s, target {args.target:g}")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    if args.plot:
-        from aptserve.bench.report import plot_results
-        plot_results(args.plot, result)
-    for name, server in results.items():
-        print(f"{name}: effective throughput {server.get('effective_throughput', server.get('error'))}")
-    print(f"ratios: {result['ratios']}\nwrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    write_result(result, args.out, args.plot)
     return 0 if all("points" in s for s in results.values()) else 1
+
+
+def write_result(result: dict, out: str, plot: str | None) -> None:
+    """The JSON (and the PNG) of a sweep, measured or simulated, and a line per server."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        from aptserve.bench.report import plot_results
+        plot_results(plot, result)
+    for name, server in result["servers"].items():
+        print(f"{name}: effective throughput {server.get('effective_throughput', server.get('error'))}")
+    print(f"ratios: {result['ratios']}\nwrote {out}" + (f" and {plot}" if plot else ""))
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from aptserve.bench.arrivals import gamma_send_offsets_s
-from aptserve.bench.cli import _add_common_args, _check_args, explicit_slos, tokenizer_path
+from aptserve.bench.cli import _add_common_args, _check_args, explicit_slos, tokenizer_path, write_result
 from aptserve.bench.serving import (effective_throughput, load_bench_trace, slos_from_unloaded, sweep_point,
                                     throughput_ratios, trace_stats, unloaded_latency)
 from aptserve.checkpoints import OPT_SHAPES
@@ -114,14 +112,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
               "ratios": throughput_ratios(servers, policies[0]),
               "title": (f"simulated {args.model} on {_system(args)}: {args.dataset} x {len(trace)} requests, cv "
                         f"{args.cv:g}, TTFT SLO {slos['ttft_slo_s']:.3g} s, P99 TBT SLO {slos['tbt_slo_s']:.3g} s")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    if args.plot:
-        from aptserve.bench.report import plot_results
-        plot_results(args.plot, result)
-    for policy, server in servers.items():
-        print(f"{policy}: effective throughput {server['effective_throughput']}")
-    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    write_result(result, args.out, args.plot)
     return 0
 
 
