@@ -103,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
     from aptserve.sim.cli import add_sim_parser
+    from aptserve.sim.profile import add_profile_parser
 
     add_sim_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 

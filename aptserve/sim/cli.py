@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -25,6 +26,7 @@ from aptserve.config import ModelConfig
 from aptserve.engine_args import CHUNKED_DEFAULT_BATCHED_TOKENS, EngineArgs
 from aptserve.sim.executor import CostModel, LinearCostModel
 from aptserve.sim.gpus import GPUS, gpu_spec
+from aptserve.sim.profile import load_profile
 from aptserve.sim.roofline import RooflineCostModel
 from aptserve.sim.simulator import sim_engine, simulate
 
@@ -37,6 +39,8 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
     _add_common_args(sim)
     group = sim.add_argument_group("simulation")
     group.add_argument("--gpu", default=None, choices=tuple(GPUS), help="price steps with the roofline of this GPU")
+    group.add_argument("--cost-model", default=None, metavar="PROFILE_JSON",
+                       help="price steps with the coefficients `aptserve profile` fitted on a real engine")
     group.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per replica (with --gpu)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="with --gpu, as vLLM's")
     group.add_argument("--policies", default=None,
@@ -76,6 +80,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     _check_args(args)
     config = model_config(args.model, args.max_model_len)
     cost_model: CostModel = LinearCostModel()
+    if args.gpu and args.cost_model:
+        raise SystemExit("give --gpu (the roofline) or --cost-model (a profile), not both")
+    if args.cost_model:
+        cost_model = load_profile(args.cost_model)
     if args.gpu:
         cost_model = RooflineCostModel(config, gpu_spec(args.gpu), args.tensor_parallel, args.dtype or "float16")
     policies = (args.policies or args.scheduler).split(",")
@@ -117,7 +125,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _system(args: argparse.Namespace) -> str:
-    return f"{args.tensor_parallel} x {args.gpu}" if args.gpu else "the linear CPU cost model"
+    if args.gpu:
+        return f"{args.tensor_parallel} x {args.gpu}"
+    return f"the profile {Path(args.cost_model).name}" if args.cost_model else "the linear CPU cost model"
 
 
 def _config(args: argparse.Namespace, cost_model: CostModel) -> dict:
