@@ -43,6 +43,9 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
                        help="price steps with the coefficients `aptserve profile` fitted on a real engine")
     group.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per replica (with --gpu)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="with --gpu, as vLLM's")
+    group.add_argument("--slo-aware", action="store_true",
+                       help="give the engine the SLOs the run is judged by, as requests carrying ttft_slo and tbt_slo "
+                            "would (default: the engine's defaults, as for requests that carry none)")
     group.add_argument("--policies", default=None,
                        help="comma-separated schedulers to compare on the same trace (default: --scheduler)")
     sim.set_defaults(func=cmd_sim, kv_cache_memory=None, dtype=None)
@@ -59,12 +62,13 @@ def model_config(name: str, max_model_len: int | None) -> ModelConfig:
 
 def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost_model: CostModel,
                 slos: dict | None) -> EngineArgs:
-    """The engine flags of one simulated run; its default SLOs are those the run is judged by (the engine's own
-    defaults while the unloaded latency is measured)."""
+    """The engine flags of one simulated run. Its default SLOs are the engine's own, as on a server whose requests
+    carry none; with --slo-aware, those the run is judged by (as if every request carried them)."""
     fields = {name: getattr(args, name) for name in EngineArgs.field_names()}
+    aware = args.slo_aware and slos is not None
     fields.update(scheduler=policy, dtype=args.dtype or ("float16" if args.gpu else "float32"),
-                  ttft_slo=slos["ttft_slo_s"] if slos else EngineArgs.ttft_slo,
-                  tbt_slo=slos["tbt_slo_s"] if slos else EngineArgs.tbt_slo)
+                  ttft_slo=slos["ttft_slo_s"] if aware else EngineArgs.ttft_slo,
+                  tbt_slo=slos["tbt_slo_s"] if aware else EngineArgs.tbt_slo)
     if fields["kv_cache_memory"] is None:
         if isinstance(cost_model, RooflineCostModel):
             batched = args.max_num_batched_tokens or max(config.max_model_len, CHUNKED_DEFAULT_BATCHED_TOKENS)
