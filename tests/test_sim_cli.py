@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from aptserve.cli import main
 
 ARGS = ["sim", "--model", "opt-13b", "--gpu", "a100-40gb", "--dataset", "sharegpt", "--num-requests", "60",
@@ -37,3 +39,25 @@ def test_slo_scale_is_measured_on_the_simulated_system(tmp_path):
     assert slo["source"] == "slo_scale"
     assert 0.02 < slo["unloaded"]["median_p99_tbt_s"] < 0.05  # an OPT-13B decode step on an A100
     assert slo["tbt_slo_s"] == 5 * slo["unloaded"]["median_p99_tbt_s"]
+
+
+def test_the_served_path_terms_shift_ttft_and_lengthen_steps():
+    from aptserve.bench.datasets import TraceRequest
+    from aptserve.engine_args import EngineArgs
+    from aptserve.registry import shape_model_config
+    from aptserve.sim.executor import CostModelExecutor, LinearCostModel
+    from aptserve.sim.simulator import sim_engine, simulate
+
+    model, cost = shape_model_config("opt-125m"), LinearCostModel()
+    args = EngineArgs(model="opt-125m", kv_cache_memory=256 << 20, scheduler="fcfs", alpha=0.0)
+
+    def served(step_overhead_s: float, latency_s: float):
+        engine, clock = sim_engine(args, model, cost, make_executor=lambda clock, model: CostModelExecutor(
+            clock, model, step_overhead_s=step_overhead_s))
+        return simulate(engine, clock, [TraceRequest("", 40, 5)], [0.0], request_latency_s=latency_s)[0]
+
+    bare, served_path = served(0.0, 0.0), served(0.002, 0.03)
+    assert served_path.first_token_s - bare.first_token_s == pytest.approx(0.002 + 0.03)
+    bare_gaps = [b - a for a, b in zip(bare.token_times_s, bare.token_times_s[1:])]
+    gaps = [b - a for a, b in zip(served_path.token_times_s, served_path.token_times_s[1:])]
+    assert gaps == pytest.approx([gap + 0.002 for gap in bare_gaps])

@@ -24,7 +24,7 @@ from aptserve.bench.serving import (effective_throughput, load_bench_trace, slos
 from aptserve.checkpoints import OPT_SHAPES
 from aptserve.config import ModelConfig
 from aptserve.engine_args import CHUNKED_DEFAULT_BATCHED_TOKENS, EngineArgs
-from aptserve.sim.executor import CostModel, LinearCostModel
+from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel
 from aptserve.sim.gpus import GPUS, gpu_spec
 from aptserve.sim.profile import load_profile
 from aptserve.sim.roofline import RooflineCostModel
@@ -43,6 +43,12 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
                        help="price steps with the coefficients `aptserve profile` fitted on a real engine")
     group.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per replica (with --gpu)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="with --gpu, as vLLM's")
+    group.add_argument("--step-overhead-s", type=float, default=0.0,
+                       help="seconds a served step costs beyond the forward pass (the step_phase_seconds of "
+                            "schedule, update, output and gap on a server's /metrics)")
+    group.add_argument("--request-latency-s", type=float, default=0.0,
+                       help="the served path's fixed latency per token delivered (HTTP, tokenization, the engine "
+                            "hop): added to every token's time")
     group.add_argument("--slo-aware", action="store_true",
                        help="give the engine the SLOs the run is judged by, as requests carrying ttft_slo and tbt_slo "
                             "would (default: the engine's defaults, as for requests that carry none)")
@@ -99,9 +105,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
                              args.max_output_len, **options)
     rates = args.rates or [args.rate]
 
+    def executor(clock, model):
+        return CostModelExecutor(clock, model, step_overhead_s=args.step_overhead_s)
+
     def run(policy: str, slos: dict | None, requests, offsets_s, progress=None):
-        engine, clock = sim_engine(engine_args(args, policy, config, cost_model, slos), config, cost_model)
-        return simulate(engine, clock, requests, offsets_s, progress=progress)
+        engine, clock = sim_engine(engine_args(args, policy, config, cost_model, slos), config, cost_model,
+                                   make_executor=executor)
+        return simulate(engine, clock, requests, offsets_s, progress=progress,
+                        request_latency_s=args.request_latency_s)
 
     if args.slo_scale:  # the first policy alone on the simulated system sets them
         unloaded = unloaded_latency(lambda request: run(policies[0], None, [request], [0.0])[0], trace,

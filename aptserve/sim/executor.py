@@ -64,15 +64,19 @@ class CostModel(Protocol):
 
 
 class CostModelExecutor:
+    """`step_overhead_s`: what a served step costs beyond the forward pass (scheduling, the engine loop's update,
+    the front end's turn between steps), added to every step the cost model prices."""
+
     def __init__(self, clock: SimClock | None = None, cost_model: CostModel | None = None,
-                 token_id: int = 7) -> None:
+                 token_id: int = 7, step_overhead_s: float = 0.0) -> None:
         self.clock = clock
         self.cost_model = cost_model or LinearCostModel()
         self.token_id = token_id
+        self.step_overhead_s = step_overhead_s
         self.num_steps = 0
 
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
-        elapsed_s = self.cost_model.step_time(sched_out) if sched_out.scheduled else 0.0
+        elapsed_s = self.cost_model.step_time(sched_out) + self.step_overhead_s if sched_out.scheduled else 0.0
         if self.clock is not None:
             self.clock.advance(elapsed_s)
         self.num_steps += 1

@@ -27,9 +27,11 @@ def sim_engine(args: EngineArgs, model_config: ModelConfig, cost_model: CostMode
 
 
 def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
-             send_offsets_s: Sequence[float], max_num_steps: int = 10_000_000, progress=None) -> list[RequestRecord]:
+             send_offsets_s: Sequence[float], max_num_steps: int = 10_000_000, progress=None,
+             request_latency_s: float = 0.0) -> list[RequestRecord]:
     """Run every request of the trace to completion; one RequestRecord per request, in trace order.
-    `progress`: a tqdm bar, advanced by one per request finished."""
+    `progress`: a tqdm bar, advanced by one per request finished. `request_latency_s`: the served path's fixed
+    latency (HTTP, tokenization, the hop to the engine and back), added to when each token reaches the client."""
     records: dict[int, RequestRecord] = {}
     next_index, num_steps = 0, 0
     start_s = clock.now()
@@ -42,7 +44,7 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
             continue
         for output in engine.step():
             if output.finished:
-                records[int(output.request_id)] = _record(output, trace[int(output.request_id)])
+                records[int(output.request_id)] = _record(output, trace[int(output.request_id)], request_latency_s)
                 if progress is not None:
                     progress.update(1)
         num_steps += 1
@@ -63,9 +65,10 @@ def _add(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
                                        send_s=arrival_s, error=str(exc))
 
 
-def _record(output: RequestOutput, request: TraceRequest) -> RequestRecord:
+def _record(output: RequestOutput, request: TraceRequest, latency_s: float) -> RequestRecord:
     metrics = output.metrics
+    first_token_s = None if metrics.first_token_s is None else metrics.first_token_s + latency_s
     return RequestRecord(ok=output.error is None, prompt_len=request.prompt_len,
                          output_len=len(output.outputs[0].token_ids), send_s=metrics.arrival_s,
-                         first_token_s=metrics.first_token_s, token_times_s=list(metrics.token_times_s),
+                         first_token_s=first_token_s, token_times_s=[t + latency_s for t in metrics.token_times_s],
                          error=output.error)
