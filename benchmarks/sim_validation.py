@@ -1,0 +1,154 @@
+"""The simulator against the real engine on this CPU: the same trace, rates and SLOs, served and simulated.
+
+1. `aptserve profile` fits the linear cost model to this engine's steps (same model, KV and length limits).
+2. `aptserve serve` runs the trace at each rate through `aptserve bench`'s client; its unloaded TTFT and the
+   per-step phases on /metrics (schedule, update, output, gap) give the served path's two terms.
+3. `aptserve sim` replays the same trace, rates and SLOs with the profile and those two terms (measured on the
+   server, not fitted to the loaded points).
+The JSON has both sets of points and, per rate, the relative error of TTFT and P99 TBT at p50 and p90 and the
+attainment difference; the PNG draws both attainment curves and those errors.
+
+    .venv/bin/python benchmarks/sim_validation.py          # ~6 min on 2 idle cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+from benchmarks.servers import SERVED_NAME, aptserve_command, running_server, scrape  # noqa: E402
+
+OVERHEAD_PHASES = ("schedule", "update", "output", "gap")
+QUANTILES = (50, 90)
+# A short run whose only use is bench's unloaded probe (10 requests alone, median TTFT); the later --rates and
+# --num-requests win over the trace's.
+UNLOADED_PROBE = ("--slo-scale", "1", "--num-slo-probes", "10", "--rates", "100", "--num-requests", "20")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--scheduler", default="apt-chunked")
+    parser.add_argument("--kv-cache-memory", type=int, default=943_718_400)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-prompt-len", type=int, default=512)
+    parser.add_argument("--max-output-len", type=int, default=128)
+    parser.add_argument("--num-requests", type=int, default=100)
+    parser.add_argument("--rates", default="2,4,6", help="below, at and above the knee")
+    parser.add_argument("--ttft-slo", type=float, default=0.32)
+    parser.add_argument("--tbt-slo", type=float, default=0.19)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8150)
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    return parser.parse_args(argv)
+
+
+def cli(*argv: str) -> None:
+    subprocess.run([sys.executable, "-m", "aptserve.cli", *argv], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="sim-validation-"))
+    max_len = args.max_prompt_len + args.max_output_len
+    engine = ["--max-model-len", str(max_len), "--kv-cache-memory", str(args.kv_cache_memory),
+              "--max-num-seqs", str(args.max_num_seqs), "--scheduler", args.scheduler]
+    trace = ["--dataset", "sharegpt", "--num-requests", str(args.num_requests), "--max-prompt-len",
+             str(args.max_prompt_len), "--max-output-len", str(args.max_output_len), "--rates", args.rates,
+             "--seed", str(args.seed), "--no-progress"]
+    cli("profile", "--model", args.model, *engine, "--out", str(work / "profile.json"), "--no-progress")
+
+    argv_serve, env = aptserve_command(args.model, args.kv_cache_memory, args.max_num_seqs, max_len, args.port,
+                                       threads=2, scheduler=args.scheduler)
+    with running_server("aptserve", argv_serve, env, work, args.port, timeout_s=600) as (url, _):
+        cli("bench", "run", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", _tokenizer(args.model),
+            *trace, *UNLOADED_PROBE, "--out", str(work / "unloaded.json"))  # only for its unloaded probe
+        cli("bench", "run", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", _tokenizer(args.model),
+            *trace, "--ttft-slo", str(args.ttft_slo), "--tbt-slo", str(args.tbt_slo), "--out", str(work / "real.json"))
+        metrics = scrape(url)
+    step_overhead_s = sum(_mean_phase(metrics, phase) for phase in OVERHEAD_PHASES)
+    served_unloaded = json.loads((work / "unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
+
+    sim_common = ["sim", "--model", args.model, "--cost-model", str(work / "profile.json"), *engine, *trace]
+    cli(*sim_common, *UNLOADED_PROBE, "--step-overhead-s", str(step_overhead_s), "--out",
+        str(work / "sim_unloaded.json"))
+    simulated_unloaded = json.loads((work / "sim_unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
+    request_latency_s = max(0.0, served_unloaded - simulated_unloaded)
+    cli(*sim_common, "--ttft-slo", str(args.ttft_slo), "--tbt-slo", str(args.tbt_slo), "--step-overhead-s",
+        str(step_overhead_s), "--request-latency-s", str(request_latency_s), "--out", str(work / "sim.json"))
+
+    real = json.loads((work / "real.json").read_text())["servers"]["server"]["points"]
+    sim = json.loads((work / "sim.json").read_text())["servers"][args.scheduler]["points"]
+    comparison = [_compare(r, s) for r, s in zip(real, sim)]
+    for row in comparison:
+        print(json.dumps(row))
+    out_dir = Path(args.out_dir)
+    payload = {"benchmark": "sim_validation", "config": vars(args), "step_overhead_s": step_overhead_s,
+               "request_latency_s": request_latency_s, "profile": json.loads((work / "profile.json").read_text()),
+               "comparison": comparison, "real_points": real, "sim_points": sim}
+    write_json(out_dir / "sim_validation.json", payload)
+    _plot(out_dir / "sim_validation.png", comparison, args)
+    return 0
+
+
+def _tokenizer(model: str) -> str:
+    from aptserve.registry import resolve_model
+
+    return resolve_model(model)
+
+
+def _mean_phase(metrics: dict, phase: str) -> float:
+    labels = (("phase", phase),)
+    count = metrics.get(("aptserve:step_phase_seconds_count", labels), 0.0)
+    return metrics.get(("aptserve:step_phase_seconds_sum", labels), 0.0) / count if count else 0.0
+
+
+def _quantile(point: dict, metric: str, q: int) -> float:
+    return float(np.percentile([v for v in point["requests"][metric] if v is not None], q))
+
+
+def _compare(real: dict, sim: dict) -> dict:
+    row = {"rate": real["rate"], "attainment_real": real["attainment"], "attainment_sim": sim["attainment"],
+           "attainment_diff": sim["attainment"] - real["attainment"]}
+    for metric in ("ttft_s", "p99_tbt_s"):
+        for q in QUANTILES:
+            measured, simulated = _quantile(real, metric, q), _quantile(sim, metric, q)
+            row[f"{metric}_p{q}"] = {"real": measured, "sim": simulated, "rel_error": simulated / measured - 1}
+    return row
+
+
+def _plot(path: Path, comparison: list[dict], args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [row["rate"] for row in comparison]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.plot(rates, [row["attainment_real"] for row in comparison], "o-", label="served")
+    left.plot(rates, [row["attainment_sim"] for row in comparison], "s--", label="simulated")
+    left.set(xlabel="request rate (req/s)", ylabel="SLO attainment (paper rule)", ylim=(0, 1.02),
+             title="attainment: served vs simulated")
+    left.legend()
+    for metric in ("ttft_s", "p99_tbt_s"):
+        for q in QUANTILES:
+            right.plot(rates, [100 * row[f"{metric}_p{q}"]["rel_error"] for row in comparison], "o-",
+                       label=f"{metric} p{q}")
+    right.axhspan(-15, 15, color="grey", alpha=0.15, label="+-15%")
+    right.set(xlabel="request rate (req/s)", ylabel="simulated / served - 1 (%)", title="latency error")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{args.model}, {args.scheduler}, ShareGPT x {args.num_requests}, SLOs TTFT {args.ttft_slo} s, "
+                 f"P99 TBT {args.tbt_slo} s", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
