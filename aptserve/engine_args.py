@@ -14,7 +14,7 @@ from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_
                                      max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_bytes)
 from aptserve.config import (DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig,
                              SchedulerPolicy)
-from aptserve.flags import FlagTable, flag, parse_bytes
+from aptserve.flags import FlagTable, check_positive, flag, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,8 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
 
 
 def _check(args: EngineArgs) -> None:
-    positive = {"block_size": args.block_size, "kv_cache_memory": args.kv_cache_memory,
-                "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
-    for name, value in positive.items():
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_positive({"block_size": args.block_size, "kv_cache_memory": args.kv_cache_memory,
+                    "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens})
     if args.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {args.dtype!r}")
     for enum_type, value, name in ((SchedulerPolicy, args.scheduler, "scheduler"),

@@ -30,6 +30,13 @@ def flag(default, help: str, parse: Callable | None = None, choices=None, action
                                                         "action": action, "nargs": nargs})
 
 
+def check_positive(values: dict[str, int | None]) -> None:
+    """ValueError naming the first flag below 1 (None: not given, allowed)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def add_cli_args(cls: type, parser: argparse.ArgumentParser, title: str) -> None:
     group = parser.add_argument_group(title)
     for field in dataclasses.fields(cls):

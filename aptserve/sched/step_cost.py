@@ -65,14 +65,20 @@ class StepCostFitter:
 def fit(rows: Sequence[tuple[float, float, float]], fallback: StepCostModel) -> StepCostModel:
     """Non-negative least squares of seconds on (1, tokens, attention work); `fallback` if the data cannot say."""
     data = np.asarray(rows, dtype=float)
-    features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
-    scale = np.maximum(features.max(axis=0), 1e-12)  # columns of very different magnitudes
-    active = [0, 1, 2]
-    while active:  # drop a negative coefficient and refit the rest (a small active-set NNLS)
-        coef, *_ = np.linalg.lstsq(features[:, active] / scale[active], data[:, 2], rcond=None)
-        if np.all(coef >= 0):
-            full = np.zeros(3)
-            full[active] = coef / scale[active]
-            return StepCostModel(float(full[0]), float(full[1]), float(full[2]))
-        active.pop(int(np.argmin(coef)))
-    return fallback
+    coef = nonnegative_least_squares(np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]]), data[:, 2])
+    return fallback if coef is None else StepCostModel(*map(float, coef))
+
+
+def nonnegative_least_squares(features: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
+    """Coefficients >= 0 minimising |features @ coef - targets| (a small active-set NNLS: drop the most negative
+    coefficient and refit the rest); None if no column can stay."""
+    scale = np.maximum(np.abs(features).max(axis=0), 1e-12)  # columns of very different magnitudes
+    active = list(range(features.shape[1]))
+    while active:
+        solved, *_ = np.linalg.lstsq(features[:, active] / scale[active], targets, rcond=None)
+        if np.all(solved >= 0):
+            coef = np.zeros(features.shape[1])
+            coef[active] = solved / scale[active]
+            return coef
+        active.pop(int(np.argmin(solved)))
+    return None

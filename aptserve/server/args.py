@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from aptserve.flags import FlagTable, flag, parse_bytes
+from aptserve.flags import FlagTable, check_positive, flag, parse_bytes
 
 API_KEY_ENV = "APTSERVE_API_KEY"
 
@@ -51,8 +51,5 @@ class ServerArgs(FlagTable):
     def __post_init__(self) -> None:
         if self.api_key is None and os.environ.get(API_KEY_ENV):
             object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
-        positive = {"max_queue_len": self.max_queue_len, "max_request_body_bytes": self.max_request_body_bytes,
-                    "limit_concurrency": self.limit_concurrency}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_positive({"max_queue_len": self.max_queue_len, "max_request_body_bytes": self.max_request_body_bytes,
+                        "limit_concurrency": self.limit_concurrency})

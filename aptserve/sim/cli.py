@@ -70,7 +70,7 @@ def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost
                 slos: dict | None) -> EngineArgs:
     """The engine flags of one simulated run. Its default SLOs are the engine's own, as on a server whose requests
     carry none; with --slo-aware, those the run is judged by (as if every request carried them)."""
-    fields = {name: getattr(args, name) for name in EngineArgs.field_names()}
+    fields = dataclasses.asdict(EngineArgs.from_cli_args(args))
     aware = args.slo_aware and slos is not None
     fields.update(scheduler=policy, dtype=args.dtype or ("float16" if args.gpu else "float32"),
                   ttft_slo=slos["ttft_slo_s"] if aware else EngineArgs.ttft_slo,

@@ -20,6 +20,7 @@ from aptserve.config import HybridMode
 from aptserve.engine_args import EngineArgs, resolve
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import ScheduledRequest, SchedulerOutput
+from aptserve.sched.step_cost import nonnegative_least_squares
 from aptserve.sim.executor import LinearCostModel, step_features
 
 GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -68,15 +69,8 @@ def fit_linear(features: np.ndarray, seconds: np.ndarray) -> LinearCostModel:
     """Non-negative least squares of step seconds on LinearCostModel's features, relative to each step's time
     (small decode steps matter as much as long prompt chunks)."""
     weights = 1 / seconds
-    active = list(range(features.shape[1]))
-    coef = np.zeros(features.shape[1])
-    while active:  # drop a negative coefficient and refit the rest
-        solved, *_ = np.linalg.lstsq(features[:, active] * weights[:, None], seconds * weights, rcond=None)
-        if np.all(solved >= 0):
-            coef[active] = solved
-            break
-        active.pop(int(np.argmin(solved)))
-    return LinearCostModel(*map(float, coef))
+    coef = nonnegative_least_squares(features * weights[:, None], seconds * weights)
+    return LinearCostModel(*map(float, np.zeros(features.shape[1]) if coef is None else coef))
 
 
 def profile(args: EngineArgs, repeats: int = 3, progress: bool = True) -> dict:
