@@ -61,3 +61,16 @@ def test_the_served_path_terms_shift_ttft_and_lengthen_steps():
     bare_gaps = [b - a for a, b in zip(bare.token_times_s, bare.token_times_s[1:])]
     gaps = [b - a for a, b in zip(served_path.token_times_s, served_path.token_times_s[1:])]
     assert gaps == pytest.approx([gap + 0.002 for gap in bare_gaps])
+
+
+def test_bisect_refines_between_the_last_pass_and_the_first_failure(tmp_path):
+    out = tmp_path / "sim.json"
+    args = [a for a in ARGS if a not in ("--policies", "fcfs,apt-chunked")]
+    assert main([*args, "--scheduler", "fcfs", "--bisect", "--max-probes", "6", "--out", str(out)]) == 0
+    server = json.loads(out.read_text())["servers"]["fcfs"]
+    rates = [p["rate"] for p in server["points"]]
+    assert len(rates) == 6 and rates == sorted(rates) and {1.0, 4.0, 64.0} <= set(rates)
+    passing = [p["rate"] for p in server["points"] if p["attainment"] >= 0.9]
+    failing = [p["rate"] for p in server["points"] if p["attainment"] < 0.9]
+    assert server["effective_throughput"]["paper"]["best_rate"] == max(passing)
+    assert passing and failing and max(passing) < min(failing) < 64.0  # bisection probed inside the bracket

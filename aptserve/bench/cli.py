@@ -25,6 +25,7 @@ DATASETS = ("sharegpt", "humaneval", "longbench", "synthetic")
 # Loader options each dataset takes (see aptserve.bench.datasets.load_trace).
 DATASET_OPTIONS = {"sharegpt": ("max_prompt_len", "max_total_len"), "humaneval": (),
                    "longbench": ("target_prompt_len",), "synthetic": ("prompt_len", "output_len")}
+TRACE_OPTIONS = ("max_prompt_len", "max_total_len", "target_prompt_len", "prompt_len", "output_len")
 
 
 def _rates(text: str) -> list[float]:
@@ -52,7 +53,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="sharegpt", choices=DATASETS)
     data.add_argument("--num-requests", type=int, default=50)
     data.add_argument("--max-output-len", type=int, default=None, help="keep only requests with output <= this")
-    for option in ("max_prompt_len", "max_total_len", "target_prompt_len", "prompt_len", "output_len"):
+    for option in TRACE_OPTIONS:
         data.add_argument("--" + option.replace("_", "-"), type=int, default=None,
                           help="for " + " / ".join(d for d, opts in DATASET_OPTIONS.items() if option in opts))
     load = parser.add_argument_group("load")
@@ -114,7 +115,7 @@ def _check_args(args: argparse.Namespace) -> None:
     explicit = args.ttft_slo is not None and args.tbt_slo is not None
     if explicit == (args.slo_scale is not None):
         raise SystemExit("give either both --ttft-slo and --tbt-slo, or --slo-scale")
-    for option in ("max_prompt_len", "max_total_len", "target_prompt_len", "prompt_len", "output_len"):
+    for option in TRACE_OPTIONS:
         if getattr(args, option) is not None and option not in DATASET_OPTIONS[args.dataset]:
             raise SystemExit(f"--{option.replace('_', '-')} does not apply to --dataset {args.dataset}")
 

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from aptserve.bench.arrivals import gamma_send_offsets_s
-from aptserve.bench.cli import _add_common_args, _check_args, explicit_slos, tokenizer_path, write_result
+from aptserve.bench.cli import TRACE_OPTIONS, _add_common_args, _check_args, explicit_slos, tokenizer_path, write_result
+from aptserve.bench.datasets import TraceRequest
+from aptserve.bench.metrics import RequestRecord
 from aptserve.bench.serving import (effective_throughput, load_bench_trace, slos_from_unloaded, sweep_point,
                                     throughput_ratios, trace_stats, unloaded_latency)
+from aptserve.bench.sweep import sweep_rates, sweep_then_bisect
 from aptserve.checkpoints import OPT_SHAPES
 from aptserve.config import ModelConfig
 from aptserve.engine_args import CHUNKED_DEFAULT_BATCHED_TOKENS, EngineArgs
-from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel
+from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel, SimClock
 from aptserve.sim.gpus import GPUS, gpu_spec
 from aptserve.sim.profile import load_profile
 from aptserve.sim.roofline import RooflineCostModel
@@ -67,14 +71,14 @@ def model_config(name: str, max_model_len: int | None) -> ModelConfig:
 
 
 def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost_model: CostModel,
-                slos: dict | None) -> EngineArgs:
+                slos: dict | None, **overrides) -> EngineArgs:
     """The engine flags of one simulated run. Its default SLOs are the engine's own, as on a server whose requests
     carry none; with --slo-aware, those the run is judged by (as if every request carried them)."""
     fields = dataclasses.asdict(EngineArgs.from_cli_args(args))
     aware = args.slo_aware and slos is not None
     fields.update(scheduler=policy, dtype=args.dtype or ("float16" if args.gpu else "float32"),
                   ttft_slo=slos["ttft_slo_s"] if aware else EngineArgs.ttft_slo,
-                  tbt_slo=slos["tbt_slo_s"] if aware else EngineArgs.tbt_slo)
+                  tbt_slo=slos["tbt_slo_s"] if aware else EngineArgs.tbt_slo, **overrides)
     if fields["kv_cache_memory"] is None:
         if isinstance(cost_model, RooflineCostModel):
             batched = args.max_num_batched_tokens or max(config.max_model_len, CHUNKED_DEFAULT_BATCHED_TOKENS)
@@ -84,56 +88,96 @@ def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost
     return EngineArgs(**fields)
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class Simulation:
+    """One model on one simulated system with one trace: each run replays the trace under a policy and an
+    arrival pattern through a fresh engine built by the same resolve() as a served one."""
+    args: argparse.Namespace
+    config: ModelConfig
+    cost_model: CostModel
+    trace: list[TraceRequest]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, trace: list[TraceRequest] | None = None) -> Simulation:
+        _check_args(args)
+        if args.gpu and args.cost_model:
+            raise SystemExit("give --gpu (the roofline) or --cost-model (a profile), not both")
+        config = model_config(args.model, args.max_model_len)
+        cost_model: CostModel = LinearCostModel()
+        if args.cost_model:
+            cost_model = load_profile(args.cost_model)
+        if args.gpu:
+            cost_model = RooflineCostModel(config, gpu_spec(args.gpu), args.tensor_parallel, args.dtype or "float16")
+        return cls(args, config, cost_model, load_sim_trace(args) if trace is None else trace)
+
+    def run(self, policy: str, slos: dict | None, offsets_s: Sequence[float], requests=None, progress=None,
+            **engine_flags) -> list[RequestRecord]:
+        """The trace (or `requests`) sent at `offsets_s`; `engine_flags` override the args' (e.g. hybrid_cache)."""
+        args = engine_args(self.args, policy, self.config, self.cost_model, slos, **engine_flags)
+        engine, clock = sim_engine(args, self.config, self.cost_model, make_executor=self._executor)
+        return simulate(engine, clock, self.trace if requests is None else requests, offsets_s, progress=progress,
+                        request_latency_s=self.args.request_latency_s)
+
+    def point(self, policy: str, slos: dict, rate: float, progress=None, **engine_flags) -> dict:
+        """One sweep point: the trace at `rate` (bench's seeded gamma arrivals), summarized as bench does."""
+        offsets_s = gamma_send_offsets_s(len(self.trace), rate, self.args.cv, self.args.seed)
+        records = self.run(policy, slos, offsets_s, progress=progress, **engine_flags)
+        end_s = max((r.token_times_s[-1] for r in records if r.token_times_s), default=1e-9)
+        return sweep_point(rate, records, end_s, slos)
+
+    def slos(self, policy: str, **engine_flags) -> dict:
+        """The explicit SLOs, or --slo-scale x the unloaded latency of `policy` alone on the simulated system."""
+        if not self.args.slo_scale:
+            return explicit_slos(self.args.ttft_slo, self.args.tbt_slo, self.args.tpot_slo)
+        unloaded = unloaded_latency(lambda r: self.run(policy, None, [0.0], requests=[r], **engine_flags)[0],
+                                    self.trace, self.args.num_slo_probes, self.args.probe_max_tokens)
+        return slos_from_unloaded(unloaded, self.args.slo_scale)
+
+    def sweep(self, policy: str, slos: dict, progress=None, **engine_flags) -> dict:
+        """--rates (or --rate) in order, or with --bisect a sweep then bisection on the attainment (paper rule);
+        the points sorted by rate and the effective throughput."""
+        points: dict[float, dict] = {}
+
+        def measure(rate: float) -> float:
+            points[rate] = self.point(policy, slos, rate, progress, **engine_flags)
+            return points[rate]["attainment"]
+
+        rates = self.args.rates or [self.args.rate]
+        if self.args.bisect:
+            sweep_then_bisect(measure, rates, self.args.target, max_num_probes=self.args.max_probes)
+        else:
+            sweep_rates(measure, rates, self.args.target)
+        ordered = [points[rate] for rate in sorted(points)]
+        return {"points": ordered, "effective_throughput": effective_throughput(ordered, self.args.target)}
+
+    def _executor(self, clock: SimClock, model: CostModel) -> CostModelExecutor:
+        return CostModelExecutor(clock, model, step_overhead_s=self.args.step_overhead_s)
+
+
+def load_sim_trace(args: argparse.Namespace) -> list[TraceRequest]:
     from aptserve.registry import load_tokenizer
 
-    _check_args(args)
-    config = model_config(args.model, args.max_model_len)
-    cost_model: CostModel = LinearCostModel()
-    if args.gpu and args.cost_model:
-        raise SystemExit("give --gpu (the roofline) or --cost-model (a profile), not both")
-    if args.cost_model:
-        cost_model = load_profile(args.cost_model)
-    if args.gpu:
-        cost_model = RooflineCostModel(config, gpu_spec(args.gpu), args.tensor_parallel, args.dtype or "float16")
-    policies = (args.policies or args.scheduler).split(",")
     # OPT shapes share the default model's tokenizer (and a folder would mean building their weights).
     tokenizer = tokenizer_path("default" if args.model in OPT_SHAPES else args.model, args.tokenizer)
-    options = {o: getattr(args, o) for o in ("max_prompt_len", "max_total_len", "target_prompt_len", "prompt_len",
-                                             "output_len") if getattr(args, o) is not None}
-    trace = load_bench_trace(args.dataset, load_tokenizer(tokenizer), args.num_requests, args.seed,
-                             args.max_output_len, **options)
-    rates = args.rates or [args.rate]
+    options = {o: getattr(args, o) for o in TRACE_OPTIONS if getattr(args, o) is not None}
+    return load_bench_trace(args.dataset, load_tokenizer(tokenizer), args.num_requests, args.seed,
+                            args.max_output_len, **options)
 
-    def executor(clock, model):
-        return CostModelExecutor(clock, model, step_overhead_s=args.step_overhead_s)
 
-    def run(policy: str, slos: dict | None, requests, offsets_s, progress=None):
-        engine, clock = sim_engine(engine_args(args, policy, config, cost_model, slos), config, cost_model,
-                                   make_executor=executor)
-        return simulate(engine, clock, requests, offsets_s, progress=progress,
-                        request_latency_s=args.request_latency_s)
-
-    if args.slo_scale:  # the first policy alone on the simulated system sets them
-        unloaded = unloaded_latency(lambda request: run(policies[0], None, [request], [0.0])[0], trace,
-                                    args.num_slo_probes, args.probe_max_tokens)
-        slos = slos_from_unloaded(unloaded, args.slo_scale)
-    else:
-        slos = explicit_slos(args.ttft_slo, args.tbt_slo, args.tpot_slo)
+def cmd_sim(args: argparse.Namespace) -> int:
+    sim = Simulation.from_args(args)
+    policies = (args.policies or args.scheduler).split(",")
+    slos = sim.slos(policies[0])  # with --slo-scale, the first policy alone on the simulated system sets them
+    # With --bisect the number of points is not known in advance: the bar counts the sweep's requests.
+    num_rates = len(args.rates or [args.rate])
     servers = {}
-    with tqdm(total=len(policies) * len(rates) * len(trace), unit="req", disable=args.no_progress) as progress:
+    with tqdm(total=len(policies) * num_rates * len(sim.trace), unit="req", disable=args.no_progress) as progress:
         for policy in policies:
-            points = []
-            for rate in rates:
-                records = run(policy, slos, trace, gamma_send_offsets_s(len(trace), rate, args.cv, args.seed),
-                              progress)
-                end_s = max((r.token_times_s[-1] for r in records if r.token_times_s), default=1e-9)
-                points.append(sweep_point(rate, records, end_s, slos))
-            servers[policy] = {"points": points, "effective_throughput": effective_throughput(points, args.target)}
-    result = {"benchmark": "aptserve sim", "config": _config(args, cost_model), "trace": trace_stats(trace),
+            servers[policy] = sim.sweep(policy, slos, progress)
+    result = {"benchmark": "aptserve sim", "config": _config(args, sim.cost_model), "trace": trace_stats(sim.trace),
               "slo": slos, "baseline": policies[0], "servers": servers,
               "ratios": throughput_ratios(servers, policies[0]),
-              "title": (f"simulated {args.model} on {_system(args)}: {args.dataset} x {len(trace)} requests, cv "
+              "title": (f"simulated {args.model} on {_system(args)}: {args.dataset} x {len(sim.trace)} requests, cv "
                         f"{args.cv:g}, TTFT SLO {slos['ttft_slo_s']:.3g} s, P99 TBT SLO {slos['tbt_slo_s']:.3g} s")}
     write_result(result, args.out, args.plot)
     return 0
