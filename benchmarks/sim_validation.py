@@ -1,14 +1,18 @@
 """The simulator against the real engine on this CPU: the same trace, rates and SLOs, served and simulated.
 
 1. `aptserve profile` fits the linear cost model to this engine's steps (same model, KV and length limits).
-2. `aptserve serve` runs the trace at each rate through `aptserve bench`'s client; its unloaded TTFT and the
-   per-step phases on /metrics (schedule, update, output, gap) give the served path's two terms.
-3. `aptserve sim` replays the same trace, rates and SLOs with the profile and those two terms (measured on the
-   server, not fitted to the loaded points).
+2. `aptserve serve` runs a calibration trace (another seed, the middle rate) and then the validation trace at each
+   rate through `aptserve bench`'s client. The calibration run alone sets the served path's three terms: the
+   per-step phases beyond the forward pass on /metrics (schedule, update, output, gap), how much slower the forward
+   pass runs served than the profile prices the same run (the server's processes share the cores), and the unloaded
+   TTFT the simulator misses (HTTP, tokenization, the hop to the engine).
+3. `aptserve sim` replays the validation trace, rates and SLOs with the profile and those terms: nothing is fitted to
+   the points it is judged on.
 The JSON has both sets of points and, per rate, the relative error of TTFT and P99 TBT at p50 and p90 and the
 attainment difference; the PNG draws both attainment curves and those errors.
 
-    .venv/bin/python benchmarks/sim_validation.py          # ~6 min on 2 idle cores
+    .venv/bin/python benchmarks/sim_validation.py                       # ~8 min on 2 idle cores
+    .venv/bin/python benchmarks/sim_validation.py --model opt-125m --rates 4,8,12
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 from benchmarks.servers import SERVED_NAME, aptserve_command, running_server, scrape  # noqa: E402
 
 OVERHEAD_PHASES = ("schedule", "update", "output", "gap")
+FORWARD_PHASES = ("prepare", "forward", "sample")
 QUANTILES = (50, 90)
 # A short run whose only use is bench's unloaded probe (10 requests alone, median TTFT); the later --rates and
 # --num-requests win over the trace's.
@@ -67,22 +72,30 @@ def main(argv: list[str] | None = None) -> int:
 
     argv_serve, env = aptserve_command(args.model, args.kv_cache_memory, args.max_num_seqs, max_len, args.port,
                                        threads=2, scheduler=args.scheduler)
+    bench = ["bench", "run", "--model", SERVED_NAME, "--tokenizer", _tokenizer(args.model), *trace]
+    slo_flags = ["--ttft-slo", str(args.ttft_slo), "--tbt-slo", str(args.tbt_slo)]
+    calibration = ["--seed", str(args.seed + 1), "--rates", args.rates.split(",")[1]]  # the middle rate
     with running_server("aptserve", argv_serve, env, work, args.port, timeout_s=600) as (url, _):
-        cli("bench", "run", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", _tokenizer(args.model),
-            *trace, *UNLOADED_PROBE, "--out", str(work / "unloaded.json"))  # only for its unloaded probe
-        cli("bench", "run", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", _tokenizer(args.model),
-            *trace, "--ttft-slo", str(args.ttft_slo), "--tbt-slo", str(args.tbt_slo), "--out", str(work / "real.json"))
-        metrics = scrape(url)
-    step_overhead_s = sum(_mean_phase(metrics, phase) for phase in OVERHEAD_PHASES)
+        cli(*bench, "--base-url", url, *UNLOADED_PROBE, "--out", str(work / "unloaded.json"))  # for its probe
+        before = scrape(url)
+        cli(*bench, "--base-url", url, *slo_flags, *calibration, "--out", str(work / "calibration.json"))
+        served_steps = _phase_deltas(before, scrape(url))
+        cli(*bench, "--base-url", url, *slo_flags, "--out", str(work / "real.json"))
+    step_overhead_s = sum(served_steps[phase]["mean_s"] for phase in OVERHEAD_PHASES)
+    served_forward_s = sum(served_steps[phase]["sum_s"] for phase in FORWARD_PHASES)
     served_unloaded = json.loads((work / "unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
 
-    sim_common = ["sim", "--model", args.model, "--cost-model", str(work / "profile.json"), *engine, *trace]
-    cli(*sim_common, *UNLOADED_PROBE, "--step-overhead-s", str(step_overhead_s), "--out",
-        str(work / "sim_unloaded.json"))
+    sim_common = ["sim", "--model", args.model, "--cost-model", str(work / "profile.json"), *engine, *trace,
+                  "--step-overhead-s", str(step_overhead_s)]
+    cli(*sim_common, *slo_flags, *calibration, "--out", str(work / "sim_calibration.json"))
+    priced_s = json.loads((work / "sim_calibration.json").read_text())["servers"][args.scheduler]["points"][0][
+        "priced_step_s"]
+    step_time_scale = served_forward_s / priced_s
+    sim_served = [*sim_common, "--step-time-scale", str(step_time_scale)]
+    cli(*sim_served, *UNLOADED_PROBE, "--out", str(work / "sim_unloaded.json"))
     simulated_unloaded = json.loads((work / "sim_unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
     request_latency_s = max(0.0, served_unloaded - simulated_unloaded)
-    cli(*sim_common, "--ttft-slo", str(args.ttft_slo), "--tbt-slo", str(args.tbt_slo), "--step-overhead-s",
-        str(step_overhead_s), "--request-latency-s", str(request_latency_s), "--out", str(work / "sim.json"))
+    cli(*sim_served, *slo_flags, "--request-latency-s", str(request_latency_s), "--out", str(work / "sim.json"))
 
     real = json.loads((work / "real.json").read_text())["servers"]["server"]["points"]
     sim = json.loads((work / "sim.json").read_text())["servers"][args.scheduler]["points"]
@@ -90,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in comparison:
         print(json.dumps(row))
     out_dir = Path(args.out_dir)
-    payload = {"benchmark": "sim_validation", "config": vars(args), "step_overhead_s": step_overhead_s,
-               "request_latency_s": request_latency_s, "profile": json.loads((work / "profile.json").read_text()),
+    payload = {"benchmark": "sim_validation", "config": vars(args), "calibration": {
+                   "served_phases": served_steps, "served_forward_s": served_forward_s, "priced_forward_s": priced_s,
+                   "step_time_scale": step_time_scale, "step_overhead_s": step_overhead_s,
+                   "request_latency_s": request_latency_s}, "profile": json.loads((work / "profile.json").read_text()),
                "comparison": comparison, "real_points": real, "sim_points": sim}
     write_json(out_dir / "sim_validation.json", payload)
     _plot(out_dir / "sim_validation.png", comparison, args)
@@ -104,10 +119,15 @@ def _tokenizer(model: str) -> str:
     return resolve_model(model)
 
 
-def _mean_phase(metrics: dict, phase: str) -> float:
-    labels = (("phase", phase),)
-    count = metrics.get(("aptserve:step_phase_seconds_count", labels), 0.0)
-    return metrics.get(("aptserve:step_phase_seconds_sum", labels), 0.0) / count if count else 0.0
+def _phase_deltas(before: dict, after: dict) -> dict:
+    """Each step phase's count, sum and mean over what the server did between two scrapes of /metrics."""
+    deltas = {}
+    for phase in (*OVERHEAD_PHASES, *FORWARD_PHASES):
+        labels = (("phase", phase),)
+        count, total = (after.get((f"aptserve:step_phase_seconds_{k}", labels), 0.0)
+                        - before.get((f"aptserve:step_phase_seconds_{k}", labels), 0.0) for k in ("count", "sum"))
+        deltas[phase] = {"count": count, "sum_s": total, "mean_s": total / count if count else 0.0}
+    return deltas
 
 
 def _quantile(point: dict, metric: str, q: int) -> float:

@@ -51,16 +51,24 @@ def test_the_served_path_terms_shift_ttft_and_lengthen_steps():
     model, cost = shape_model_config("opt-125m"), LinearCostModel()
     args = EngineArgs(model="opt-125m", kv_cache_memory=256 << 20, scheduler="fcfs", alpha=0.0)
 
-    def served(step_overhead_s: float, latency_s: float):
-        engine, clock = sim_engine(args, model, cost, make_executor=lambda clock, model: CostModelExecutor(
-            clock, model, step_overhead_s=step_overhead_s))
+    executors = []
+
+    def served(step_overhead_s: float, latency_s: float, scale: float = 1.0):
+        def executor(clock, model):
+            executors.append(CostModelExecutor(clock, model, step_overhead_s=step_overhead_s, step_time_scale=scale))
+            return executors[-1]
+
+        engine, clock = sim_engine(args, model, cost, make_executor=executor)
         return simulate(engine, clock, [TraceRequest("", 40, 5)], [0.0], request_latency_s=latency_s)[0]
 
-    bare, served_path = served(0.0, 0.0), served(0.002, 0.03)
+    bare, served_path, slowed = served(0.0, 0.0), served(0.002, 0.03), served(0.0, 0.0, scale=1.5)
     assert served_path.first_token_s - bare.first_token_s == pytest.approx(0.002 + 0.03)
     bare_gaps = [b - a for a, b in zip(bare.token_times_s, bare.token_times_s[1:])]
     gaps = [b - a for a, b in zip(served_path.token_times_s, served_path.token_times_s[1:])]
     assert gaps == pytest.approx([gap + 0.002 for gap in bare_gaps])
+    # The served slowdown stretches every priced step; what the cost model priced stays the same.
+    assert slowed.token_times_s == pytest.approx([1.5 * t for t in bare.token_times_s])
+    assert executors[2].priced_s == pytest.approx(executors[0].priced_s) == pytest.approx(bare.token_times_s[-1])
 
 
 def test_bisect_refines_between_the_last_pass_and_the_first_failure(tmp_path):

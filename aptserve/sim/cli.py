@@ -50,6 +50,9 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--step-overhead-s", type=float, default=0.0,
                        help="seconds a served step costs beyond the forward pass (the step_phase_seconds of "
                             "schedule, update, output and gap on a server's /metrics)")
+    group.add_argument("--step-time-scale", type=float, default=1.0,
+                       help="how much slower a served forward pass runs than the cost model says (a server's "
+                            "forward seconds over the simulated ones for the same run; see sim_validation.py)")
     group.add_argument("--request-latency-s", type=float, default=0.0,
                        help="the served path's fixed latency per token delivered (HTTP, tokenization, the engine "
                             "hop): added to every token's time")
@@ -113,17 +116,16 @@ class Simulation:
     def run(self, policy: str, slos: dict | None, offsets_s: Sequence[float], requests=None, progress=None,
             **engine_flags) -> list[RequestRecord]:
         """The trace (or `requests`) sent at `offsets_s`; `engine_flags` override the args' (e.g. hybrid_cache)."""
-        args = engine_args(self.args, policy, self.config, self.cost_model, slos, **engine_flags)
-        engine, clock = sim_engine(args, self.config, self.cost_model, make_executor=self._executor)
-        return simulate(engine, clock, self.trace if requests is None else requests, offsets_s, progress=progress,
-                        request_latency_s=self.args.request_latency_s)
+        return self._run(policy, slos, offsets_s, requests, progress, **engine_flags)[0]
 
     def point(self, policy: str, slos: dict, rate: float, progress=None, **engine_flags) -> dict:
-        """One sweep point: the trace at `rate` (bench's seeded gamma arrivals), summarized as bench does."""
+        """One sweep point: the trace at `rate` (bench's seeded gamma arrivals), summarized as bench does, with
+        the steps taken and the seconds the cost model priced them at (before --step-time-scale)."""
         offsets_s = gamma_send_offsets_s(len(self.trace), rate, self.args.cv, self.args.seed)
-        records = self.run(policy, slos, offsets_s, progress=progress, **engine_flags)
+        records, executor = self._run(policy, slos, offsets_s, None, progress, **engine_flags)
         end_s = max((r.token_times_s[-1] for r in records if r.token_times_s), default=1e-9)
-        return sweep_point(rate, records, end_s, slos)
+        return {**sweep_point(rate, records, end_s, slos), "num_steps": executor.num_steps,
+                "priced_step_s": executor.priced_s}
 
     def slos(self, policy: str, **engine_flags) -> dict:
         """The explicit SLOs, or --slo-scale x the unloaded latency of `policy` alone on the simulated system."""
@@ -150,8 +152,20 @@ class Simulation:
         ordered = [points[rate] for rate in sorted(points)]
         return {"points": ordered, "effective_throughput": effective_throughput(ordered, self.args.target)}
 
-    def _executor(self, clock: SimClock, model: CostModel) -> CostModelExecutor:
-        return CostModelExecutor(clock, model, step_overhead_s=self.args.step_overhead_s)
+    def _run(self, policy: str, slos: dict | None, offsets_s: Sequence[float], requests, progress, **engine_flags,
+             ) -> tuple[list[RequestRecord], CostModelExecutor]:
+        args = engine_args(self.args, policy, self.config, self.cost_model, slos, **engine_flags)
+        executors = []
+
+        def executor(clock: SimClock, model: CostModel) -> CostModelExecutor:
+            executors.append(CostModelExecutor(clock, model, step_overhead_s=self.args.step_overhead_s,
+                                               step_time_scale=self.args.step_time_scale))
+            return executors[-1]
+
+        engine, clock = sim_engine(args, self.config, self.cost_model, make_executor=executor)
+        records = simulate(engine, clock, self.trace if requests is None else requests, offsets_s,
+                           progress=progress, request_latency_s=self.args.request_latency_s)
+        return records, executors[0]
 
 
 def load_sim_trace(args: argparse.Namespace) -> list[TraceRequest]:

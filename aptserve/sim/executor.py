@@ -65,18 +65,24 @@ class CostModel(Protocol):
 
 class CostModelExecutor:
     """`step_overhead_s`: what a served step costs beyond the forward pass (scheduling, the engine loop's update,
-    the front end's turn between steps), added to every step the cost model prices."""
+    the front end's turn between steps), added to every step the cost model prices. `step_time_scale`: how much
+    slower the forward pass runs served than where the cost model was fitted (the server's own processes share the
+    cores), multiplying every priced step. `priced_s` sums the cost model's own (unscaled) figures."""
 
     def __init__(self, clock: SimClock | None = None, cost_model: CostModel | None = None,
-                 token_id: int = 7, step_overhead_s: float = 0.0) -> None:
+                 token_id: int = 7, step_overhead_s: float = 0.0, step_time_scale: float = 1.0) -> None:
         self.clock = clock
         self.cost_model = cost_model or LinearCostModel()
         self.token_id = token_id
-        self.step_overhead_s = step_overhead_s
-        self.num_steps = 0
+        self.step_overhead_s, self.step_time_scale = step_overhead_s, step_time_scale
+        self.num_steps, self.priced_s = 0, 0.0
 
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
-        elapsed_s = self.cost_model.step_time(sched_out) + self.step_overhead_s if sched_out.scheduled else 0.0
+        elapsed_s = 0.0
+        if sched_out.scheduled:
+            priced_s = self.cost_model.step_time(sched_out)
+            self.priced_s += priced_s
+            elapsed_s = self.step_time_scale * priced_s + self.step_overhead_s
         if self.clock is not None:
             self.clock.advance(elapsed_s)
         self.num_steps += 1
