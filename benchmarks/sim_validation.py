@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
-from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, git_commit, machine_info, write_json  # noqa: E402
 from benchmarks.servers import SERVED_NAME, aptserve_command, running_server, scrape  # noqa: E402
 
 OVERHEAD_PHASES = ("schedule", "update", "output", "gap")
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8150)
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--record-case", default=None, metavar="JSON",
+                        help="also write the served figures and the simulator's inputs as a recorded case for "
+                             "tests/test_sim_recorded_case.py")
     return parser.parse_args(argv)
 
 
@@ -109,8 +112,30 @@ def main(argv: list[str] | None = None) -> int:
                    "request_latency_s": request_latency_s}, "profile": json.loads((work / "profile.json").read_text()),
                "comparison": comparison, "real_points": real, "sim_points": sim}
     write_json(out_dir / "sim_validation.json", payload)
+    if args.record_case:
+        _record_case(Path(args.record_case), args, engine, trace, payload)
     _plot(out_dir / "sim_validation.png", comparison, args)
     return 0
+
+
+def _record_case(path: Path, args, engine: list[str], trace: list[str], payload: dict) -> None:
+    """What `aptserve sim` needs to replay the validation trace (the profile's coefficients, the calibrated terms,
+    the flags) and the served figures it must match, without the per-request latencies."""
+    calibration = payload["calibration"]
+    profile = {k: v for k, v in payload["profile"].items() if k != "points"}
+    served = [{k: v for k, v in row.items() if not k.endswith("_sim") and k != "attainment_diff"}
+              for row in payload["comparison"]]
+    for row in served:
+        for key, value in row.items():
+            if isinstance(value, dict):
+                row[key] = value["real"]
+    case = {"machine": machine_info(), "git": git_commit(), "profile": profile,
+            "sim_flags": ["--model", args.model, *engine, *trace, "--ttft-slo", str(args.ttft_slo), "--tbt-slo",
+                          str(args.tbt_slo), "--step-overhead-s", str(calibration["step_overhead_s"]),
+                          "--step-time-scale", str(calibration["step_time_scale"]), "--request-latency-s",
+                          str(calibration["request_latency_s"])],
+            "served": served}
+    path.write_text(json.dumps(case, indent=1) + "\n")
 
 
 def _tokenizer(model: str) -> str:
