@@ -82,3 +82,10 @@ def test_bisect_refines_between_the_last_pass_and_the_first_failure(tmp_path):
     failing = [p["rate"] for p in server["points"] if p["attainment"] < 0.9]
     assert server["effective_throughput"]["paper"]["best_rate"] == max(passing)
     assert passing and failing and max(passing) < min(failing) < 64.0  # bisection probed inside the bracket
+
+
+@pytest.mark.parametrize("flag,value", [("--step-time-scale", "0"), ("--step-overhead-s", "-0.1"),
+                                        ("--request-latency-s", "-1")])
+def test_served_path_terms_out_of_range_are_refused(flag, value, tmp_path):
+    with pytest.raises(SystemExit, match="step-time-scale"):
+        main([*ARGS, flag, value, "--out", str(tmp_path / "sim.json")])

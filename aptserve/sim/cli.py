@@ -105,6 +105,8 @@ class Simulation:
         _check_args(args)
         if args.gpu and args.cost_model:
             raise SystemExit("give --gpu (the roofline) or --cost-model (a profile), not both")
+        if args.step_time_scale <= 0 or args.step_overhead_s < 0 or args.request_latency_s < 0:
+            raise SystemExit("--step-time-scale must be > 0, --step-overhead-s and --request-latency-s >= 0")
         config = model_config(args.model, args.max_model_len)
         cost_model: CostModel = LinearCostModel()
         if args.cost_model:
