@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-slo", type=float, default=0.32)
     parser.add_argument("--tbt-slo", type=float, default=0.19)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="served runs of the validation trace")
     parser.add_argument("--port", type=int, default=8150)
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--record-case", default=None, metavar="JSON",
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         before = scrape(url)
         cli(*bench, "--base-url", url, *slo_flags, *calibration, "--out", str(work / "calibration.json"))
         served_steps = _phase_deltas(before, scrape(url))
-        cli(*bench, "--base-url", url, *slo_flags, "--out", str(work / "real.json"))
+        for i in range(args.repeats):  # the same trace and arrivals each time: the spread is the server's own
+            cli(*bench, "--base-url", url, *slo_flags, "--out", str(work / f"real{i}.json"))
     step_overhead_s = sum(served_steps[phase]["mean_s"] for phase in OVERHEAD_PHASES)
     served_forward_s = sum(served_steps[phase]["sum_s"] for phase in FORWARD_PHASES)
     served_unloaded = json.loads((work / "unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
@@ -100,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     request_latency_s = max(0.0, served_unloaded - simulated_unloaded)
     cli(*sim_served, *slo_flags, "--request-latency-s", str(request_latency_s), "--out", str(work / "sim.json"))
 
-    real = json.loads((work / "real.json").read_text())["servers"]["server"]["points"]
+    real = [json.loads((work / f"real{i}.json").read_text())["servers"]["server"]["points"]
+            for i in range(args.repeats)]
     sim = json.loads((work / "sim.json").read_text())["servers"][args.scheduler]["points"]
-    comparison = [_compare(r, s) for r, s in zip(real, sim)]
+    comparison = [_compare([run[k] for run in real], point) for k, point in enumerate(sim)]
     for row in comparison:
         print(json.dumps(row))
     out_dir = Path(args.out_dir)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                    "served_phases": served_steps, "served_forward_s": served_forward_s, "priced_forward_s": priced_s,
                    "step_time_scale": step_time_scale, "step_overhead_s": step_overhead_s,
                    "request_latency_s": request_latency_s}, "profile": json.loads((work / "profile.json").read_text()),
-               "comparison": comparison, "real_points": real, "sim_points": sim}
+               "comparison": comparison, "real_points": real[0], "sim_points": sim}
     write_json(out_dir / "sim_validation.json", payload)
     if args.record_case:
         _record_case(Path(args.record_case), args, engine, trace, payload)
@@ -126,9 +129,9 @@ def _record_case(path: Path, args, engine: list[str], trace: list[str], payload:
     served = [{k: v for k, v in row.items() if not k.endswith("_sim") and k != "attainment_diff"}
               for row in payload["comparison"]]
     for row in served:
-        for key, value in row.items():
+        for key, value in list(row.items()):
             if isinstance(value, dict):
-                row[key] = value["real"]
+                row[key], row[f"{key}_rel_spread"] = value["real"], value["rel_spread"]
     case = {"machine": machine_info(), "git": git_commit(), "profile": profile,
             "sim_flags": ["--model", args.model, *engine, *trace, "--ttft-slo", str(args.ttft_slo), "--tbt-slo",
                           str(args.tbt_slo), "--step-overhead-s", str(calibration["step_overhead_s"]),
@@ -159,13 +162,20 @@ def _quantile(point: dict, metric: str, q: int) -> float:
     return float(np.percentile([v for v in point["requests"][metric] if v is not None], q))
 
 
-def _compare(real: dict, sim: dict) -> dict:
-    row = {"rate": real["rate"], "attainment_real": real["attainment"], "attainment_sim": sim["attainment"],
-           "attainment_diff": sim["attainment"] - real["attainment"]}
+def _compare(repeats: list[dict], sim: dict) -> dict:
+    """One rate: the served figures (the median over the repeated runs, and their spread: (max - min) / median for
+    latencies, max - min for attainment) against the simulated ones."""
+    served = [r["attainment"] for r in repeats]
+    attainment = float(np.median(served))
+    row = {"rate": sim["rate"], "attainment_real": attainment, "attainment_sim": sim["attainment"],
+           "attainment_diff": sim["attainment"] - attainment, "attainment_runs": served,
+           "attainment_spread": max(served) - min(served)}
     for metric in ("ttft_s", "p99_tbt_s"):
         for q in QUANTILES:
-            measured, simulated = _quantile(real, metric, q), _quantile(sim, metric, q)
-            row[f"{metric}_p{q}"] = {"real": measured, "sim": simulated, "rel_error": simulated / measured - 1}
+            runs = [_quantile(r, metric, q) for r in repeats]
+            measured, simulated = float(np.median(runs)), _quantile(sim, metric, q)
+            row[f"{metric}_p{q}"] = {"real": measured, "sim": simulated, "rel_error": simulated / measured - 1,
+                                     "runs": runs, "rel_spread": (max(runs) - min(runs)) / measured}
     return row
 
 
@@ -176,7 +186,9 @@ def _plot(path: Path, comparison: list[dict], args) -> None:
 
     rates = [row["rate"] for row in comparison]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.plot(rates, [row["attainment_real"] for row in comparison], "o-", label="served")
+    left.plot(rates, [row["attainment_real"] for row in comparison], "o-", label="served (median of runs)")
+    for row in comparison:
+        left.scatter([row["rate"]] * len(row["attainment_runs"]), row["attainment_runs"], color="C0", s=10, alpha=0.5)
     left.plot(rates, [row["attainment_sim"] for row in comparison], "s--", label="simulated")
     left.set(xlabel="request rate (req/s)", ylabel="SLO attainment (paper rule)", ylim=(0, 1.02),
              title="attainment: served vs simulated")

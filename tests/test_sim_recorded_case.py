@@ -1,7 +1,8 @@
 """The simulator keeps matching a served run it was validated on: `benchmarks/sim_validation.py --record-case` kept
 the served figures (ShareGPT at three rates on this CPU) and everything `aptserve sim` needs to replay them (the
 profile's coefficients and the served path's terms, calibrated on another seed). A change to the engine, the
-policies or the simulator that moves the simulated latencies away from the served ones fails here."""
+policies or the simulator that moves the simulated latencies away from the served ones fails here. The tolerance is
+the validation target, or the served runs' own spread (repeated runs of the same trace) where that is wider."""
 from __future__ import annotations
 
 import json
@@ -28,12 +29,15 @@ def test_simulated_latencies_stay_within_tolerance_of_the_served_ones(case_path,
     points = json.loads(out.read_text())["servers"][scheduler]["points"]
     assert [p["rate"] for p in points] == [row["rate"] for row in case["served"]]
     for point, served in zip(points, case["served"]):
-        assert point["attainment"] == pytest.approx(served["attainment_real"], abs=ATTAINMENT_TOLERANCE), point["rate"]
+        tolerance = max(ATTAINMENT_TOLERANCE, served["attainment_spread"])
+        assert point["attainment"] == pytest.approx(served["attainment_real"], abs=tolerance), point["rate"]
         for metric in ("ttft_s", "p99_tbt_s"):
             values = [v for v in point["requests"][metric] if v is not None]
             for q in (50, 90):
-                simulated, measured = float(np.percentile(values, q)), served[f"{metric}_p{q}"]
-                assert simulated == pytest.approx(measured, rel=REL_TOLERANCE), (point["rate"], metric, q)
+                key = f"{metric}_p{q}"
+                simulated, measured = float(np.percentile(values, q)), served[key]
+                tolerance = max(REL_TOLERANCE, served[f"{key}_rel_spread"])
+                assert simulated == pytest.approx(measured, rel=tolerance), (point["rate"], metric, q)
 
 
 def test_a_recorded_case_is_present():
