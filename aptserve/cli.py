@@ -60,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
         tokenizer = load_tokenizer(core.config.model.path)
-    engine = AsyncLLM(core, tokenizer, server_args.max_queue_len, server_args.log_step_stats)
+    engine = AsyncLLM(core, tokenizer, server_args.max_queue_len, server_args.log_step_stats,
+                      server_args.step_log)
     server = build_server(create_app(engine, server_args), server_args.host, server_args.port,
                           server_args.shutdown_timeout, access_log=not server_args.disable_uvicorn_access_log,
                           limit_concurrency=server_args.limit_concurrency,

@@ -1,18 +1,18 @@
 """The simulator against the real engine on this CPU: the same trace, rates and SLOs, served and simulated.
 
-1. `aptserve profile` fits the linear cost model to this engine's steps (same model, KV and length limits).
-2. `aptserve serve` runs a calibration trace (another seed, the middle rate) and then the validation trace at each
-   rate through `aptserve bench`'s client. The calibration run alone sets the served path's three terms: the
-   per-step phases beyond the forward pass on /metrics (schedule, update, output, gap), how much slower the forward
-   pass runs served than the profile prices the same run (the server's processes share the cores), and the unloaded
-   TTFT the simulator misses (HTTP, tokenization, the hop to the engine).
-3. `aptserve sim` replays the validation trace, rates and SLOs with the profile and those terms: nothing is fitted to
-   the points it is judged on.
-The JSON has both sets of points and, per rate, the relative error of TTFT and P99 TBT at p50 and p90 and the
-attainment difference; the PNG draws both attainment curves and those errors.
+A server (`aptserve serve --step-log`) first runs a calibration trace (another seed, the middle rate), then the
+validation trace `--repeats` times at each rate through `aptserve bench`'s client (the spread of those runs is the
+server's own). The calibration run alone sets the simulator's inputs, in two ways compared side by side:
+- served_steps: `aptserve profile --from-step-log` fits the cost model to the calibration run's own steps (the
+  server's other processes sharing the cores included) and takes the median per-step overhead beyond the forward pass;
+- grid_profile: `aptserve profile` times a bare engine over a grid; the served forward seconds of the calibration run
+  over what that profile prices for the same run give --step-time-scale, and /metrics the mean overhead phases.
+Both add the unloaded TTFT served minus simulated (HTTP, tokenization, the hop to the engine). Nothing is fitted to
+the points judged. Per rate and calibration: the relative error of TTFT and P99 TBT at p50 and p90 and the
+attainment difference; the PNG draws the attainment curves and those errors.
 
-    .venv/bin/python benchmarks/sim_validation.py                       # ~8 min on 2 idle cores
-    .venv/bin/python benchmarks/sim_validation.py --model opt-125m --rates 4,8,12
+    .venv/bin/python benchmarks/sim_validation.py                       # ~12 min on 2 idle cores
+    .venv/bin/python benchmarks/sim_validation.py --model opt-125m --rates 4,8,12 --out-dir DIR
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,72 +73,96 @@ def main(argv: list[str] | None = None) -> int:
     trace = ["--dataset", "sharegpt", "--num-requests", str(args.num_requests), "--max-prompt-len",
              str(args.max_prompt_len), "--max-output-len", str(args.max_output_len), "--rates", args.rates,
              "--seed", str(args.seed), "--no-progress"]
-    cli("profile", "--model", args.model, *engine, "--out", str(work / "profile.json"), "--no-progress")
+    cli("profile", "--model", args.model, *engine, "--out", str(work / "grid_profile.json"), "--no-progress")
 
+    step_log = work / "steps.jsonl"
     argv_serve, env = aptserve_command(args.model, args.kv_cache_memory, args.max_num_seqs, max_len, args.port,
-                                       threads=2, scheduler=args.scheduler)
+                                       threads=2, scheduler=args.scheduler, extra=["--step-log", str(step_log)])
     bench = ["bench", "run", "--model", SERVED_NAME, "--tokenizer", _tokenizer(args.model), *trace]
     slo_flags = ["--ttft-slo", str(args.ttft_slo), "--tbt-slo", str(args.tbt_slo)]
     calibration = ["--seed", str(args.seed + 1), "--rates", args.rates.split(",")[1]]  # the middle rate
     with running_server("aptserve", argv_serve, env, work, args.port, timeout_s=600) as (url, _):
         cli(*bench, "--base-url", url, *UNLOADED_PROBE, "--out", str(work / "unloaded.json"))  # for its probe
-        before = scrape(url)
+        before, first_step = scrape(url), _num_lines(step_log)
         cli(*bench, "--base-url", url, *slo_flags, *calibration, "--out", str(work / "calibration.json"))
+        time.sleep(1.0)  # the last step's line follows its tokens
         served_steps = _phase_deltas(before, scrape(url))
+        calibration_log = work / "calibration_steps.jsonl"
+        calibration_log.write_text("".join(step_log.read_text().splitlines(keepends=True)[first_step:]))
         for i in range(args.repeats):  # the same trace and arrivals each time: the spread is the server's own
             cli(*bench, "--base-url", url, *slo_flags, "--out", str(work / f"real{i}.json"))
-    step_overhead_s = sum(served_steps[phase]["mean_s"] for phase in OVERHEAD_PHASES)
-    served_forward_s = sum(served_steps[phase]["sum_s"] for phase in FORWARD_PHASES)
     served_unloaded = json.loads((work / "unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
-
-    sim_common = ["sim", "--model", args.model, "--cost-model", str(work / "profile.json"), *engine, *trace,
-                  "--step-overhead-s", str(step_overhead_s)]
-    cli(*sim_common, *slo_flags, *calibration, "--out", str(work / "sim_calibration.json"))
-    priced_s = json.loads((work / "sim_calibration.json").read_text())["servers"][args.scheduler]["points"][0][
-        "priced_step_s"]
-    step_time_scale = served_forward_s / priced_s
-    sim_served = [*sim_common, "--step-time-scale", str(step_time_scale)]
-    cli(*sim_served, *UNLOADED_PROBE, "--out", str(work / "sim_unloaded.json"))
-    simulated_unloaded = json.loads((work / "sim_unloaded.json").read_text())["slo"]["unloaded"]["median_ttft_s"]
-    request_latency_s = max(0.0, served_unloaded - simulated_unloaded)
-    cli(*sim_served, *slo_flags, "--request-latency-s", str(request_latency_s), "--out", str(work / "sim.json"))
-
     real = [json.loads((work / f"real{i}.json").read_text())["servers"]["server"]["points"]
             for i in range(args.repeats)]
-    sim = json.loads((work / "sim.json").read_text())["servers"][args.scheduler]["points"]
-    comparison = [_compare([run[k] for run in real], point) for k, point in enumerate(sim)]
-    for row in comparison:
-        print(json.dumps(row))
+
+    def simulate(name: str, profile: Path, step_overhead_s: float, step_time_scale: float | None = None) -> dict:
+        """Simulate the validation trace with one calibration: the unloaded probe first, for the request latency."""
+        flags = ["sim", "--model", args.model, "--cost-model", str(profile), *engine, *trace,
+                 "--step-overhead-s", str(step_overhead_s)]
+        if step_time_scale is None:  # the grid profile: scale it by the served forward seconds of the calibration
+            cli(*flags, *slo_flags, *calibration, "--out", str(work / f"{name}_calibration.json"))
+            priced_s = _points(work / f"{name}_calibration.json", args.scheduler)[0]["priced_step_s"]
+            step_time_scale = sum(served_steps[phase]["sum_s"] for phase in FORWARD_PHASES) / priced_s
+        flags += ["--step-time-scale", str(step_time_scale)]
+        cli(*flags, *UNLOADED_PROBE, "--out", str(work / f"{name}_unloaded.json"))
+        simulated_unloaded = json.loads((work / f"{name}_unloaded.json").read_text())["slo"]["unloaded"][
+            "median_ttft_s"]
+        request_latency_s = max(0.0, served_unloaded - simulated_unloaded)
+        cli(*flags, *slo_flags, "--request-latency-s", str(request_latency_s), "--out", str(work / f"{name}.json"))
+        sim = _points(work / f"{name}.json", args.scheduler)
+        return {"terms": {"step_overhead_s": step_overhead_s, "step_time_scale": step_time_scale,
+                          "request_latency_s": request_latency_s},
+                "profile": json.loads(profile.read_text()), "sim_flags": flags[1:] + [
+                    *slo_flags, "--request-latency-s", str(request_latency_s)],
+                "comparison": [_compare([run[k] for run in real], point) for k, point in enumerate(sim)],
+                "sim_points": sim}
+
+    # A: the served engine's own steps in the calibration run, fitted. B: the grid profile of a bare engine, with
+    # the served forward pass's slowdown and the mean served overhead phases of the calibration run.
+    cli("profile", "--model", args.model, "--from-step-log", str(calibration_log), "--out",
+        str(work / "served_profile.json"))
+    served_fit = json.loads((work / "served_profile.json").read_text())
+    calibrations = {
+        "served_steps": simulate("served_steps", work / "served_profile.json", served_fit["step_overhead_s"], 1.0),
+        "grid_profile": simulate("grid_profile", work / "grid_profile.json",
+                                 sum(served_steps[phase]["mean_s"] for phase in OVERHEAD_PHASES)),
+    }
+    for name, result in calibrations.items():
+        for row in result["comparison"]:
+            print(name, json.dumps({k: v if not isinstance(v, dict) else round(v["rel_error"], 3)
+                                    for k, v in row.items()}))
     out_dir = Path(args.out_dir)
-    payload = {"benchmark": "sim_validation", "config": vars(args), "calibration": {
-                   "served_phases": served_steps, "served_forward_s": served_forward_s, "priced_forward_s": priced_s,
-                   "step_time_scale": step_time_scale, "step_overhead_s": step_overhead_s,
-                   "request_latency_s": request_latency_s}, "profile": json.loads((work / "profile.json").read_text()),
-               "comparison": comparison, "real_points": real[0], "sim_points": sim}
+    payload = {"benchmark": "sim_validation", "config": vars(args), "served_phases": served_steps,
+               "calibrations": calibrations, "real_points": real[0]}
     write_json(out_dir / "sim_validation.json", payload)
+    _plot(out_dir / "sim_validation.png", calibrations, args)
     if args.record_case:
-        _record_case(Path(args.record_case), args, engine, trace, payload)
-    _plot(out_dir / "sim_validation.png", comparison, args)
+        _record_case(Path(args.record_case), calibrations["served_steps"])
     return 0
 
 
-def _record_case(path: Path, args, engine: list[str], trace: list[str], payload: dict) -> None:
-    """What `aptserve sim` needs to replay the validation trace (the profile's coefficients, the calibrated terms,
-    the flags) and the served figures it must match, without the per-request latencies."""
-    calibration = payload["calibration"]
-    profile = {k: v for k, v in payload["profile"].items() if k != "points"}
-    served = [{k: v for k, v in row.items() if not k.endswith("_sim") and k != "attainment_diff"}
-              for row in payload["comparison"]]
-    for row in served:
-        for key, value in list(row.items()):
+def _num_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _points(path: Path, scheduler: str) -> list[dict]:
+    return json.loads(path.read_text())["servers"][scheduler]["points"]
+
+
+def _record_case(path: Path, calibration: dict) -> None:
+    """What `aptserve sim` needs to replay the validation trace (the fitted coefficients, the calibrated terms, the
+    flags) and the served figures it must match (medians and spreads), without the per-request latencies."""
+    served = []
+    for row in calibration["comparison"]:
+        kept = {"rate": row["rate"], "attainment_real": row["attainment_real"],
+                "attainment_spread": row["attainment_spread"]}
+        for key, value in row.items():
             if isinstance(value, dict):
-                row[key], row[f"{key}_rel_spread"] = value["real"], value["rel_spread"]
+                kept[key], kept[f"{key}_rel_spread"] = value["real"], value["rel_spread"]
+        served.append(kept)
+    profile = {k: v for k, v in calibration["profile"].items() if k != "points"}
     case = {"machine": machine_info(), "git": git_commit(), "profile": profile,
-            "sim_flags": ["--model", args.model, *engine, *trace, "--ttft-slo", str(args.ttft_slo), "--tbt-slo",
-                          str(args.tbt_slo), "--step-overhead-s", str(calibration["step_overhead_s"]),
-                          "--step-time-scale", str(calibration["step_time_scale"]), "--request-latency-s",
-                          str(calibration["request_latency_s"])],
-            "served": served}
+            "sim_flags": [f for f in calibration["sim_flags"] if f != "--cost-model"], "served": served}
     path.write_text(json.dumps(case, indent=1) + "\n")
 
 
@@ -179,27 +204,33 @@ def _compare(repeats: list[dict], sim: dict) -> dict:
     return row
 
 
-def _plot(path: Path, comparison: list[dict], args) -> None:
+def _plot(path: Path, calibrations: dict, args) -> None:
+    """Left: attainment served (median and each run) and simulated under each calibration; then one panel per
+    calibration with the latency errors against the +-15% band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = [row["rate"] for row in comparison]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.plot(rates, [row["attainment_real"] for row in comparison], "o-", label="served (median of runs)")
-    for row in comparison:
-        left.scatter([row["rate"]] * len(row["attainment_runs"]), row["attainment_runs"], color="C0", s=10, alpha=0.5)
-    left.plot(rates, [row["attainment_sim"] for row in comparison], "s--", label="simulated")
-    left.set(xlabel="request rate (req/s)", ylabel="SLO attainment (paper rule)", ylim=(0, 1.02),
-             title="attainment: served vs simulated")
-    left.legend()
-    for metric in ("ttft_s", "p99_tbt_s"):
-        for q in QUANTILES:
-            right.plot(rates, [100 * row[f"{metric}_p{q}"]["rel_error"] for row in comparison], "o-",
-                       label=f"{metric} p{q}")
-    right.axhspan(-15, 15, color="grey", alpha=0.15, label="+-15%")
-    right.set(xlabel="request rate (req/s)", ylabel="simulated / served - 1 (%)", title="latency error")
-    right.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 1 + len(calibrations), figsize=(6 * (1 + len(calibrations)), 4.5))
+    first = next(iter(calibrations.values()))["comparison"]
+    rates = [row["rate"] for row in first]
+    axes[0].plot(rates, [row["attainment_real"] for row in first], "o-", label="served (median of runs)")
+    for row in first:
+        axes[0].scatter([row["rate"]] * len(row["attainment_runs"]), row["attainment_runs"], color="C0", s=10,
+                        alpha=0.5)
+    for name, result in calibrations.items():
+        axes[0].plot(rates, [row["attainment_sim"] for row in result["comparison"]], "s--", label=f"simulated, {name}")
+    axes[0].set(xlabel="request rate (req/s)", ylabel="SLO attainment (paper rule)", ylim=(0, 1.02),
+                title="attainment: served vs simulated")
+    axes[0].legend(fontsize=8)
+    for ax, (name, result) in zip(axes[1:], calibrations.items()):
+        for metric in ("ttft_s", "p99_tbt_s"):
+            for q in QUANTILES:
+                ax.plot(rates, [100 * row[f"{metric}_p{q}"]["rel_error"] for row in result["comparison"]], "o-",
+                        label=f"{metric} p{q}")
+        ax.axhspan(-15, 15, color="grey", alpha=0.15, label="+-15%")
+        ax.set(xlabel="request rate (req/s)", ylabel="simulated / served - 1 (%)", title=f"latency error, {name}")
+        ax.legend(fontsize=8)
     fig.suptitle(f"{args.model}, {args.scheduler}, ShareGPT x {args.num_requests}, SLOs TTFT {args.ttft_slo} s, "
                  f"P99 TBT {args.tbt_slo} s", fontsize=9)
     fig.tight_layout()

@@ -191,4 +191,5 @@ def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: flo
     forward_s = runner_out.forward_s or max(0.0, execute_s - runner_out.prepare_s - runner_out.sample_s)
     return StepStats(sched_out.step_id, len(sched_out.scheduled), num_decode,
                      sched_out.total_num_scheduled_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
-                     runner_out.sample_s, update_s, max(0.0, gap_s))
+                     runner_out.sample_s, update_s, max(0.0, gap_s), sched_out.num_context_tokens,
+                     sched_out.num_recompute_tokens)

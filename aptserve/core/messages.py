@@ -47,6 +47,9 @@ class StepStats(msgspec.Struct, array_like=True):
     sample_s: float
     update_s: float  # token bookkeeping and stop checks after the forward
     gap_s: float  # since the previous step ended: the loop's own work (inputs, outputs) and idle time
+    # What a step-cost model prices besides the tokens: context tokens attended, tokens re-projected from hidden rows.
+    num_context_tokens: int = 0
+    num_recompute_tokens: int = 0
 
 
 class EngineStats(msgspec.Struct, array_like=True):

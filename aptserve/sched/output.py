@@ -70,6 +70,22 @@ class SchedulerOutput:
         return sum(r.num_tokens for r in self.scheduled)
 
     @property
+    def num_context_tokens(self) -> int:
+        """Tokens attended to, summed over the scheduled requests (what attention reads)."""
+        return sum(r.context_len for r in self.scheduled)
+
+    @property
+    def num_recompute_tokens(self) -> int:
+        """Tokens whose K/V are re-projected from hidden rows this step: hidden contexts and conversions."""
+        return (sum(r.context_len for r in self.scheduled if r.cache_kind == CacheKind.HIDDEN)
+                + sum(c.num_tokens for c in self.conversions))
+
+    def cost_features(self) -> list[float]:
+        """What a linear step-cost model prices, in order: 1, tokens fed, context tokens, recompute tokens."""
+        return [1.0, float(self.total_num_scheduled_tokens), float(self.num_context_tokens),
+                float(self.num_recompute_tokens)]
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 

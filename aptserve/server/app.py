@@ -21,7 +21,8 @@ def create_app(engine: LLMEngine | AsyncLLM, server_args: ServerArgs = ServerArg
     built in this process (stepped by a thread of its own); the core starts and stops with the app."""
     if isinstance(engine, LLMEngine):
         engine = AsyncLLM(ThreadCore(engine.core), engine.tokenizer, server_args.max_queue_len,
-                          server_args.log_step_stats)
+                          server_args.log_step_stats,
+                          server_args.step_log)
     docs = {} if not server_args.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="aptserve", description="OpenAI-compatible LLM serving", lifespan=_lifespan, **docs)
     app.state.engine = engine

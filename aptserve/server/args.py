@@ -44,6 +44,9 @@ class ServerArgs(FlagTable):
     log_step_stats: bool = flag(False, "log where each engine step's time went (schedule, prepare, forward, sample, "
                                 "update, output, gap); the same figures are on /metrics as "
                                 "aptserve:step_phase_seconds", action="store_true")
+    step_log: str | None = flag(None, "append one JSON line per engine step to this file: its phases (as "
+                                "--log-step-stats) and what it held (requests, decode and prefill tokens, context and "
+                                "recompute tokens); `aptserve profile --from-step-log` fits the simulator to it")
     engine_in_thread: bool = flag(False, "step the engine core in a thread of the server's process instead of a "
                                   "process of its own (for measuring what the split buys; slower under load)",
                                   action="store_true")

@@ -8,8 +8,11 @@ open request and turns /health and new requests away.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+
+import msgspec
 
 from aptserve.config import EngineConfig
 from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, StepStats
@@ -77,12 +80,16 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, core, tokenizer, max_queue_len: int = 1024, log_step_stats: bool = False) -> None:
+    def __init__(self, core, tokenizer, max_queue_len: int = 1024, log_step_stats: bool = False,
+                 step_log: str | None = None) -> None:
         self.core = core
         self.config: EngineConfig = core.config
         self.tokenizer = tokenizer
         self.max_queue_len = max_queue_len
         self.log_step_stats = log_step_stats
+        # One JSON object per step (StepStats and the front end's output seconds), line-buffered so that a reader
+        # sees whole lines while the server runs.
+        self._step_log = open(step_log, "a", buffering=1, encoding="utf-8") if step_log else None
         self.input_processor = InputProcessor(self.config, tokenizer)
         self.output_processor = OutputProcessor(tokenizer)
         self.stats = core.initial_stats()  # the core's gauges after its last step; /metrics reads only this
@@ -103,6 +110,8 @@ class AsyncLLM:
         self.core.stop()
         await asyncio.to_thread(self.core.shutdown)
         self._fail_all("the server is shutting down")
+        if self._step_log is not None:
+            self._step_log.close()
 
     @property
     def is_running(self) -> bool:
@@ -174,6 +183,8 @@ class AsyncLLM:
 
     def _observe_step(self, step: StepStats, output_s: float) -> None:
         self.metrics.observe_step(step, output_s)
+        if self._step_log is not None:
+            self._step_log.write(json.dumps({**msgspec.structs.asdict(step), "output_s": output_s}) + "\n")
         if self.log_step_stats:
             logger.info("step %d: %d requests (%d decodes, %d prefill tokens); schedule %.1f ms, prepare %.1f, "
                         "forward %.1f, sample %.1f, update %.1f, output %.1f, gap %.1f", step.step_id,

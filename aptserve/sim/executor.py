@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from aptserve.cache.manager import CacheKind
 from aptserve.sched.output import RunnerOutput, SchedulerOutput
 
 
@@ -38,21 +37,12 @@ class LinearCostModel:
         return self.per_recompute_token_s * block_size
 
     def step_time(self, sched_out: SchedulerOutput) -> float:
-        return self.step_time_of(step_features(sched_out))
+        return self.step_time_of(sched_out.cost_features())
 
     def step_time_of(self, features: list[float]) -> float:
-        """Seconds for a step with these step_features."""
+        """Seconds for a step with these features (SchedulerOutput.cost_features)."""
         return (self.base_s * features[0] + self.per_token_s * features[1] + self.per_context_token_s * features[2]
                 + self.per_recompute_token_s * features[3])
-
-
-def step_features(sched_out: SchedulerOutput) -> list[float]:
-    """What LinearCostModel prices, in the order of its coefficients: 1, tokens fed, context tokens attended,
-    tokens whose K/V are re-projected from hidden rows (hidden contexts and conversions)."""
-    num_context = sum(r.context_len for r in sched_out.scheduled)
-    num_recompute = sum(r.context_len for r in sched_out.scheduled if r.cache_kind == CacheKind.HIDDEN)
-    num_recompute += sum(c.num_tokens for c in sched_out.conversions)
-    return [1.0, float(sched_out.total_num_scheduled_tokens), float(num_context), float(num_recompute)]
 
 
 class CostModel(Protocol):

@@ -1,8 +1,9 @@
 """`aptserve profile`: time this engine's real steps over a grid (decode rows x contexts, prompt chunks, hidden-cache
 decodes) and fit the simulator's linear cost model to them, so `aptserve sim --cost-model profile.json` prices
-steps as this machine runs them.
+steps as this machine runs them; or fit it to a server's own steps, as it served them.
 
     aptserve profile --model default --out profile.json       # ~1 min on 2 cores
+    aptserve profile --from-step-log steps.jsonl --out profile.json   # from `aptserve serve --step-log steps.jsonl`
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from aptserve.engine_args import EngineArgs, resolve
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import nonnegative_least_squares
-from aptserve.sim.executor import LinearCostModel, step_features
+from aptserve.sim.executor import LinearCostModel
 
 GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 DECODE_ROWS = (1, 4, 16, 32)
@@ -88,7 +89,7 @@ def profile(args: EngineArgs, repeats: int = 3, progress: bool = True) -> dict:
             continue
         sched_out, seconds = timed
         rows.append({"kind": point[0].value, "rows": point[1], "tokens_per_row": point[2], "start_pos": point[3],
-                     "features": step_features(sched_out), "seconds": seconds})
+                     "features": sched_out.cost_features(), "seconds": seconds})
     features = np.array([r["features"] for r in rows], dtype=float)
     seconds = np.array([r["seconds"] for r in rows])
     model = fit_linear(features, seconds)
@@ -102,6 +103,29 @@ def profile(args: EngineArgs, repeats: int = 3, progress: bool = True) -> dict:
             "points": rows, "skipped": [(k.value, *rest) for k, *rest in skipped]}
 
 
+FORWARD_PHASES = ("prepare_s", "forward_s", "sample_s")  # what the cost model prices: the executor's call
+OVERHEAD_PHASES = ("schedule_s", "update_s", "output_s", "gap_s")  # the rest of a served step
+
+
+def profile_step_log(path: str, model: str) -> dict:
+    """Fit the linear cost model to a served engine's own steps (`aptserve serve --step-log`): its forward seconds
+    on the steps' features, as that server ran them (its other processes sharing the cores included). The per-step
+    overhead beyond the forward pass is the median of the other phases (a mean would count idle gaps)."""
+    steps = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    steps = [s for s in steps if s["num_requests"] > 0]
+    if len(steps) < 8:
+        raise SystemExit(f"{path}: {len(steps)} steps with requests; a fit needs at least 8")
+    features = np.array([[1.0, s["num_decode_tokens"] + s["num_prefill_tokens"], s["num_context_tokens"],
+                          s["num_recompute_tokens"]] for s in steps])
+    seconds = np.array([sum(s[phase] for phase in FORWARD_PHASES) for s in steps])
+    cost_model = fit_linear(features, seconds)
+    relative = np.abs(np.array([cost_model.step_time_of(f) for f in features]) - seconds) / seconds
+    return {"model": model, "source": f"step log {Path(path).name}", "num_steps": len(steps),
+            "coefficients": asdict(cost_model), "fit_error": {"mean_relative": float(relative.mean()),
+                                                              "max_relative": float(relative.max())},
+            "step_overhead_s": float(np.median([sum(s[phase] for phase in OVERHEAD_PHASES) for s in steps]))}
+
+
 def load_profile(path: str) -> LinearCostModel:
     return LinearCostModel(**json.loads(Path(path).read_text())["coefficients"])
 
@@ -111,13 +135,18 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
                             description=__doc__.split("\n\n")[0])
     EngineArgs.add_cli_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--from-step-log", default=None, metavar="JSONL",
+                        help="fit to a server's own steps (`aptserve serve --step-log`) instead of timing a grid")
     parser.add_argument("--out", default="profile.json")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=cmd_profile)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    result = profile(EngineArgs.from_cli_args(args), args.repeats, progress=not args.no_progress)
+    if args.from_step_log:
+        result = profile_step_log(args.from_step_log, args.model)
+    else:
+        result = profile(EngineArgs.from_cli_args(args), args.repeats, progress=not args.no_progress)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"coefficients {result['coefficients']}; fit error {result['fit_error']}; wrote {args.out}")
