@@ -100,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["sim", "--model", args.model, "--cost-model", str(profile), *engine, *trace,
                  "--step-overhead-s", str(step_overhead_s)]
         if step_time_scale is None:  # the grid profile: scale it by the served forward seconds of the calibration
-            cli(*flags, *slo_flags, *calibration, "--out", str(work / f"{name}_calibration.json"))
-            priced_s = _points(work / f"{name}_calibration.json", args.scheduler)[0]["priced_step_s"]
+            cli(*flags, *slo_flags, *calibration, "--out", str(work / f"sim_{name}_calibration.json"))
+            priced_s = _points(work / f"sim_{name}_calibration.json", args.scheduler)[0]["priced_step_s"]
             step_time_scale = sum(served_steps[phase]["sum_s"] for phase in FORWARD_PHASES) / priced_s
         flags += ["--step-time-scale", str(step_time_scale)]
-        cli(*flags, *UNLOADED_PROBE, "--out", str(work / f"{name}_unloaded.json"))
-        simulated_unloaded = json.loads((work / f"{name}_unloaded.json").read_text())["slo"]["unloaded"][
+        cli(*flags, *UNLOADED_PROBE, "--out", str(work / f"sim_{name}_unloaded.json"))
+        simulated_unloaded = json.loads((work / f"sim_{name}_unloaded.json").read_text())["slo"]["unloaded"][
             "median_ttft_s"]
         request_latency_s = max(0.0, served_unloaded - simulated_unloaded)
-        cli(*flags, *slo_flags, "--request-latency-s", str(request_latency_s), "--out", str(work / f"{name}.json"))
-        sim = _points(work / f"{name}.json", args.scheduler)
+        cli(*flags, *slo_flags, "--request-latency-s", str(request_latency_s), "--out", str(work / f"sim_{name}.json"))
+        sim = _points(work / f"sim_{name}.json", args.scheduler)
         return {"terms": {"step_overhead_s": step_overhead_s, "step_time_scale": step_time_scale,
                           "request_latency_s": request_latency_s},
                 "profile": json.loads(profile.read_text()), "sim_flags": flags[1:] + [
@@ -136,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                "calibrations": calibrations, "real_points": real[0]}
     write_json(out_dir / "sim_validation.json", payload)
     _plot(out_dir / "sim_validation.png", calibrations, args)
-    if args.record_case:
-        _record_case(Path(args.record_case), calibrations["served_steps"])
+    if args.record_case:  # the grid profile: the better of the two in the first runs (see the README)
+        _record_case(Path(args.record_case), calibrations["grid_profile"])
     return 0
+
+
+def _without_option(flags: list[str], option: str) -> list[str]:
+    i = flags.index(option)
+    return flags[:i] + flags[i + 2:]
 
 
 def _num_lines(path: Path) -> int:
@@ -162,7 +167,7 @@ def _record_case(path: Path, calibration: dict) -> None:
         served.append(kept)
     profile = {k: v for k, v in calibration["profile"].items() if k != "points"}
     case = {"machine": machine_info(), "git": git_commit(), "profile": profile,
-            "sim_flags": [f for f in calibration["sim_flags"] if f != "--cost-model"], "served": served}
+            "sim_flags": _without_option(calibration["sim_flags"], "--cost-model"), "served": served}
     path.write_text(json.dumps(case, indent=1) + "\n")
 
 
