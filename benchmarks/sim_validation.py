@@ -12,7 +12,7 @@ the points judged. Per rate and calibration: the relative error of TTFT and P99 
 attainment difference; the PNG draws the attainment curves and those errors.
 
     .venv/bin/python benchmarks/sim_validation.py                       # ~12 min on 2 idle cores
-    .venv/bin/python benchmarks/sim_validation.py --model opt-125m --rates 4,8,12 --out-dir DIR
+    .venv/bin/python benchmarks/sim_validation.py --model opt-125m --rates 4,8,12   # -> sim_validation_opt125m.*
 """
 from __future__ import annotations
 
@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     payload = {"benchmark": "sim_validation", "config": vars(args), "served_phases": served_steps,
                "calibrations": calibrations, "real_points": real[0]}
-    write_json(out_dir / "sim_validation.json", payload)
-    _plot(out_dir / "sim_validation.png", calibrations, args)
+    stem = "sim_validation" if args.model == "default" else f"sim_validation_{args.model.replace('-', '')}"
+    write_json(out_dir / f"{stem}.json", payload)
+    _plot(out_dir / f"{stem}.png", calibrations, args)
     if args.record_case:  # the grid profile: the better of the two in the first runs (see the README)
         _record_case(Path(args.record_case), calibrations["grid_profile"])
     return 0
