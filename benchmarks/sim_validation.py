@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--record-case", default=None, metavar="JSON",
                         help="also write the served figures and the simulator's inputs as a recorded case for "
                              "tests/test_sim_recorded_case.py")
+    parser.add_argument("--case-calibration", default="grid_profile", choices=("grid_profile", "served_steps"),
+                        help="the calibration the recorded case keeps")
     return parser.parse_args(argv)
 
 
@@ -131,20 +133,32 @@ def main(argv: list[str] | None = None) -> int:
         for row in result["comparison"]:
             print(name, json.dumps({k: v if not isinstance(v, dict) else round(v["rel_error"], 3)
                                     for k, v in row.items()}))
+    for result in calibrations.values():
+        result["effective_throughput"] = effective_throughputs(result["comparison"])
     out_dir = Path(args.out_dir)
     payload = {"benchmark": "sim_validation", "config": vars(args), "served_phases": served_steps,
                "calibrations": calibrations, "real_points": real[0]}
     stem = "sim_validation" if args.model == "default" else f"sim_validation_{args.model.replace('-', '')}"
     write_json(out_dir / f"{stem}.json", payload)
     _plot(out_dir / f"{stem}.png", calibrations, args)
-    if args.record_case:  # the grid profile: the better of the two in the first runs (see the README)
-        _record_case(Path(args.record_case), calibrations["grid_profile"])
+    if args.record_case:
+        _record_case(Path(args.record_case), calibrations[args.case_calibration])
     return 0
 
 
 def _without_option(flags: list[str], option: str) -> list[str]:
     i = flags.index(option)
     return flags[:i] + flags[i + 2:]
+
+
+def effective_throughputs(comparison: list[dict], target: float = 0.9) -> dict:
+    """Served (median attainment of the runs) and simulated: the rate where attainment crosses `target`,
+    interpolated between the probed rates (None where it does not cross inside them)."""
+    from aptserve.bench.sweep import interpolate_crossing
+
+    rates = [row["rate"] for row in comparison]
+    return {side: interpolate_crossing(rates, [row[f"attainment_{side}"] for row in comparison], target)
+            for side in ("real", "sim")}
 
 
 def _num_lines(path: Path) -> int:
