@@ -142,7 +142,7 @@ def run_cell(cell: tuple, options: argparse.Namespace, traces: dict) -> dict:
     from aptserve.bench.serving import effective_throughput
     from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, bytes_per_unit
     from aptserve.cli import build_parser
-    from aptserve.sim.cli import Simulation
+    from aptserve.sim.cli import Simulation, engine_args
 
     setup, workload, cv, slo_set = cell
     args = build_parser().parse_args(sim_argv(setup, workload, cv, slo_set, options))
@@ -160,20 +160,15 @@ def run_cell(cell: tuple, options: argparse.Namespace, traces: dict) -> dict:
     # A request's mean cached context over its life: its prompt and half its output.
     mean_context = sum(r.prompt_len + r.output_len / 2 for r in trace) / len(trace)
     alpha_s = sim.cost_model.alpha_s(sim.config, args.block_size, "float16", "cuda")
+    kv_bytes = engine_args(sim.args, "fcfs", sim.config, sim.cost_model, None).kv_cache_memory
     kv_bytes_per_token = KV_UNITS_PER_BLOCK * bytes_per_unit(sim.config, 1, "float16")
     return {"setup": dataclasses.asdict(setup), "workload": workload, "cv": cv, "slo_set": slo_set,
             "slo": {k: v for k, v in slos.items() if k != "unloaded"},
             "unloaded": {k: unloaded.get(k) for k in ("median_ttft_s", "median_p99_tbt_s")},
-            "kv_cache_bytes": _kv_bytes(sim), "kv_cache_tokens": _kv_bytes(sim) // kv_bytes_per_token,
+            "kv_cache_bytes": kv_bytes, "kv_cache_tokens": kv_bytes // kv_bytes_per_token,
             "alpha_s": alpha_s, "mean_context_tokens": mean_context,
             "hidden_request_step_cost_s": alpha_s * mean_context / args.block_size,
             "variants": variants, "summary": summarize_cell(variants)}
-
-
-def _kv_bytes(sim) -> int:
-    from aptserve.sim.cli import engine_args
-
-    return engine_args(sim.args, "fcfs", sim.config, sim.cost_model, None).kv_cache_memory
 
 
 def _rate(variant: dict) -> float | None:
