@@ -89,3 +89,9 @@ def test_bisect_refines_between_the_last_pass_and_the_first_failure(tmp_path):
 def test_served_path_terms_out_of_range_are_refused(flag, value, tmp_path):
     with pytest.raises(SystemExit, match="step-time-scale"):
         main([*ARGS, flag, value, "--out", str(tmp_path / "sim.json")])
+
+
+def test_a_trace_the_dataset_cannot_fill_is_a_usage_error(tmp_path):
+    args = [a if a != "60" else "100000" for a in ARGS]
+    with pytest.raises(SystemExit, match="ShareGPT pairs pass the length filter"):
+        main([*args, "--out", str(tmp_path / "sim.json")])

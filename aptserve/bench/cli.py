@@ -134,13 +134,22 @@ def tokenizer_path(model: str, tokenizer: str | None) -> str:
                          "(the HF folder of the served model)") from None
 
 
-def build_spec(args: argparse.Namespace) -> tuple[BenchSpec, str]:
+def load_cli_trace(args: argparse.Namespace, tokenizer: str) -> list:
+    """The trace the trace flags ask for, its lengths counted with `tokenizer`; a dataset that cannot fill it is a
+    usage error, not a traceback."""
     from aptserve.registry import load_tokenizer
 
-    path = tokenizer_path(args.model, args.tokenizer)
     options = {o: getattr(args, o) for o in DATASET_OPTIONS[args.dataset] if getattr(args, o) is not None}
-    trace = load_bench_trace(args.dataset, load_tokenizer(path), args.num_requests, args.seed,
-                             args.max_output_len, **options)
+    try:
+        return load_bench_trace(args.dataset, load_tokenizer(tokenizer), args.num_requests, args.seed,
+                                args.max_output_len, **options)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def build_spec(args: argparse.Namespace) -> tuple[BenchSpec, str]:
+    path = tokenizer_path(args.model, args.tokenizer)
+    trace = load_cli_trace(args, path)
     spec = BenchSpec(model=args.model, trace=tuple(trace), rates=tuple(args.rates or [args.rate]), cv=args.cv,
                      seed=args.seed, target=args.target, api=args.api, max_concurrency=args.max_concurrency,
                      timeout_s=args.request_timeout, bisect=args.bisect, max_num_probes=args.max_probes,

@@ -19,10 +19,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from aptserve.bench.arrivals import gamma_send_offsets_s
-from aptserve.bench.cli import TRACE_OPTIONS, _add_common_args, _check_args, explicit_slos, tokenizer_path, write_result
+from aptserve.bench.cli import (_add_common_args, _check_args, explicit_slos, load_cli_trace, tokenizer_path,
+                                write_result)
 from aptserve.bench.datasets import TraceRequest
 from aptserve.bench.metrics import RequestRecord
-from aptserve.bench.serving import (effective_throughput, load_bench_trace, slos_from_unloaded, sweep_point,
+from aptserve.bench.serving import (effective_throughput, slos_from_unloaded, sweep_point,
                                     throughput_ratios, trace_stats, unloaded_latency)
 from aptserve.bench.sweep import sweep_rates, sweep_then_bisect
 from aptserve.checkpoints import OPT_SHAPES
@@ -171,13 +172,8 @@ class Simulation:
 
 
 def load_sim_trace(args: argparse.Namespace) -> list[TraceRequest]:
-    from aptserve.registry import load_tokenizer
-
     # OPT shapes share the default model's tokenizer (and a folder would mean building their weights).
-    tokenizer = tokenizer_path("default" if args.model in OPT_SHAPES else args.model, args.tokenizer)
-    options = {o: getattr(args, o) for o in TRACE_OPTIONS if getattr(args, o) is not None}
-    return load_bench_trace(args.dataset, load_tokenizer(tokenizer), args.num_requests, args.seed,
-                            args.max_output_len, **options)
+    return load_cli_trace(args, tokenizer_path("default" if args.model in OPT_SHAPES else args.model, args.tokenizer))
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
