@@ -27,12 +27,14 @@ from aptserve.bench.serving import (effective_throughput, slos_from_unloaded, sw
                                     throughput_ratios, trace_stats, unloaded_latency)
 from aptserve.bench.sweep import sweep_rates, sweep_then_bisect
 from aptserve.checkpoints import OPT_SHAPES
+from aptserve.cluster.policy import ROUTERS, RouteRequest, make_policy
 from aptserve.config import ModelConfig
 from aptserve.engine_args import CHUNKED_DEFAULT_BATCHED_TOKENS, EngineArgs
 from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel, SimClock
 from aptserve.sim.gpus import GPUS, gpu_spec
 from aptserve.sim.profile import load_profile
 from aptserve.sim.roofline import RooflineCostModel
+from aptserve.sim.cluster import simulate_cluster
 from aptserve.sim.simulator import sim_engine, simulate
 
 
@@ -62,6 +64,14 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
                             "would (default: the engine's defaults, as for requests that carry none)")
     group.add_argument("--policies", default=None,
                        help="comma-separated schedulers to compare on the same trace (default: --scheduler)")
+    cluster = sim.add_argument_group("cluster (several replicas behind a router)")
+    cluster.add_argument("--replicas", type=int, default=1, help="engine replicas, each on its own simulated clock "
+                         "(and, with --gpu, its own --tensor-parallel GPUs)")
+    cluster.add_argument("--router", default="apt-slo", choices=ROUTERS, help="how requests are spread over replicas")
+    cluster.add_argument("--snapshot-staleness-s", type=float, default=0.5,
+                         help="how often the router polls the replicas' state (0: at every request)")
+    cluster.add_argument("--shed", action="store_true",
+                         help="apt-slo refuses requests no replica is predicted to serve within their SLOs")
     sim.set_defaults(func=cmd_sim, kv_cache_memory=None, dtype=None)
 
 
@@ -108,6 +118,10 @@ class Simulation:
             raise SystemExit("give --gpu (the roofline) or --cost-model (a profile), not both")
         if args.step_time_scale <= 0 or args.step_overhead_s < 0 or args.request_latency_s < 0:
             raise SystemExit("--step-time-scale must be > 0, --step-overhead-s and --request-latency-s >= 0")
+        if args.replicas < 1 or args.snapshot_staleness_s < 0:
+            raise SystemExit("--replicas must be >= 1 and --snapshot-staleness-s >= 0")
+        if args.shed and args.router != "apt-slo":
+            raise SystemExit("--shed needs --router apt-slo (the only router that predicts SLO misses)")
         config = model_config(args.model, args.max_model_len)
         cost_model: CostModel = LinearCostModel()
         if args.cost_model:
@@ -125,10 +139,9 @@ class Simulation:
         """One sweep point: the trace at `rate` (bench's seeded gamma arrivals), summarized as bench does, with
         the steps taken and the seconds the cost model priced them at (before --step-time-scale)."""
         offsets_s = gamma_send_offsets_s(len(self.trace), rate, self.args.cv, self.args.seed)
-        records, executor = self._run(policy, slos, offsets_s, None, progress, **engine_flags)
+        records, run_stats = self._run(policy, slos, offsets_s, None, progress, **engine_flags)
         end_s = max((r.token_times_s[-1] for r in records if r.token_times_s), default=1e-9)
-        return {**sweep_point(rate, records, end_s, slos), "num_steps": executor.num_steps,
-                "priced_step_s": executor.priced_s}
+        return {**sweep_point(rate, records, end_s, slos), **run_stats}
 
     def slos(self, policy: str, **engine_flags) -> dict:
         """The explicit SLOs, or --slo-scale x the unloaded latency of `policy` alone on the simulated system."""
@@ -156,7 +169,9 @@ class Simulation:
         return {"points": ordered, "effective_throughput": effective_throughput(ordered, self.args.target)}
 
     def _run(self, policy: str, slos: dict | None, offsets_s: Sequence[float], requests, progress, **engine_flags,
-             ) -> tuple[list[RequestRecord], CostModelExecutor]:
+             ) -> tuple[list[RequestRecord], dict]:
+        """The records, and the steps taken, the seconds the cost model priced them at (before --step-time-scale)
+        and, with replicas, the requests each was sent."""
         args = engine_args(self.args, policy, self.config, self.cost_model, slos, **engine_flags)
         executors = []
 
@@ -165,10 +180,20 @@ class Simulation:
                                                step_time_scale=self.args.step_time_scale))
             return executors[-1]
 
-        engine, clock = sim_engine(args, self.config, self.cost_model, make_executor=executor)
-        records = simulate(engine, clock, self.trace if requests is None else requests, offsets_s,
-                           progress=progress, request_latency_s=self.args.request_latency_s)
-        return records, executors[0]
+        trace = self.trace if requests is None else requests
+        replicas = [sim_engine(args, self.config, self.cost_model, make_executor=executor)
+                    for _ in range(self.args.replicas)]
+        stats = {}
+        if self.args.replicas == 1:
+            records = simulate(*replicas[0], trace, offsets_s, progress=progress,
+                               request_latency_s=self.args.request_latency_s)
+        else:
+            records, stats["sent_per_replica"] = simulate_cluster(
+                replicas, make_policy(self.args.router, self.args.seed, self.args.shed), trace, offsets_s,
+                lambda r: RouteRequest(r.prompt_len, r.output_len, args.ttft_slo, args.tbt_slo),
+                self.args.snapshot_staleness_s, self.args.request_latency_s, progress)
+        return records, {"num_steps": sum(e.num_steps for e in executors),
+                         "priced_step_s": sum(e.priced_s for e in executors), **stats}
 
 
 def load_sim_trace(args: argparse.Namespace) -> list[TraceRequest]:

@@ -37,14 +37,14 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
     start_s = clock.now()
     while next_index < len(trace) or engine.has_unfinished_requests():
         while next_index < len(trace) and start_s + send_offsets_s[next_index] <= clock.now():
-            _add(engine, trace[next_index], next_index, start_s + send_offsets_s[next_index], records)
+            add_trace_request(engine, trace[next_index], next_index, start_s + send_offsets_s[next_index], records)
             next_index += 1
         if not engine.has_unfinished_requests():
             clock.time_s = max(clock.time_s, start_s + send_offsets_s[next_index])
             continue
         for output in engine.step():
             if output.finished:
-                records[int(output.request_id)] = _record(output, trace[int(output.request_id)], request_latency_s)
+                records[int(output.request_id)] = trace_record(output, trace[int(output.request_id)], request_latency_s)
                 if progress is not None:
                     progress.update(1)
         num_steps += 1
@@ -53,8 +53,9 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
     return [records[i] for i in range(len(trace))]
 
 
-def _add(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
-         records: dict[int, RequestRecord]) -> None:
+def add_trace_request(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
+                      records: dict[int, RequestRecord]) -> None:
+    """The trace's request `index` (its id), greedy with ignore_eos; a request the engine refuses is recorded failed."""
     prompt = request.prompt_token_ids or list(range(10, 10 + request.prompt_len))
     params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
@@ -65,7 +66,7 @@ def _add(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
                                        send_s=arrival_s, error=str(exc))
 
 
-def _record(output: RequestOutput, request: TraceRequest, latency_s: float) -> RequestRecord:
+def trace_record(output: RequestOutput, request: TraceRequest, latency_s: float) -> RequestRecord:
     metrics = output.metrics
     first_token_s = None if metrics.first_token_s is None else metrics.first_token_s + latency_s
     return RequestRecord(ok=output.error is None, prompt_len=request.prompt_len,
