@@ -42,7 +42,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_pure_layers_import_without_torch_or_the_engine():
     code = ("import sys, aptserve.sched, aptserve.cache, aptserve.config, aptserve.engine_args\n"
-            "loaded = [m for m in ('torch', 'aptserve.engine', 'aptserve.llm') if m in sys.modules]\n"
+            "import aptserve.cluster.policy, aptserve.cluster.snapshot\n"
+            "loaded = [m for m in ('torch', 'ray', 'aptserve.engine', 'aptserve.llm') if m in sys.modules]\n"
             "assert not loaded, loaded")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
