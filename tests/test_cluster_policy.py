@@ -56,13 +56,17 @@ def test_the_ledger_adds_what_was_sent_since_the_last_poll():
     ledger = Ledger()
     ledger.book("idle", REQUEST)
     ledger.book("idle", REQUEST)
-    view = ledger.view(IDLE)
+    view = ledger.view(IDLE, now_s=0.0)
     assert (view.num_waiting, view.waiting_tokens) == (2, 400)
     assert view.free_units == IDLE.free_units - 2 * 2 * math.ceil(300 / 16)
     assert predict(view, REQUEST).ttft_s > predict(IDLE, REQUEST).ttft_s
-    assert ledger.view(replica("other")) == replica("other")
+    assert ledger.view(replica("other"), now_s=0.0) == replica("other")
+    # Time passes without a poll: the replica prefills the queued prompts at its predicted pace (512 tokens a step).
+    step_s = COST.predict(512, 0)
+    assert ledger.view(IDLE, now_s=0.5 * step_s).waiting_tokens == 400 - 256
+    assert ledger.view(IDLE, now_s=2 * step_s).waiting_tokens == 0
     ledger.polled("idle")
-    assert ledger.view(IDLE) == IDLE
+    assert ledger.view(IDLE, now_s=0.0) == IDLE
 
 
 def test_load_based_baselines():
