@@ -42,6 +42,11 @@ class ReplicaSnapshot:
     step_cost: StepCostModel = StepCostModel()
     alpha_s: float = 0.0  # seconds per step to re-project one block held as hidden rows
 
+    @property
+    def prefill_tokens_per_step(self) -> int:
+        """Prompt tokens a step has room for beside one decode token per running request."""
+        return max(1, self.max_step_tokens - self.num_running)
+
 
 @dataclass(frozen=True)
 class RouteRequest:
@@ -65,8 +70,7 @@ def predict(replica: ReplicaSnapshot, request: RouteRequest) -> Prediction:
     """The request's TTFT and TBT on `replica`: the queued prompts ahead of it and its own go through chunked steps
     next to the running decodes; its whole life must fit the free units, as KV or else (hybrid cache on) as hidden
     rows whose K/V every step re-projects; if neither fits it waits for memory (TTFT infinite here)."""
-    cost, decodes = replica.step_cost, replica.num_running
-    prefill_per_step = max(1, replica.max_step_tokens - decodes)
+    cost, decodes, prefill_per_step = replica.step_cost, replica.num_running, replica.prefill_tokens_per_step
     queued = replica.waiting_tokens + request.prompt_len
     chunk = min(prefill_per_step, queued)
     step_s = cost.predict(decodes + chunk, replica.running_context_tokens + chunk * (chunk + 1) / 2)
@@ -104,7 +108,7 @@ class Ledger:
         reserved as KV), less the prompt tokens the replica has prefilled meanwhile at its predicted pace."""
         booked = self._booked.get(snapshot.replica_id, [])
         queued = snapshot.waiting_tokens + sum(r.prompt_len for r in booked)
-        prefill_per_step = max(1, snapshot.max_step_tokens - snapshot.num_running)
+        prefill_per_step = snapshot.prefill_tokens_per_step
         step_s = snapshot.step_cost.predict(snapshot.num_running + prefill_per_step,
                                             snapshot.running_context_tokens)
         drained = int(max(0.0, now_s - snapshot.taken_s) / step_s * prefill_per_step) if step_s > 0 else queued
