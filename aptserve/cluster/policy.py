@@ -2,8 +2,7 @@
 
 Pure (no Ray, no torch, no clock of its own): the Ray router and the cluster simulator call the same code. A replica
 reports a ReplicaSnapshot every poll; between polls the Ledger adds what the router sent it, so a burst does not all
-land on the replica that looked idle at the last poll, and takes off the queued prompts the replica will have
-prefilled since, so a slow poll does not make it look ever fuller.
+land on the replica that looked idle at the last poll.
 
 Policies: `round-robin`; `least-load` (vLLM's data-parallel balancer: 4 x waiting + running); `pow2` (the less
 loaded of two replicas drawn at random); `apt-slo`, which predicts the new request's TTFT and TBT on each replica from
@@ -103,20 +102,14 @@ class Ledger:
         """A fresh snapshot of `replica_id` arrived: what was booked before it is in it."""
         self._booked.pop(replica_id, None)
 
-    def view(self, snapshot: ReplicaSnapshot, now_s: float) -> ReplicaSnapshot:
-        """The snapshot as of `now_s`: with what was booked since (queued prompts, waiting requests, their units
-        reserved as KV), less the prompt tokens the replica has prefilled meanwhile at its predicted pace."""
-        booked = self._booked.get(snapshot.replica_id, [])
-        queued = snapshot.waiting_tokens + sum(r.prompt_len for r in booked)
-        prefill_per_step = snapshot.prefill_tokens_per_step
-        step_s = snapshot.step_cost.predict(snapshot.num_running + prefill_per_step,
-                                            snapshot.running_context_tokens)
-        drained = int(max(0.0, now_s - snapshot.taken_s) / step_s * prefill_per_step) if step_s > 0 else queued
-        if not booked and not drained:
+    def view(self, snapshot: ReplicaSnapshot) -> ReplicaSnapshot:
+        """The snapshot with what was booked since: queued prompts, waiting requests, their units reserved as KV."""
+        booked = self._booked.get(snapshot.replica_id)
+        if not booked:
             return snapshot
         units = sum(cdiv(r.prompt_len + r.max_tokens, snapshot.block_size) * KV_UNITS_PER_BLOCK for r in booked)
         return dataclasses.replace(snapshot, num_waiting=snapshot.num_waiting + len(booked),
-                                   waiting_tokens=max(0, queued - drained),
+                                   waiting_tokens=snapshot.waiting_tokens + sum(r.prompt_len for r in booked),
                                    free_units=max(0, snapshot.free_units - units))
 
 
@@ -159,8 +152,10 @@ class AptSlo:
         self.shed = shed
 
     def choose(self, replicas: Sequence[ReplicaSnapshot], request: RouteRequest) -> str | None:
-        slack, _, chosen = max((predict(r, request).slack(request), r.free_units, r.replica_id) for r in replicas)
-        return None if self.shed and slack < 0 else chosen
+        # Ties (all idle, or all predicted to wait for memory) go to the most free memory, then the lightest load.
+        best = max(replicas, key=lambda r: (predict(r, request).slack(request), r.free_units, -load_score(r)))
+        slack = predict(best, request).slack(request)
+        return None if self.shed and slack < 0 else best.replica_id
 
 
 def make_policy(name: str, seed: int = 0, shed: bool = False) -> RoutingPolicy:

@@ -49,7 +49,7 @@ def simulate_cluster(replicas: Sequence[tuple[LLMEngine, SimClock]], policy: Rou
                 snapshots[names[i]] = replica_snapshot(core.scheduler, core.config, names[i], arrival_s)
                 ledger.polled(names[i])
         request = route_request(trace[next_index])
-        chosen = policy.choose([ledger.view(snapshots[name], arrival_s) for name in names], request)
+        chosen = policy.choose([ledger.view(snapshots[name]) for name in names], request)
         if chosen is None:
             records[next_index] = RequestRecord(ok=False, prompt_len=trace[next_index].prompt_len, output_len=0,
                                                 send_s=arrival_s, error=SHED_ERROR)
