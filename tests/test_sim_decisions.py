@@ -1,11 +1,9 @@
 """The simulator takes the scheduling decisions the real engine takes: a trace is served by the real engine (a
-tiny llama on the real runner, on a clock advanced by each step's measured time), its step times are recorded,
+tiny llama on the real runner, on a clock advanced by a fixed price of each step), its step times are recorded,
 and the simulator replays the trace with those times as its cost model. Every step must schedule the same
 requests, with the same token counts, positions, cache kinds, preemptions and conversions: the policies,
 the pool and the engine step are the same code, and nothing in the simulator's driver changes what they see."""
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -15,12 +13,13 @@ from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs, resolve
 from aptserve.runner import ModelRunner
 from aptserve.sched.output import SchedulerOutput
-from aptserve.sim.executor import CostModelExecutor, SimClock
+from aptserve.sim.executor import CostModelExecutor, LinearCostModel, SimClock
 from aptserve.sim.simulator import sim_engine, simulate
 from tests.model_fixtures import save_tiny_llama
 
 TRACE = [TraceRequest("", 20 + 7 * (i % 6), 8 + 5 * (i % 4)) for i in range(14)]
 OFFSETS_S = [0.004 * i for i in range(len(TRACE))]
+STEP_PRICE = LinearCostModel(base_s=0.003, per_token_s=0.0001, per_context_token_s=1e-6, per_recompute_token_s=1e-5)
 
 
 def decision(sched_out: SchedulerOutput) -> tuple:
@@ -30,16 +29,16 @@ def decision(sched_out: SchedulerOutput) -> tuple:
 
 
 class TimedRunner:
-    """The real runner on a simulated clock that advances by each step's measured time."""
+    """The real runner on a simulated clock that advances by a fixed price of each step (a measured time would make
+    the decisions, and this test's preconditions, depend on how loaded the machine is)."""
 
     def __init__(self, runner: ModelRunner, clock: SimClock) -> None:
         self.runner, self.clock = runner, clock
         self.decisions, self.step_times_s = [], []
 
     def execute(self, sched_out: SchedulerOutput):
-        start_s = time.perf_counter()
         out = self.runner.execute(sched_out)
-        elapsed_s = time.perf_counter() - start_s if sched_out.scheduled else 0.0
+        elapsed_s = STEP_PRICE.step_time(sched_out) if sched_out.scheduled else 0.0
         self.clock.advance(elapsed_s)
         self.decisions.append(decision(sched_out))
         self.step_times_s.append(elapsed_s)
