@@ -29,9 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import RESULTS_DIR, git_commit, machine_info, write_json  # noqa: E402
 from benchmarks.servers import SERVED_NAME, aptserve_command, running_server, scrape  # noqa: E402
+import aptserve.sim.profile as profile_phases  # noqa: E402
 
-OVERHEAD_PHASES = ("schedule", "update", "output", "gap")
-FORWARD_PHASES = ("prepare", "forward", "sample")
+# The step phases as /metrics labels them (the step log's field names without "_s").
+OVERHEAD_PHASES = tuple(p.removesuffix("_s") for p in profile_phases.OVERHEAD_PHASES)
+FORWARD_PHASES = tuple(p.removesuffix("_s") for p in profile_phases.FORWARD_PHASES)
 QUANTILES = (50, 90)
 # A short run whose only use is bench's unloaded probe (10 requests alone, median TTFT); the later --rates and
 # --num-requests win over the trace's.

@@ -153,9 +153,9 @@ class AptSlo:
 
     def choose(self, replicas: Sequence[ReplicaSnapshot], request: RouteRequest) -> str | None:
         # Ties (all idle, or all predicted to wait for memory) go to the most free memory, then the lightest load.
-        best = max(replicas, key=lambda r: (predict(r, request).slack(request), r.free_units, -load_score(r)))
-        slack = predict(best, request).slack(request)
-        return None if self.shed and slack < 0 else best.replica_id
+        slack, _, _, chosen = max((predict(r, request).slack(request), r.free_units, -load_score(r), -i)
+                                  for i, r in enumerate(replicas))
+        return None if self.shed and slack < 0 else replicas[-chosen].replica_id
 
 
 def make_policy(name: str, seed: int = 0, shed: bool = False) -> RoutingPolicy:
