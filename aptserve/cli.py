@@ -29,10 +29,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # --- `aptserve serve`: the OpenAI-compatible server (owned with aptserve/server/) -------------------
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from aptserve.cluster.args import ClusterArgs
     from aptserve.server.args import ServerArgs
 
     EngineArgs.add_cli_args(parser)
     ServerArgs.add_cli_args(parser)
+    ClusterArgs.add_cli_args(parser)
 
 
 # Exit statuses of `aptserve serve` beyond 0 (drained cleanly) and 2 (bad flags).
@@ -41,27 +43,25 @@ EXIT_REQUESTS_CUT = 3
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve with the engine core in a process of its own; exits 1 if that process dies, 3 if the drain had to
-    cut requests."""
-    from aptserve.core.client import ProcessCore, ThreadCore
-    from aptserve.registry import load_tokenizer
+    """Serve with the engine core in a process of its own (or, with --replicas N > 1, N engine replicas on Ray
+    Serve behind this process's API); exits 1 if the engine dies, 3 if the drain had to cut requests."""
+    from aptserve.cluster.args import ClusterArgs
     from aptserve.server import AsyncLLM, ServerArgs, build_server, create_app
 
     try:
-        server_args = ServerArgs.from_cli_args(args)
+        server_args, cluster_args = ServerArgs.from_cli_args(args), ClusterArgs.from_cli_args(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     engine_args = EngineArgs.from_cli_args(args)
-    if server_args.engine_in_thread:
-        from aptserve.engine import LLMEngine
-
-        llm_engine = LLMEngine.from_engine_args(engine_args)
-        core, tokenizer = ThreadCore(llm_engine.core), llm_engine.tokenizer
+    if cluster_args.replicas > 1:
+        try:
+            from aptserve.cluster.ray_app import start_cluster
+        except ImportError as exc:
+            raise SystemExit(f"error: --replicas {cluster_args.replicas} needs Ray Serve: pip install "
+                             f"'aptserve[cluster]' ({exc})") from exc
+        engine = start_cluster(engine_args, server_args, cluster_args)
     else:
-        core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
-        tokenizer = load_tokenizer(core.config.model.path)
-    engine = AsyncLLM(core, tokenizer, server_args.max_queue_len, server_args.log_step_stats,
-                      server_args.step_log)
+        engine = AsyncLLM.launch(engine_args, server_args)
     server = build_server(create_app(engine, server_args), server_args.host, server_args.port,
                           server_args.shutdown_timeout, access_log=not server_args.disable_uvicorn_access_log,
                           limit_concurrency=server_args.limit_concurrency,

@@ -17,6 +17,10 @@ class EngineOverloadedError(AptServeError):
     """The queue is full; the client should retry later (HTTP 503)."""
 
 
+class RequestShedError(EngineOverloadedError):
+    """A cluster's router predicts that no replica can serve this request within its SLOs (--shed; HTTP 503)."""
+
+
 class ConversionFailedError(AptServeError):
     """The executor could not move these requests' cache to another kind; their cached rows are lost."""
 

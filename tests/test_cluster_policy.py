@@ -54,14 +54,25 @@ def test_ties_go_to_the_replica_with_more_free_memory():
 
 def test_the_ledger_adds_what_was_sent_since_the_last_poll():
     ledger = Ledger()
-    ledger.book("idle", REQUEST)
-    ledger.book("idle", REQUEST)
+    ledger.book("idle", "a", REQUEST)
+    ledger.book("idle", "b", REQUEST)
     view = ledger.view(IDLE)
     assert (view.num_waiting, view.waiting_tokens) == (2, 400)
     assert view.free_units == IDLE.free_units - 2 * 2 * math.ceil(300 / 16)
     assert predict(view, REQUEST).ttft_s > predict(IDLE, REQUEST).ttft_s
     assert ledger.view(replica("other")) == replica("other")
     ledger.polled("idle")
+    assert ledger.view(IDLE) == IDLE
+
+
+def test_a_request_that_finishes_before_the_next_poll_leaves_the_ledger():
+    ledger = Ledger()
+    ledger.book("idle", "a", REQUEST)
+    ledger.book("idle", "b", REQUEST)
+    ledger.finished("idle", "a")
+    ledger.finished("idle", "unknown")  # booked before the last poll: nothing to take back
+    assert ledger.view(IDLE).num_waiting == 1
+    ledger.finished("idle", "b")
     assert ledger.view(IDLE) == IDLE
 
 

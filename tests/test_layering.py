@@ -42,7 +42,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_pure_layers_import_without_torch_or_the_engine():
     code = ("import sys, aptserve.sched, aptserve.cache, aptserve.config, aptserve.engine_args\n"
-            "import aptserve.cluster.policy, aptserve.cluster.snapshot\n"
+            "import aptserve.cluster.policy, aptserve.cluster.snapshot, aptserve.cluster.args, aptserve.core.messages\n"
             "loaded = [m for m in ('torch', 'ray', 'aptserve.engine', 'aptserve.llm') if m in sys.modules]\n"
             "assert not loaded, loaded")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -23,6 +23,7 @@ from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
 from aptserve.sched.step_cost import StepCostModel
 
 ROUTERS = ("apt-slo", "least-load", "pow2", "round-robin")
+SHED_ERROR = "shed by the router: no replica can meet the request's SLOs"
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,16 @@ def predict(replica: ReplicaSnapshot, request: RouteRequest) -> Prediction:
 
 class Ledger:
     """Requests routed to each replica since its last snapshot, added to that snapshot until the next poll (which
-    sees them on the replica) clears them."""
+    sees them on the replica) clears them, or until they finish before it (then no poll will ever show them)."""
 
     def __init__(self) -> None:
-        self._booked: dict[str, list[RouteRequest]] = {}
+        self._booked: dict[str, dict[str, RouteRequest]] = {}
 
-    def book(self, replica_id: str, request: RouteRequest) -> None:
-        self._booked.setdefault(replica_id, []).append(request)
+    def book(self, replica_id: str, request_id: str, request: RouteRequest) -> None:
+        self._booked.setdefault(replica_id, {})[request_id] = request
+
+    def finished(self, replica_id: str, request_id: str) -> None:
+        self._booked.get(replica_id, {}).pop(request_id, None)
 
     def polled(self, replica_id: str) -> None:
         """A fresh snapshot of `replica_id` arrived: what was booked before it is in it."""
@@ -104,7 +108,7 @@ class Ledger:
 
     def view(self, snapshot: ReplicaSnapshot) -> ReplicaSnapshot:
         """The snapshot with what was booked since: queued prompts, waiting requests, their units reserved as KV."""
-        booked = self._booked.get(snapshot.replica_id)
+        booked = list(self._booked.get(snapshot.replica_id, {}).values())
         if not booked:
             return snapshot
         units = sum(cdiv(r.prompt_len + r.max_tokens, snapshot.block_size) * KV_UNITS_PER_BLOCK for r in booked)

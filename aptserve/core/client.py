@@ -70,7 +70,12 @@ class ThreadCore:
         self._submit(add)
 
     def abort_requests(self, request_ids: list[str]) -> None:
-        self._submit(lambda: self.core.abort_requests(request_ids))
+        def abort() -> None:
+            self.core.abort_requests(request_ids)
+            if (idle := self.core.idle_stats()) is not None:
+                self._deliver_outputs(idle)
+
+        self._submit(abort)
 
     def stop(self) -> None:
         """Stop stepping after the current step (shutdown() waits for it)."""
@@ -122,9 +127,11 @@ class ThreadCore:
 
 
 class ProcessCore:
-    def __init__(self, config: EngineConfig, process, contexts: tuple[zmq.Context, zmq.asyncio.Context],
-                 inputs: zmq.Socket, outputs: zmq.asyncio.Socket, socket_dir: str) -> None:
+    def __init__(self, config: EngineConfig, stats: EngineStats, process,
+                 contexts: tuple[zmq.Context, zmq.asyncio.Context], inputs: zmq.Socket, outputs: zmq.asyncio.Socket,
+                 socket_dir: str) -> None:
         self.config = config
+        self._initial_stats = stats
         self.process = process
         self._contexts, self._inputs, self._outputs, self._socket_dir = contexts, inputs, outputs, socket_dir
         self._encoder = msgspec.msgpack.Encoder()
@@ -163,10 +170,11 @@ class ProcessCore:
                 context.destroy(linger=0)
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise EngineStartError(payload)
-        return cls(payload, process, contexts, inputs, outputs, socket_dir)
+        config, stats = payload
+        return cls(config, stats, process, contexts, inputs, outputs, socket_dir)
 
     def initial_stats(self) -> EngineStats:
-        return EngineStats(0, 0, self.config.cache.num_units, {}, 0, 0, 0, self.config.cache.hybrid.value)
+        return self._initial_stats
 
     def start(self, on_outputs: OnOutputs, on_death: OnDeath) -> None:
         self._tasks = [asyncio.create_task(self._read_outputs(on_outputs)),

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Protocol
 
+from aptserve.cluster.snapshot import replica_snapshot
 from aptserve.config import EngineConfig
 from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats, StepStats
 from aptserve.errors import ConversionFailedError
@@ -165,6 +166,11 @@ class EngineCore:
         self.scheduler.abort_request(request_id)
         return EngineCoreOutput(request_id, [], "abort", error=error)
 
+    def idle_stats(self) -> EngineCoreOutputs | None:
+        """The gauges alone when no step will follow to carry them (after aborts emptied the engine), so the
+        front end's view of the pool does not keep units that are free."""
+        return None if self.has_unfinished_requests() else EngineCoreOutputs(self.clock.now(), stats=self.stats())
+
     def refusal(self, request_id: str, error: str) -> EngineCoreOutputs:
         """The outputs that tell the front end a request it sent was not taken."""
         return EngineCoreOutputs(self.clock.now(), [EngineCoreOutput(request_id, [], "abort", error=error)],
@@ -181,7 +187,7 @@ class EngineCore:
         scheduler, cache = self.scheduler, self.scheduler.cache
         return EngineStats(scheduler.num_running, scheduler.num_waiting, cache.num_units, cache.usage(),
                            scheduler.num_preemptions, scheduler.num_conversions, self.num_steps,
-                           self.config.cache.hybrid.value)
+                           self.config.cache.hybrid.value, replica_snapshot(scheduler, self.config, "", 0.0))
 
 
 def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: float, schedule_s: float,

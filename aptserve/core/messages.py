@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
+from aptserve.cluster.policy import ReplicaSnapshot
 from aptserve.sampling import SamplingParams
 
 
@@ -63,6 +64,7 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_conversions: int
     num_steps: int
     hybrid_cache: str
+    routing: ReplicaSnapshot | None = None  # what a replica reports to a cluster's router (id and time unset)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

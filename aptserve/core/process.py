@@ -20,8 +20,8 @@ IDLE_POLL_MS = 500  # while idle, how often to check that the parent is still th
 
 
 def run_engine_core(args, input_address: str, output_address: str, ready_pipe, log_level: int) -> None:
-    """Process entry point: build the engine core from EngineArgs, report the resolved config (or the error),
-    then serve until shut down."""
+    """Process entry point: build the engine core from EngineArgs, report the resolved config and its first
+    gauges (or the error), then serve until shut down."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine-core]: %(message)s")
     parent_pid = os.getppid()
     try:
@@ -34,7 +34,7 @@ def run_engine_core(args, input_address: str, output_address: str, ready_pipe, l
     inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     inputs.connect(input_address)
     outputs.connect(output_address)
-    ready_pipe.send(("ready", core.config))
+    ready_pipe.send(("ready", (core.config, core.stats())))
     ready_pipe.close()
     try:
         _serve(core, inputs, outputs, parent_pid)
@@ -73,6 +73,8 @@ def _serve(core, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> No
 def _apply(core, message: AddRequest | AbortRequests, outputs: zmq.Socket, encoder) -> None:
     if isinstance(message, AbortRequests):
         core.abort_requests(message.request_ids)
+        if (idle := core.idle_stats()) is not None:
+            outputs.send(encoder.encode(idle))
         return
     try:
         core.add_request(message.request)

@@ -100,6 +100,24 @@ class AsyncLLM:
         self._num_sent_since_stats = 0  # adds the core has not counted in `stats` yet
         self._started = False
 
+    @classmethod
+    def launch(cls, engine_args, server_args) -> AsyncLLM:
+        """What `aptserve serve` runs (and each cluster replica): the engine core in a process of its own, or with
+        --engine-in-thread in a thread of this one; raises EngineStartError."""
+        from aptserve.core.client import ProcessCore, ThreadCore
+
+        if server_args.engine_in_thread:
+            from aptserve.engine import LLMEngine
+
+            llm_engine = LLMEngine.from_engine_args(engine_args)
+            core, tokenizer = ThreadCore(llm_engine.core), llm_engine.tokenizer
+        else:
+            from aptserve.registry import load_tokenizer
+
+            core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
+            tokenizer = load_tokenizer(core.config.model.path)
+        return cls(core, tokenizer, server_args.max_queue_len, server_args.log_step_stats, server_args.step_log)
+
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self.core.start(self._on_outputs, self._on_death)

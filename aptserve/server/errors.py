@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
+from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError, RequestShedError
 from aptserve.server.async_llm import (EngineDeadError, RequestCutError, RequestFailedError,
                                       ServerDrainingError)
 from aptserve.server.protocol import ErrorResponse
@@ -51,7 +51,9 @@ def engine_error(exc: AptServeError) -> tuple[int, str, str | None]:
         return 503, "server_error", "server_shutting_down"
     if isinstance(exc, EngineOverloadedError):
         return 503, "server_error", ("server_shutting_down" if isinstance(exc, ServerDrainingError)
-                                     else "engine_dead" if isinstance(exc, EngineDeadError) else "server_overloaded")
+                                     else "engine_dead" if isinstance(exc, EngineDeadError)
+                                     else "request_shed" if isinstance(exc, RequestShedError)
+                                     else "server_overloaded")
     return 500, "server_error", "request_failed" if isinstance(exc, RequestFailedError) else None
 
 

@@ -25,7 +25,8 @@ STEP_PHASES = ("schedule", "prepare", "forward", "sample", "update", "output", "
 class ServerMetrics:
     """Per-request counters and latency histograms, plus the engine's gauges read at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats],
+                 replica_stats: Callable[[], dict[str, EngineStats]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests_finished = Counter(
             "aptserve:request_success", "Requests finished, by finish reason (stop, length, abort, error).",
@@ -45,7 +46,7 @@ class ServerMetrics:
         self.step_tokens = Histogram(
             "aptserve:step_tokens", "Tokens fed to the model per engine step.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=self.registry)
-        self.registry.register(_EngineStatsCollector(engine_stats))
+        self.registry.register(_EngineStatsCollector(engine_stats, replica_stats))
 
     def observe_finished(self, output: RequestOutput) -> None:
         """Count a finished request and record its latencies (called once per request)."""
@@ -71,25 +72,42 @@ class ServerMetrics:
 
 
 class _EngineStatsCollector:
-    """Gauges from the engine's last stats snapshot (the engine itself is not thread-safe)."""
+    """Gauges from the engine's last stats snapshot (the engine itself is not thread-safe); behind a cluster, the
+    replicas' sum under the same names, and each replica's under `aptserve:replica_*` with a `replica` label."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats],
+                 replica_stats: Callable[[], dict[str, EngineStats]] | None = None) -> None:
         self._engine_stats = engine_stats
+        self._replica_stats = replica_stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._engine_stats()
-        yield GaugeMetricFamily("aptserve:num_requests_running", "Requests in the running batch.",
-                                value=stats.num_running)
-        yield GaugeMetricFamily("aptserve:num_requests_waiting", "Requests waiting to be scheduled.",
-                                value=stats.num_waiting)
-        used = GaugeMetricFamily("aptserve:cache_units_used", "Cache units in use, by cache kind.",
-                                 labels=["kind"])
+        yield from _engine_gauges("aptserve:", {(): self._engine_stats()})
+        if self._replica_stats is not None:
+            yield from _engine_gauges("aptserve:replica_", {(replica,): stats for replica, stats
+                                                            in sorted(self._replica_stats().items())}, ["replica"])
+
+
+def _engine_gauges(prefix: str, stats_by_labels: dict[tuple[str, ...], EngineStats],
+                   labels: list[str] | None = None) -> Iterator[Metric]:
+    labels = labels or []
+    gauges = (("num_requests_running", "Requests in the running batch.", GaugeMetricFamily,
+               lambda stats: stats.num_running),
+              ("num_requests_waiting", "Requests waiting to be scheduled.", GaugeMetricFamily,
+               lambda stats: stats.num_waiting),
+              ("cache_units_total", "Cache units in the pool.", GaugeMetricFamily,
+               lambda stats: stats.cache_units_total),
+              ("num_preemptions", "Preemptions since start.", CounterMetricFamily,
+               lambda stats: stats.num_preemptions),
+              ("num_steps", "Engine steps since start.", CounterMetricFamily, lambda stats: stats.num_steps))
+    for name, doc, family_type, value in gauges:
+        family = family_type(prefix + name, doc, labels=labels)
+        for label_values, stats in stats_by_labels.items():
+            family.add_metric(list(label_values), value(stats))
+        yield family
+    used = GaugeMetricFamily(prefix + "cache_units_used", "Cache units in use, by cache kind.",
+                             labels=labels + ["kind"])
+    for label_values, stats in stats_by_labels.items():
         for kind, num_units in stats.cache_units.items():
             if kind != "free":
-                used.add_metric([kind], num_units)
-        yield used
-        yield GaugeMetricFamily("aptserve:cache_units_total", "Cache units in the pool.",
-                                value=stats.cache_units_total)
-        yield CounterMetricFamily("aptserve:num_preemptions", "Preemptions since start.",
-                                  value=stats.num_preemptions)
-        yield CounterMetricFamily("aptserve:num_steps", "Engine steps since start.", value=stats.num_steps)
+                used.add_metric([*label_values, kind], num_units)
+    yield used

@@ -11,14 +11,11 @@ from collections.abc import Callable, Sequence
 
 from aptserve.bench.datasets import TraceRequest
 from aptserve.bench.metrics import RequestRecord
-from aptserve.cluster.policy import Ledger, ReplicaSnapshot, RouteRequest, RoutingPolicy
+from aptserve.cluster.policy import SHED_ERROR, Ledger, ReplicaSnapshot, RouteRequest, RoutingPolicy
 from aptserve.cluster.snapshot import replica_snapshot
 from aptserve.engine import LLMEngine
 from aptserve.sim.executor import SimClock
 from aptserve.sim.simulator import add_trace_request, trace_record
-
-SHED_ERROR = "shed by the router: no replica can meet the request's SLOs"
-
 
 def simulate_cluster(replicas: Sequence[tuple[LLMEngine, SimClock]], policy: RoutingPolicy,
                      trace: Sequence[TraceRequest], send_offsets_s: Sequence[float],
@@ -35,9 +32,11 @@ def simulate_cluster(replicas: Sequence[tuple[LLMEngine, SimClock]], policy: Rou
         arrival_s = send_offsets_s[next_index] if next_index < len(trace) else float("inf")
         busy = [(clock.now(), i) for i, (engine, clock) in enumerate(replicas) if engine.has_unfinished_requests()]
         if busy and min(busy)[0] <= arrival_s:
-            engine, clock = replicas[min(busy)[1]]
+            replica = min(busy)[1]
+            engine, clock = replicas[replica]
             for output in engine.step():
                 if output.finished:
+                    ledger.finished(names[replica], output.request_id)
                     index = int(output.request_id)
                     records[index] = trace_record(output, trace[index], request_latency_s)
                     if progress is not None:
@@ -57,7 +56,7 @@ def simulate_cluster(replicas: Sequence[tuple[LLMEngine, SimClock]], policy: Rou
             engine, clock = replicas[int(chosen)]
             clock.time_s = max(clock.time_s, arrival_s)  # an idle replica wakes at the arrival
             add_trace_request(engine, trace[next_index], next_index, arrival_s, records)
-            ledger.book(chosen, request)
+            ledger.book(chosen, str(next_index), request)
             sent[int(chosen)] += 1
         next_index += 1
     return [records[i] for i in range(len(trace))], sent
