@@ -1,5 +1,5 @@
-"""`aptserve serve --replicas 2` as users run it: a local Ray cluster, two replicas of the default model behind the
-policy router, the same OpenAI API on one port. One cluster serves the module (started and stopped by a fixture);
+"""`aptserve serve --replicas 2 --shed` as users run it: a local Ray cluster, two replicas of the default model
+behind the apt-slo router, the same OpenAI API on one port. One cluster serves the module (started and stopped by a fixture);
 each test leaves it as it found it (no request open, every cache unit free)."""
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def cluster():
     port = free_port()
     command = [sys.executable, "-m", "aptserve.cli", "serve", "--model", "default", "--port", str(port),
                "--replicas", "2", "--kv-cache-memory", "64M", "--max-num-seqs", str(MAX_NUM_SEQS),
-               "--max-queue-len", str(MAX_QUEUE_LEN), "--disable-uvicorn-access-log"]
+               "--max-queue-len", str(MAX_QUEUE_LEN), "--shed", "--disable-uvicorn-access-log"]
     log = open(f"/tmp/aptserve-cluster-test-{port}.log", "w+")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     base_url = f"http://127.0.0.1:{port}"
@@ -147,7 +147,7 @@ def test_a_full_cluster_answers_503_and_serves_the_rest(idle_cluster):
         response = httpx.post(f"{idle_cluster}/v1/completions", json={**LONG, "max_tokens": 40}, timeout=120)
         statuses.append(response.status_code)
         if response.status_code == 503:
-            assert response.json()["error"]["code"] == "server_overloaded"
+            assert response.json()["error"]["code"] in ("server_overloaded", "request_shed")
             assert response.headers["retry-after"] == "1"
 
     capacity = 2 * (MAX_NUM_SEQS + MAX_QUEUE_LEN) + MAX_QUEUE_LEN  # both replicas, then the router's queue
@@ -160,6 +160,17 @@ def test_a_full_cluster_answers_503_and_serves_the_rest(idle_cluster):
     assert len(statuses) == len(threads)
     assert statuses.count(503) >= 1 and statuses.count(200) >= MAX_NUM_SEQS, statuses
     assert set(statuses) <= {200, 503}, statuses
+
+
+def test_the_router_sheds_what_no_replica_can_serve_in_time(idle_cluster):
+    body = {"model": "default", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    refused = httpx.post(f"{idle_cluster}/v1/completions", json={**body, "ttft_slo": 1e-4}, timeout=60)
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "request_shed" and "no replica can meet the request's SLOs" in error["message"]
+    assert httpx.post(f"{idle_cluster}/v1/completions", json=body, timeout=60).status_code == 200
+    rejected = metric_samples(idle_cluster, "aptserve:request_rejected_total")
+    assert rejected[(("reason", "request_shed"),)] >= 1
 
 
 def test_a_killed_replica_fails_its_requests_and_is_replaced(idle_cluster):

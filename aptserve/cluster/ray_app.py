@@ -202,7 +202,11 @@ class ClusterEngine:
             ttft_slo_s=ttft_slo_s or scheduler.ttft_slo_s, tbt_slo_s=tbt_slo_s or scheduler.tbt_slo_s)
         stream = ClusterStream(request_id, generator, self)
         self.streams[request_id] = stream
-        await stream.start()
+        try:
+            await stream.start()
+        except BaseException:  # refused, or this handler was cancelled while it waited: nothing left running
+            stream.close()
+            raise
         return stream
 
     def cut_unfinished(self) -> int:
