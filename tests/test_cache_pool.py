@@ -6,6 +6,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import pytest
 
 from aptserve.cache import CacheKind, CacheManager, UnitPool
+from aptserve.cache.prefix import chain_keys, root_key
 
 
 def test_allocate_is_all_or_nothing():
@@ -111,3 +112,137 @@ def test_pool_never_over_commits(requests):
         else:
             held += n
         assert pool.num_used == held <= 50
+
+
+# --- prefix caching ---------------------------------------------------------------------------------
+BLOCK = 4
+SYSTEM_PROMPTS = ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 9, 9, 9, 9], [5] * 12)  # shared starts of prompts
+
+
+class PrefixCacheMachine(RuleBasedStateMachine):
+    """Random add / compute / finish / abort / preempt / convert / evict interleavings over shared prompts: a
+    request only ever reads a cached block that holds exactly its own tokens (a block is never freed, rewritten
+    or handed out while read), and nothing leaks. Each unit remembers what was last written to it, as the
+    runner would write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = CacheManager(num_units=48, block_size=BLOCK, units_per_hidden_block=1,
+                                  enable_prefix_caching=True)
+        self.root = root_key("test")
+        self.requests: dict[str, dict] = {}  # id -> tokens, kind, computed, keys, live (holds a table)
+        self.content: dict[int, tuple] = {}
+        self.next_id = 0
+        self.num_hit_blocks = 0
+
+    def _keys(self, request) -> list[bytes]:
+        chain_keys(request["tokens"], BLOCK, request["keys"], self.root)
+        return request["keys"]
+
+    def _check_and_write(self, request_id, request, first_block, last_block, write):
+        upb = self.cache.units_per_block(request["kind"])
+        unit_ids = self.cache.unit_ids(request_id)
+        for index in range(first_block, last_block):
+            expected = (request["kind"], tuple(request["tokens"][:(index + 1) * BLOCK]))
+            for unit_id in unit_ids[index * upb:(index + 1) * upb]:
+                if write:
+                    self.content[unit_id] = expected
+                else:
+                    assert self.content.get(unit_id) == expected, "a shared block holds other tokens"
+
+    @rule(system=st.integers(0, len(SYSTEM_PROMPTS) - 1), suffix=st.lists(st.integers(0, 3), max_size=10),
+          kind=st.sampled_from(list(CacheKind)))
+    def add(self, system, suffix, kind):
+        request_id = f"r{self.next_id}"
+        self.next_id += 1
+        self.requests[request_id] = {"tokens": SYSTEM_PROMPTS[system] + suffix, "kind": kind, "computed": 0,
+                                     "keys": [], "live": False}
+        self._admit(request_id)
+
+    def _admit(self, request_id):
+        request = self.requests[request_id]
+        prefix = self.cache.cached_prefix(request["kind"], self._keys(request), len(request["tokens"]))
+        if self.cache.allocate(request_id, request["kind"], len(request["tokens"]), prefix):
+            request["live"], request["computed"] = True, len(prefix) * BLOCK
+            self.num_hit_blocks += len(prefix)
+            self._check_and_write(request_id, request, 0, len(prefix), write=False)
+
+    @precondition(lambda self: any(not r["live"] for r in self.requests.values()))
+    @rule(data=st.data())
+    def resume(self, data):
+        self._admit(data.draw(st.sampled_from(sorted(i for i, r in self.requests.items() if not r["live"]))))
+
+    def _live(self, data):
+        request_id = data.draw(st.sampled_from(sorted(i for i, r in self.requests.items() if r["live"])))
+        return request_id, self.requests[request_id]
+
+    @precondition(lambda self: any(r["live"] for r in self.requests.values()))
+    @rule(data=st.data(), num_tokens=st.integers(1, 9), new_token=st.integers(0, 3))
+    def compute(self, data, num_tokens, new_token):
+        """A step: compute some of its tokens (a decode appends one first), then register the full blocks."""
+        request_id, request = self._live(data)
+        if request["computed"] == len(request["tokens"]):
+            if not self.cache.allocate(request_id, request["kind"], len(request["tokens"]) + 1):
+                return
+            request["tokens"].append(new_token)
+        before, after = request["computed"], min(len(request["tokens"]), request["computed"] + num_tokens)
+        if not self.cache.allocate(request_id, request["kind"], after):  # rows for what the step computes
+            return
+        request["computed"] = after
+        self._check_and_write(request_id, request, before // BLOCK, request["computed"] // BLOCK, write=True)
+        self.cache.register(request_id, self._keys(request), request["computed"])
+
+    @precondition(lambda self: any(r["live"] for r in self.requests.values()))
+    @rule(data=st.data(), how=st.sampled_from(["finish", "abort", "preempt"]))
+    def drop(self, data, how):
+        request_id, request = self._live(data)
+        self.cache.free(request_id)
+        if how == "preempt":
+            request["live"], request["computed"] = False, 0
+        else:
+            del self.requests[request_id]
+
+    @precondition(lambda self: any(r["live"] and r["computed"] for r in self.requests.values()))
+    @rule(data=st.data())
+    def convert(self, data):
+        request_id = data.draw(st.sampled_from(sorted(i for i, r in self.requests.items()
+                                                      if r["live"] and r["computed"])))
+        request = self.requests[request_id]
+        new_kind = CacheKind.HIDDEN if request["kind"] == CacheKind.KV else CacheKind.KV
+        if self.cache.convert(request_id, new_kind, request["computed"]) is not None:
+            request["kind"] = new_kind  # the runner copies the rows: the new table holds the same tokens
+            self._check_and_write(request_id, request, 0, request["computed"] // BLOCK, write=True)
+            self.cache.register(request_id, self._keys(request), request["computed"])
+
+    @invariant()
+    def consistent(self):
+        self.cache.check_invariants()
+        for request_id, request in self.requests.items():
+            assert self.cache.has_table(request_id) == request["live"]
+
+
+TestPrefixCacheMachine = PrefixCacheMachine.TestCase
+# 250 runs x 50 steps: over 10^4 random operations.
+TestPrefixCacheMachine.settings = settings(max_examples=250, stateful_step_count=50, deadline=None)
+
+
+def test_a_prompt_that_extends_a_cached_one_reuses_its_blocks_and_eviction_waits_for_readers():
+    cache = CacheManager(num_units=12, block_size=BLOCK, enable_prefix_caching=True)
+    root, first, second = root_key("m"), list(range(9)), list(range(8)) + [42, 43]
+    first_keys, second_keys = [], []
+    chain_keys(first, BLOCK, first_keys, root)
+    assert cache.allocate("a", CacheKind.KV, 9)
+    cache.register("a", first_keys, 9)  # two full blocks computed: registered
+    chain_keys(second, BLOCK, second_keys, root)
+    prefix = cache.cached_prefix(CacheKind.KV, second_keys, len(second))
+    assert len(prefix) == 2 and cache.unit_ids("a")[:4] == [u for b in prefix for u in b.unit_ids]
+    assert cache.cached_prefix(CacheKind.HIDDEN, second_keys, len(second)) == []  # a hit is per cache kind
+    assert cache.cached_prefix(CacheKind.KV, first_keys, 8) == prefix[:1]  # the last token is always computed
+    assert cache.allocate("b", CacheKind.KV, 10, prefix)
+    assert cache.unit_ids("b")[:4] == cache.unit_ids("a")[:4] and cache.num_free_units == 12 - 6 - 2
+    cache.free("a")
+    cache.free("b")
+    assert cache.usage() == {"kv": 0, "hidden": 0, "cached": 4, "free": 8}
+    assert cache.allocate("c", CacheKind.KV, 20)  # 10 units: one cached block must go, the tail one first
+    assert cache.num_evicted_blocks == 1 and cache.cached_prefix(CacheKind.KV, first_keys, 9) == prefix[:1]
+    cache.check_invariants()

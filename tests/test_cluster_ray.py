@@ -1,6 +1,6 @@
 """`aptserve serve --replicas 2 --shed` as users run it: a local Ray cluster, two replicas of the default model
-behind the apt-slo router, the same OpenAI API on one port. One cluster serves the module (started and stopped by a fixture);
-each test leaves it as it found it (no request open, every cache unit free)."""
+behind the apt-slo router, the same OpenAI API on one port. One cluster serves the module (started and stopped by
+a fixture); each test leaves it as it found it (no request open, every cache unit free)."""
 from __future__ import annotations
 
 import json

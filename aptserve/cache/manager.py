@@ -1,14 +1,23 @@
-"""CacheManager: per-request unit tables for the two cache kinds over one UnitPool.
+"""CacheManager: per-request unit tables for the two cache kinds over one UnitPool, and the prefix cache.
 
 A request's table is a flat list of unit ids, `units_per_block(kind)` units per logical block of
 `block_size` tokens, in block order:
   KV:     [k0, v0, k1, v1, ...]            (2 units per block: the K half and the V half)
   HIDDEN: [h0_0 .. h0_{u-1}, h1_0, ...]    (u = ceil(hidden_size / kv_dim) units per block; the hidden
-                                            row of a token is split across them, column slices of kv_dim)
+                                            row of a token split across them, column slices of kv_dim)
+
+Prefix caching (on unless the manager is built without it): once every token of a block is computed, the block is
+registered under its content key (cache/prefix.py: the kind and the chained digest of its tokens) and its units
+pass from the request to the cache. A later request of the same kind whose prompt starts with the same blocks takes
+them into its table instead of computing them (at least its last prompt token is always computed, for its logits).
+A registered block counts its readers; with none left it stays cached, and is evicted (least recently released
+first) only when an allocation finds the pool's free list short. Shared blocks are full and never written again, so
+sharing needs no copy; freeing, preempting or converting a request only drops its references.
 """
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
@@ -20,18 +29,37 @@ class CacheKind(str, enum.Enum):
     HIDDEN = "hidden"
 
 
+CACHE_OWNER = "<prefix-cache>"  # the pool's owner of every registered block's units
+
+
+@dataclass(eq=False)
+class CachedBlock:
+    key: tuple[CacheKind, bytes]
+    unit_ids: list[int]
+    ref_count: int = 0
+
+
 @dataclass
 class RequestTable:
     kind: CacheKind
     unit_ids: list[int] = field(default_factory=list)
+    # Per block: the cached block it is (shared, or registered by this request), or None (units of its own).
+    blocks: list[CachedBlock | None] = field(default_factory=list)
+    num_blocks_checked: int = 0  # blocks register() has already looked at
 
 
 class CacheManager:
-    def __init__(self, num_units: int, block_size: int, units_per_hidden_block: int = 2) -> None:
+    def __init__(self, num_units: int, block_size: int, units_per_hidden_block: int = 2,
+                 enable_prefix_caching: bool = False) -> None:
         self.pool = UnitPool(num_units)
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self._units_per_block = {CacheKind.KV: KV_UNITS_PER_BLOCK, CacheKind.HIDDEN: units_per_hidden_block}
         self._tables: dict[str, RequestTable] = {}
+        self._cached: dict[tuple[CacheKind, bytes], CachedBlock] = {}
+        self._evictable: OrderedDict[tuple[CacheKind, bytes], CachedBlock] = OrderedDict()  # no readers, LRU first
+        self._num_evictable_units = 0
+        self.num_evicted_blocks = 0
 
     # --- sizes -------------------------------------------------------------------------------
     @property
@@ -40,7 +68,8 @@ class CacheManager:
 
     @property
     def num_free_units(self) -> int:
-        return self.pool.num_free
+        """Units an allocation can have: the free list and the cached blocks nobody reads."""
+        return self.pool.num_free + self._num_evictable_units
 
     def units_per_block(self, kind: CacheKind) -> int:
         return self._units_per_block[kind]
@@ -55,52 +84,134 @@ class CacheManager:
         """Tokens the whole pool holds when every request uses `kind`."""
         return self.num_units // self._units_per_block[kind] * self.block_size
 
-    def num_new_units(self, request_id: str, kind: CacheKind, num_tokens: int) -> int:
-        """Units that `allocate(request_id, kind, num_tokens)` would take from the pool."""
+    def num_new_units(self, request_id: str, kind: CacheKind, num_tokens: int,
+                      prefix: list[CachedBlock] = ()) -> int:
+        """Units that `allocate(request_id, kind, num_tokens, prefix)` would take from `num_free_units`: new ones,
+        and those of prefix blocks that nobody reads now (taking them stops them being evictable)."""
         table = self._tables.get(request_id)
         held = len(table.unit_ids) if table is not None and table.kind == kind else 0
+        if table is None and prefix:
+            held = sum(len(block.unit_ids) for block in prefix if block.ref_count > 0)
         return max(0, self.num_units_for(kind, num_tokens) - held)
 
-    # --- allocation --------------------------------------------------------------------------
-    def can_allocate(self, request_id: str, kind: CacheKind, num_tokens: int, reserve: int = 0) -> bool:
-        return self.num_new_units(request_id, kind, num_tokens) + reserve <= self.pool.num_free
+    # --- the prefix cache ----------------------------------------------------------------------
+    def cached_prefix(self, kind: CacheKind, keys: list[bytes], num_tokens: int) -> list[CachedBlock]:
+        """The cached `kind` blocks a request starting with blocks `keys` can take: the longest run from its first
+        block, leaving at least its last token (of `num_tokens`) to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        blocks = []
+        for key in keys[:(num_tokens - 1) // self.block_size]:
+            block = self._cached.get((kind, key))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
 
-    def allocate(self, request_id: str, kind: CacheKind, num_tokens: int) -> bool:
-        """Grow the request's table to cover `num_tokens` tokens; all or nothing."""
+    def register(self, request_id: str, keys: list[bytes], num_computed_tokens: int) -> None:
+        """Register the request's blocks whose tokens are all computed (`keys`: their content keys), unless a block
+        with the same content is cached already (then this one stays the request's own)."""
+        table = self._tables.get(request_id)
+        if not self.enable_prefix_caching or table is None:
+            return
+        upb = self._units_per_block[table.kind]
+        num_full = min(num_computed_tokens // self.block_size, len(keys), len(table.blocks))
+        for index in range(table.num_blocks_checked, num_full):
+            key = (table.kind, keys[index])
+            if table.blocks[index] is None and key not in self._cached:
+                unit_ids = table.unit_ids[index * upb:(index + 1) * upb]
+                self.pool.transfer(unit_ids, request_id, CACHE_OWNER)
+                table.blocks[index] = self._cached[key] = CachedBlock(key, unit_ids, ref_count=1)
+        table.num_blocks_checked = max(table.num_blocks_checked, num_full)
+
+    def _acquire(self, block: CachedBlock) -> None:
+        if block.ref_count == 0:
+            del self._evictable[block.key]
+            self._num_evictable_units -= len(block.unit_ids)
+        block.ref_count += 1
+
+    def _release(self, block: CachedBlock) -> None:
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._evictable[block.key] = block
+            self._num_evictable_units += len(block.unit_ids)
+
+    def _take(self, num_units: int, owner: str) -> list[int] | None:
+        """`num_units` units from the free list, evicting unread cached blocks (least recently released first) if
+        it is short; None (nothing changed) if even that is not enough."""
+        if num_units > self.num_free_units:
+            return None
+        while self.pool.num_free < num_units:
+            _, block = self._evictable.popitem(last=False)
+            del self._cached[block.key]
+            self._num_evictable_units -= len(block.unit_ids)
+            self.pool.free(block.unit_ids, CACHE_OWNER)
+            self.num_evicted_blocks += 1
+        return self.pool.allocate(num_units, owner)
+
+    # --- allocation --------------------------------------------------------------------------
+    def can_allocate(self, request_id: str, kind: CacheKind, num_tokens: int, reserve: int = 0,
+                     prefix: list[CachedBlock] = ()) -> bool:
+        return self.num_new_units(request_id, kind, num_tokens, prefix) + reserve <= self.num_free_units
+
+    def allocate(self, request_id: str, kind: CacheKind, num_tokens: int, prefix: list[CachedBlock] = ()) -> bool:
+        """Grow the request's table to cover `num_tokens` tokens; all or nothing. A request without a table starts
+        it with the cached `prefix` blocks (from cached_prefix; its caller then skips their tokens)."""
         table = self._tables.get(request_id)
         if table is not None and table.kind != kind:
             raise RuntimeError(f"request {request_id} holds a {table.kind.value} table; convert it first")
-        need = self.num_new_units(request_id, kind, num_tokens)
-        new_ids = self.pool.allocate(need, request_id)
-        if new_ids is None:
+        if table is not None or not prefix:
+            prefix = []
+        if not self.can_allocate(request_id, kind, num_tokens, prefix=prefix):
             return False
+        for block in prefix:  # before taking new units, so that eviction cannot take these
+            self._acquire(block)
+        held = len(table.unit_ids) if table is not None else sum(len(block.unit_ids) for block in prefix)
+        new_ids = self._take(max(0, self.num_units_for(kind, num_tokens) - held), request_id)
+        assert new_ids is not None  # can_allocate counted every unit _take may use
         if table is None:
             table = self._tables[request_id] = RequestTable(kind)
+            for block in prefix:
+                table.unit_ids.extend(block.unit_ids)
+                table.blocks.append(block)
         table.unit_ids.extend(new_ids)
+        table.blocks.extend([None] * (len(new_ids) // self._units_per_block[kind]))
         return True
 
     def convert(self, request_id: str, new_kind: CacheKind, num_tokens: int) -> tuple[list[int], list[int]] | None:
-        """Give the request a `new_kind` table for `num_tokens` tokens and free its old table.
+        """Give the request a `new_kind` table for `num_tokens` tokens and drop its old table.
 
         Returns (old unit ids, new unit ids), or None (nothing changed) if the new table does not fit
         while the old one is still held: the rows are copied from old to new, so both exist at once.
+        Blocks of the old table that are cached stay cached (others may read them); its own units are freed.
         """
         table = self._tables[request_id]
         if table.kind == new_kind:
             raise RuntimeError(f"request {request_id} already holds a {new_kind.value} table")
-        new_ids = self.pool.allocate(self.num_units_for(new_kind, num_tokens), request_id)
+        new_ids = self._take(self.num_units_for(new_kind, num_tokens), request_id)
         if new_ids is None:
             return None
-        old_ids = table.unit_ids
-        self.pool.free(old_ids, request_id)
-        self._tables[request_id] = RequestTable(new_kind, new_ids)
+        old_ids = list(table.unit_ids)
+        self._drop(request_id, table)
+        self._tables[request_id] = RequestTable(new_kind, new_ids, [None] * (len(new_ids) // self._units_per_block[
+            new_kind]))
         return old_ids, new_ids
 
     def free(self, request_id: str) -> None:
-        """Return every unit of the request; a second call does nothing."""
+        """Drop the request's table: its own units return to the pool, its cached blocks lose a reader; a second
+        call does nothing."""
         table = self._tables.pop(request_id, None)
         if table is not None:
-            self.pool.free(table.unit_ids, request_id)
+            self._drop(request_id, table)
+
+    def _drop(self, request_id: str, table: RequestTable) -> None:
+        upb = self._units_per_block[table.kind]
+        own = [unit for index, block in enumerate(table.blocks) if block is None
+               for unit in table.unit_ids[index * upb:(index + 1) * upb]]
+        self.pool.free(own, request_id)
+        for block in reversed(table.blocks):  # the tail first: evicted before the prefix it extends
+            if block is not None:
+                self._release(block)
 
     # --- views -------------------------------------------------------------------------------
     def has_table(self, request_id: str) -> bool:
@@ -119,20 +230,44 @@ class CacheManager:
         return len(table.unit_ids) if table is not None else 0
 
     def usage(self) -> dict[str, int]:
-        """Units used per kind, plus free."""
+        """Units in use per kind (a shared block once), `cached`: blocks nobody reads (reusable, evictable), and
+        free."""
         used = {kind.value: 0 for kind in CacheKind}
         for table in self._tables.values():
-            used[table.kind.value] += len(table.unit_ids)
+            upb = self._units_per_block[table.kind]
+            used[table.kind.value] += upb * sum(block is None for block in table.blocks)
+        for (kind, _), block in self._cached.items():
+            if block.ref_count:
+                used[kind.value] += len(block.unit_ids)
+        used["cached"] = self._num_evictable_units
         used["free"] = self.pool.num_free
         return used
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
-        owned = 0
+        own_units = 0
+        readers: dict[int, int] = {}
         for request_id, table in self._tables.items():
             upb = self._units_per_block[table.kind]
             assert len(table.unit_ids) % upb == 0, f"{request_id}: table is not whole blocks"
-            for unit_id in table.unit_ids:
-                assert self.pool.owner_of(unit_id) == request_id, f"{request_id}: unit {unit_id} not owned"
-            owned += len(table.unit_ids)
-        assert owned + self.pool.num_free == self.pool.capacity, "owned + free != capacity"
+            assert len(table.blocks) * upb == len(table.unit_ids), f"{request_id}: blocks and units disagree"
+            for index, block in enumerate(table.blocks):
+                unit_ids = table.unit_ids[index * upb:(index + 1) * upb]
+                if block is None:
+                    for unit_id in unit_ids:
+                        assert self.pool.owner_of(unit_id) == request_id, f"{request_id}: unit {unit_id} not owned"
+                    own_units += upb
+                else:
+                    assert block.key[0] == table.kind and block.unit_ids == unit_ids, f"{request_id}: bad block"
+                    assert self._cached.get(block.key) is block, f"{request_id}: reads an uncached block"
+                    readers[id(block)] = readers.get(id(block), 0) + 1
+        cached_units = 0
+        for key, block in self._cached.items():
+            assert block.key == key and block.ref_count == readers.get(id(block), 0), f"{key}: reference count"
+            assert (block.ref_count == 0) == (key in self._evictable), f"{key}: evictable iff unread"
+            for unit_id in block.unit_ids:
+                assert self.pool.owner_of(unit_id) == CACHE_OWNER, f"{key}: unit {unit_id} not the cache's"
+            cached_units += len(block.unit_ids)
+        assert len(self._evictable) <= len(self._cached)
+        assert self._num_evictable_units == sum(len(b.unit_ids) for b in self._evictable.values())
+        assert own_units + cached_units + self.pool.num_free == self.pool.capacity, "owned + cached + free != capacity"

@@ -42,6 +42,13 @@ class UnitPool:
         # Tail blocks go back first so they are reused first (they were touched last).
         self._free.extendleft(reversed(unit_ids))
 
+    def transfer(self, unit_ids: list[int], owner: str, new_owner: str) -> None:
+        """Hand units from one owner to another (a request's full block to the prefix cache)."""
+        for unit_id in unit_ids:
+            if self._owner[unit_id] != owner:
+                raise RuntimeError(f"unit {unit_id} is owned by {self._owner[unit_id]!r}, not {owner!r}")
+            self._owner[unit_id] = new_owner
+
     def owner_of(self, unit_id: int) -> str | None:
         return self._owner[unit_id]
 
