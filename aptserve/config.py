@@ -89,6 +89,8 @@ class CacheConfig:
     # Tokens of K/V the runner may recompute from hidden rows at once (one layer); 0 when the hybrid
     # cache is off. Its bytes came out of the byte budget, so engines compare on equal memory.
     hidden_scratch_tokens: int
+    # Full blocks are shared by content across requests of the same cache kind (cache/manager.py).
+    enable_prefix_caching: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ Each field of `EngineArgs` is one flag: `LLM(**kwargs)` takes the field names, t
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ class EngineArgs(FlagTable):
     max_num_batched_tokens: int | None = flag(
         None, f"most tokens per step (default: {CHUNKED_DEFAULT_BATCHED_TOKENS} for the chunked policies, "
         "max(max_model_len, 2048) otherwise)", int)
+    enable_prefix_caching: bool = flag(True, "reuse the cached blocks of a prompt's longest cached prefix instead "
+                                       "of computing them (as vLLM; per cache kind)",
+                                       action=argparse.BooleanOptionalAction)
     watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
     hidden_scratch_tokens: int = flag(4096, "tokens of K/V recomputed from hidden rows at once (at least "
                                       "max_model_len); its bytes come out of --kv-cache-memory", int)
@@ -169,4 +173,5 @@ def _cache_config(args: EngineArgs, model_config: ModelConfig, hybrid: HybridMod
                 num_units // KV_UNITS_PER_BLOCK * args.block_size)
     return CacheConfig(block_size=args.block_size, num_units=num_units,
                        units_per_hidden_block=hidden_units_per_block(model_config.hidden_size, model_config.kv_dim),
-                       hybrid=hybrid, watermark=args.watermark, hidden_scratch_tokens=scratch_tokens)
+                       hybrid=hybrid, watermark=args.watermark, hidden_scratch_tokens=scratch_tokens,
+                       enable_prefix_caching=args.enable_prefix_caching)

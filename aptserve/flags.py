@@ -42,8 +42,11 @@ def add_cli_args(cls: type, parser: argparse.ArgumentParser, title: str) -> None
     for field in dataclasses.fields(cls):
         meta = field.metadata
         option = "--" + field.name.replace("_", "-")
-        if meta["action"]:
+        if meta["action"] == "store_true":
             group.add_argument(option, dest=field.name, action=meta["action"], help=meta["help"])
+        elif meta["action"]:  # e.g. argparse.BooleanOptionalAction: --flag and --no-flag
+            group.add_argument(option, dest=field.name, action=meta["action"], default=field.default,
+                               help=meta["help"])
         else:
             group.add_argument(option, dest=field.name, default=field.default, type=meta["parse"],
                                choices=meta["choices"], nargs=meta["nargs"], help=meta["help"])

@@ -53,6 +53,10 @@ class Request:
     # still take without missing its P99 TBT SLO: sched/tbt_allowance.py).
     num_slow_gaps: int = 0
     max_gap_s: float = 0.0
+    # Content keys of its full blocks (cache/prefix.py), extended as tokens come; prompt tokens served from the
+    # prefix cache at its first admission.
+    block_keys: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

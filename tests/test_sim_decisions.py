@@ -29,8 +29,8 @@ def decision(sched_out: SchedulerOutput) -> tuple:
 
 
 class TimedRunner:
-    """The real runner on a simulated clock that advances by a fixed price of each step (a measured time would make
-    the decisions, and this test's preconditions, depend on how loaded the machine is)."""
+    """The real runner on a simulated clock that advances by a fixed price of each step, and reports that price as its
+    time (a measured time would make the decisions, and this test's preconditions, depend on the machine's load)."""
 
     def __init__(self, runner: ModelRunner, clock: SimClock) -> None:
         self.runner, self.clock = runner, clock
@@ -40,6 +40,9 @@ class TimedRunner:
         out = self.runner.execute(sched_out)
         elapsed_s = STEP_PRICE.step_time(sched_out) if sched_out.scheduled else 0.0
         self.clock.advance(elapsed_s)
+        # The engine learns its step-cost model from the phases the executor reports: the price, as the
+        # simulator's executor reports it (the measured ones would make chunk sizes depend on the machine).
+        out.prepare_s, out.forward_s, out.sample_s = 0.0, elapsed_s, 0.0
         self.decisions.append(decision(sched_out))
         self.step_times_s.append(elapsed_s)
         return out

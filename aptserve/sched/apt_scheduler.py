@@ -76,14 +76,22 @@ class AptScheduler(Scheduler):
 
     def _waiting_item(self, request: Request, now: float, num_live: int) -> KnapsackItem:
         value, item_id = self._value(request, now), Admit(request.request_id)
-        kv_units = self.cache.num_units_for(CacheKind.KV, request.num_tokens)
-        hidden_units = self.cache.num_units_for(CacheKind.HIDDEN, request.num_tokens)
+        kv_units = self._admission_units(request, CacheKind.KV)
+        hidden_units = self._admission_units(request, CacheKind.HIDDEN)
         if self.hybrid_cache == HybridMode.ALL_HIDDEN:  # one option, the hidden table, in the item's KV slot
             return KnapsackItem(item_id, hidden_units, value)
         if self.hybrid_cache == HybridMode.OFF or hidden_units >= kv_units or request.is_past_slo(now):
             return KnapsackItem(item_id, kv_units, value)
         hidden_value = value - num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
         return KnapsackItem(item_id, kv_units, value, hidden_units, hidden_value)
+
+    def _admission_units(self, request: Request, kind: CacheKind) -> int:
+        """Units admitting the request as `kind` takes from the free memory: blocks of its prefix that are cached
+        and read by others already cost nothing."""
+        if kind == CacheKind.HIDDEN and self.hybrid_cache == HybridMode.OFF:
+            return self.cache.num_units_for(kind, request.num_tokens)
+        return self.cache.num_new_units(request.request_id, kind, request.num_tokens,
+                                        self._cached_prefix(request, kind))
 
     def _upgrade_item(self, request: Request, num_live: int) -> KnapsackItem:
         extra = (self.cache.num_units_for(CacheKind.KV, request.num_tokens)
@@ -94,7 +102,9 @@ class AptScheduler(Scheduler):
     # --- the plan ----------------------------------------------------------------------------
     def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True) -> list[PlanEntry]:
         """(item id, choice) the greedy picks against the free memory, best value per unit first."""
-        items = [self._waiting_item(r, now, num_live) for r in self.waiting] if waiting else []
+        # A full batch admits nobody (else a prefill iteration that admits nobody could repeat forever).
+        admissible = waiting and len(self.running) < self.config.max_num_seqs
+        items = [self._waiting_item(r, now, num_live) for r in self.waiting] if admissible else []
         if upgrades and self.hybrid_cache == HybridMode.ON:
             items += [self._upgrade_item(r, num_live) for r in self.running if r.cache_kind == CacheKind.HIDDEN]
         choices = solve(items, self._free_units_for_plan())
@@ -122,16 +132,16 @@ class AptScheduler(Scheduler):
 
     def _admit_planned(self, request: Request, kind: CacheKind, out: SchedulerOutput, budget: int,
                        chunked: bool, now: float) -> int:
-        num_new = request.num_tokens
+        prefix = self._cached_prefix(request, kind)
+        request.num_computed_tokens = len(prefix) * self.cache.block_size  # the chunk comes after the hit
+        num_new = request.num_tokens - request.num_computed_tokens
         if chunked:
             num_new = min(num_new, budget, self._chunk_cap(out, request, now))
-        if not chunked and out.scheduled and num_new > budget:
-            return budget  # whole prompts only; a smaller one further down may still fit
-        if not self.cache.allocate(request.request_id, kind, num_new):
+        # Whole prompts only when not chunked (a smaller one further down may still fit); or memory is short.
+        if (not chunked and out.scheduled and num_new > budget) or not self._start(out, request, kind, prefix,
+                                                                                    num_new):
+            request.num_computed_tokens = 0
             return budget
-        request.cache_kind = kind
-        self._admit(request)
-        self._schedule_tokens(out, request, num_new)
         return max(0, budget - num_new)
 
     def _kind(self, choice: CacheKind) -> CacheKind:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from aptserve.cache.manager import CacheKind, CacheManager
+from aptserve.cache.manager import CachedBlock, CacheKind, CacheManager
+from aptserve.cache.prefix import chain_keys, root_key
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
@@ -27,7 +28,11 @@ class Scheduler:
         self.config = config.scheduler
         self.hybrid_cache = config.cache.hybrid
         self.cache = CacheManager(config.cache.num_units, config.cache.block_size,
-                                  config.cache.units_per_hidden_block)
+                                  config.cache.units_per_hidden_block, config.cache.enable_prefix_caching)
+        # Whatever else makes two blocks of the same tokens hold different rows.
+        self._prefix_root = root_key(f"{config.model.path}|{config.dtype}")
+        self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admissions
+        self.num_prefix_hit_tokens = 0  # ... and those found there
         self._requested_conversions: dict[str, CacheKind] = {}
         self.num_conversions = 0
         self.watermark_units = int(config.cache.watermark * self.cache.num_units)
@@ -90,6 +95,10 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted or preempted while the step ran
             request.num_computed_tokens += scheduled.num_tokens
+            block_size = self.cache.block_size
+            if (self.cache.enable_prefix_caching  # a block filled up: it may be shared from now on
+                    and request.num_computed_tokens // block_size > scheduled.start_pos // block_size):
+                self.cache.register(request.request_id, self._block_keys(request), request.num_computed_tokens)
             if scheduled.sample:
                 request.append_output_token(runner_out.sampled_token_ids[scheduled.request_id], now)
 
@@ -127,6 +136,36 @@ class Scheduler:
         request.cache_kind = kind
         request.num_conversions += 1
         self.num_conversions += 1
+        return True
+
+    # --- the prefix cache ----------------------------------------------------------------------
+    def _block_keys(self, request: Request) -> list[bytes]:
+        if len(request.block_keys) < request.num_tokens // self.cache.block_size:
+            chain_keys(request.all_token_ids, self.cache.block_size, request.block_keys, self._prefix_root)
+        return request.block_keys
+
+    def _cached_prefix(self, request: Request, kind: CacheKind) -> list[CachedBlock]:
+        """The cached `kind` blocks a waiting request can start from (none with prefix caching off)."""
+        if not self.cache.enable_prefix_caching:
+            return []
+        return self.cache.cached_prefix(kind, self._block_keys(request), request.num_tokens)
+
+    def _start(self, out: SchedulerOutput, request: Request, kind: CacheKind, prefix: list[CachedBlock],
+               num_new: int, reserve: int = 0) -> bool:
+        """Admit a waiting request as `kind`: its table starts with the cached `prefix` (those tokens count as
+        computed) and covers `num_new` more tokens, scheduled now; False (nothing changed) if memory is short."""
+        num_cached = len(prefix) * self.cache.block_size
+        if not self.cache.can_allocate(request.request_id, kind, num_cached + num_new, reserve, prefix):
+            return False
+        self.cache.allocate(request.request_id, kind, num_cached + num_new, prefix)
+        if request.first_scheduled_s is None and request.num_preemptions == 0:  # its first admission
+            request.num_cached_tokens = num_cached
+            self.num_prefix_query_tokens += request.num_tokens
+            self.num_prefix_hit_tokens += num_cached
+        request.cache_kind = kind
+        request.num_computed_tokens = num_cached
+        self._admit(request)
+        self._schedule_tokens(out, request, num_new)
         return True
 
     # --- helpers for policies ----------------------------------------------------------------

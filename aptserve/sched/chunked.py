@@ -22,11 +22,11 @@ class ChunkedScheduler(Scheduler):
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens, budget, self._chunk_cap(out, request, now))
+            prefix = self._cached_prefix(request, request.cache_kind)
+            request.num_computed_tokens = len(prefix) * self.cache.block_size  # the chunk comes after the hit
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self._chunk_cap(out, request, now))
             reserve = self.watermark_units if self.running else 0
-            if not self.cache.can_allocate(request.request_id, request.cache_kind, num_new, reserve):
+            if not self._start(out, request, request.cache_kind, prefix, num_new, reserve):
+                request.num_computed_tokens = 0
                 break
-            self.cache.allocate(request.request_id, request.cache_kind, num_new)
-            self._admit(request)
-            self._schedule_tokens(out, request, num_new)
             budget -= num_new

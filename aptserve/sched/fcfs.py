@@ -21,16 +21,14 @@ class FcfsScheduler(Scheduler):
         num_batched_tokens = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            prefix = self._cached_prefix(request, request.cache_kind)
+            num_new_tokens = request.num_tokens - len(prefix) * self.cache.block_size
             # A prompt longer than the token budget still runs, alone, so it cannot starve.
             if out.scheduled and num_batched_tokens + num_new_tokens > self.config.max_num_batched_tokens:
                 break
             reserve = self.watermark_units if self.running else 0
-            if not self.cache.can_allocate(request.request_id, request.cache_kind, request.num_tokens, reserve):
+            if not self._start(out, request, request.cache_kind, prefix, num_new_tokens, reserve):
                 break
-            self.cache.allocate(request.request_id, request.cache_kind, request.num_tokens)
-            self._admit(request)
-            self._schedule_tokens(out, request, num_new_tokens)
             num_batched_tokens += num_new_tokens
         return bool(out.scheduled)
 

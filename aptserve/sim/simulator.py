@@ -2,6 +2,8 @@
 and the end of the running step is the next event. Policies are never re-implemented here."""
 from __future__ import annotations
 
+import numpy as np
+
 from collections.abc import Callable, Sequence
 
 from aptserve.bench.datasets import TraceRequest
@@ -56,7 +58,9 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
 def add_trace_request(engine: LLMEngine, request: TraceRequest, index: int, arrival_s: float,
                       records: dict[int, RequestRecord]) -> None:
     """The trace's request `index` (its id), greedy with ignore_eos; a request the engine refuses is recorded failed."""
-    prompt = request.prompt_token_ids or list(range(10, 10 + request.prompt_len))
+    # A trace of lengths only gets distinct prompts, so that no two share a cached prefix by accident.
+    prompt = request.prompt_token_ids or np.random.default_rng(index).integers(
+        10, engine.config.model.vocab_size, request.prompt_len).tolist()
     params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
     try:
