@@ -27,6 +27,7 @@ class _RequestState:
     first_scheduled_s: float | None = None
     num_preemptions: int = 0
     num_conversions: int = 0
+    num_cached_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_tokens_sent: int = 0  # output tokens already in a DELTA output
@@ -80,6 +81,7 @@ class OutputProcessor:
         state.token_times_s.extend([timestamp_s] * len(core_output.new_token_ids))
         if core_output.first_scheduled_s is not None:
             state.first_scheduled_s = core_output.first_scheduled_s
+            state.num_cached_tokens = core_output.num_cached_tokens
         state.num_preemptions, state.num_conversions = core_output.num_preemptions, core_output.num_conversions
         stop_string = None
         if state.detokenizer is not None and core_output.new_token_ids:
@@ -109,4 +111,5 @@ class OutputProcessor:
         completion = CompletionOutput(0, text, token_ids, state.finish_reason or ("abort" if error else None),
                                       state.stop_reason)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
-                             state.stats() if finished else None, error, len(state.output_token_ids))
+                             state.stats() if finished else None, error, len(state.output_token_ids),
+                             state.num_cached_tokens)

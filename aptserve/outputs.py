@@ -42,3 +42,5 @@ class RequestOutput:
     error: str | None = None
     # Tokens generated so far, whatever the output kind (a DELTA output's token_ids hold only the new ones).
     num_output_tokens: int = 0
+    # Prompt tokens served from the prefix cache instead of computed.
+    num_cached_tokens: int = 0

@@ -284,3 +284,20 @@ def test_serve_flags_follow_vllm_names():
     assert args.func is cmd_serve
     assert (args.served_model_name, args.port, args.max_queue_len) == (["a", "b"], 9000, 16)
     assert (args.ttft_slo, args.tbt_slo, args.max_num_seqs, args.kv_cache_memory) == (0.5, 0.1, 4, 64 << 20)
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_says_so(live):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, and vLLM's prefix-cache counters on /metrics."""
+    client = live.client()
+    prompt = "Here is a long system prompt that every turn repeats, word for word. " * 6
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    block_size = live.engine.config.cache.block_size
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (again.usage.prompt_tokens - 1) // block_size * block_size > 0  # the last token is computed
+    assert again.choices[0].text == first.choices[0].text
+    metrics = httpx.get(f"{live.base_url}/metrics").text
+    hits = float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("aptserve:prefix_cache_hits_total")))
+    assert hits >= cached and "aptserve:prefix_cache_hit_rate" in metrics

@@ -234,7 +234,8 @@ class ClusterEngine:
         total = lambda field: sum(getattr(stats, field) for stats in replicas)  # noqa: E731
         return EngineStats(total("num_running"), total("num_waiting"), total("cache_units_total"), units,
                            total("num_preemptions"), total("num_conversions"), total("num_steps"),
-                           self.config.cache.hybrid.value)
+                           self.config.cache.hybrid.value, None, total("prefix_cache_queries"),
+                           total("prefix_cache_hits"))
 
 
 def _router():

@@ -125,7 +125,8 @@ class EngineCore:
         return EngineCoreOutput(
             request_id, request.output_token_ids[-1:], request.finish_reason, stop[1] if stop else None,
             first_scheduled_s=request.first_scheduled_s if request.num_output_tokens == 1 else None,
-            num_preemptions=request.num_preemptions, num_conversions=request.num_conversions)
+            num_preemptions=request.num_preemptions, num_conversions=request.num_conversions,
+            num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else 0)
 
     def _isolate_failures(self, sched_out: SchedulerOutput, exc: Exception) -> RunnerOutput:
         """Run a failed step again in halves until each failing request is alone: those fail, the others get
@@ -187,7 +188,8 @@ class EngineCore:
         scheduler, cache = self.scheduler, self.scheduler.cache
         return EngineStats(scheduler.num_running, scheduler.num_waiting, cache.num_units, cache.usage(),
                            scheduler.num_preemptions, scheduler.num_conversions, self.num_steps,
-                           self.config.cache.hybrid.value, replica_snapshot(scheduler, self.config, "", 0.0))
+                           self.config.cache.hybrid.value, replica_snapshot(scheduler, self.config, "", 0.0),
+                           scheduler.num_prefix_query_tokens, scheduler.num_prefix_hit_tokens)
 
 
 def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: float, schedule_s: float,

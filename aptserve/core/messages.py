@@ -33,6 +33,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     first_scheduled_s: float | None = None  # set on the first output
     num_preemptions: int = 0
     num_conversions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (set on the first output)
 
 
 class StepStats(msgspec.Struct, array_like=True):
@@ -65,6 +66,8 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_steps: int
     hybrid_cache: str
     routing: ReplicaSnapshot | None = None  # what a replica reports to a cluster's router (id and time unset)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at first admissions
+    prefix_cache_hits: int = 0  # ... and found there
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -99,6 +99,13 @@ def _engine_gauges(prefix: str, stats_by_labels: dict[tuple[str, ...], EngineSta
               ("num_preemptions", "Preemptions since start.", CounterMetricFamily,
                lambda stats: stats.num_preemptions),
               ("num_steps", "Engine steps since start.", CounterMetricFamily, lambda stats: stats.num_steps))
+    gauges += (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache (at first admissions).",
+                CounterMetricFamily, lambda stats: stats.prefix_cache_queries),
+               ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", CounterMetricFamily,
+                lambda stats: stats.prefix_cache_hits),
+               ("prefix_cache_hit_rate", "Prefix cache hits over queries since start.", GaugeMetricFamily,
+                lambda stats: stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries
+                else 0.0))
     for name, doc, family_type, value in gauges:
         family = family_type(prefix + name, doc, labels=labels)
         for label_values, stats in stats_by_labels.items():
@@ -106,8 +113,12 @@ def _engine_gauges(prefix: str, stats_by_labels: dict[tuple[str, ...], EngineSta
         yield family
     used = GaugeMetricFamily(prefix + "cache_units_used", "Cache units in use, by cache kind.",
                              labels=labels + ["kind"])
+    cached = GaugeMetricFamily(prefix + "cache_units_cached", "Units of cached blocks no request reads: a prefix "
+                               "hit reuses them, an allocation short of free units evicts them.", labels=labels)
     for label_values, stats in stats_by_labels.items():
         for kind, num_units in stats.cache_units.items():
-            if kind != "free":
+            if kind not in ("free", "cached"):
                 used.add_metric([*label_values, kind], num_units)
+        cached.add_metric(list(label_values), stats.cache_units.get("cached", 0))
     yield used
+    yield cached

@@ -118,15 +118,21 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # --- responses -----------------------------------------------------------------------------------
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0  # served from the prefix cache
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
     @classmethod
-    def of(cls, num_prompt_tokens: int, num_completion_tokens: int) -> "UsageInfo":
+    def of(cls, num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> "UsageInfo":
         return cls(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
-                   total_tokens=num_prompt_tokens + num_completion_tokens)
+                   total_tokens=num_prompt_tokens + num_completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens))
 
 
 class _Choice(OpenAIBaseModel):

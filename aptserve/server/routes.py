@@ -149,7 +149,7 @@ async def _wait_for_disconnect(raw_request: Request) -> None:
 
 
 def _usage(output: RequestOutput) -> UsageInfo:
-    return UsageInfo.of(len(output.prompt_token_ids), output.num_output_tokens)
+    return UsageInfo.of(len(output.prompt_token_ids), output.num_output_tokens, output.num_cached_tokens)
 
 
 # --- streaming (SSE) -----------------------------------------------------------------------------
