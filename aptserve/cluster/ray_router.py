@@ -33,9 +33,9 @@ class PolicyRouter(RequestRouter):
         self._report_times: dict[str, float] = {}
         self._decoder = msgspec.msgpack.Decoder(EngineStats)
         # Serve copies this module into the handle's process by value; the registry must be the real module's.
-        from aptserve.cluster import ray_app
+        from aptserve.cluster import ingress
 
-        ray_app.live_routers.append(self)
+        ingress.live_routers.append(self)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
