@@ -165,3 +165,22 @@ def test_unknown_trace_and_missing_package_errors_say_what_to_do(tokenizer):
 
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def test_multiturn_turns_extend_the_previous_turn_of_their_conversation(tokenizer):
+    trace = load_trace("sharegpt-multiturn", tokenizer, 60, seed=0, max_prompt_len=1024, max_output_len=64)
+    assert len(trace) == 60 and all(r.output_len <= 64 and r.prompt_len <= 1024 for r in trace)
+    assert all(r.prompt_len == len(r.prompt_token_ids) == len(encode(tokenizer, r.prompt)) for r in trace)
+    # A later turn's text starts with an earlier request's whole prompt (its conversation so far).
+    continuations = [r for i, r in enumerate(trace) if any(r.prompt.startswith(e.prompt) for e in trace[:i])]
+    assert len(continuations) >= 20
+    assert trace == load_trace("sharegpt-multiturn", tokenizer, 60, seed=0, max_prompt_len=1024, max_output_len=64)
+
+
+def test_shared_prefix_trace_is_n_system_prompts_by_m_users(tokenizer):
+    trace = load_trace("shared-prefix", tokenizer, 12, seed=1, num_prefixes=3, prefix_len=40, prompt_len=10,
+                       output_len=5)
+    prefixes = {r.prompt_token_ids[:40] for r in trace}
+    assert len(prefixes) == 3 and all(48 <= r.prompt_len == len(r.prompt_token_ids) <= 52 for r in trace)
+    assert len({r.prompt_token_ids[40:] for r in trace}) == 12  # each user asks something of their own
+    assert all(encode(tokenizer, r.prompt) == list(r.prompt_token_ids) for r in trace)

@@ -63,6 +63,8 @@ def load_bench_trace(dataset: str, tokenizer: Any, num_requests: int, seed: int,
         return load_trace(dataset, tokenizer, num_requests, seed, **options)
     if dataset == "sharegpt":  # the same requests as the draws below, without drawing more than there are
         return load_trace(dataset, tokenizer, num_requests, seed, max_output_len=max_output_len, **options)
+    if dataset == "sharegpt-multiturn":  # a cap: dropping a turn would break the chain of prompts
+        return load_trace(dataset, tokenizer, num_requests, seed, max_output_len=max_output_len, **options)
     for num_drawn in (4 * num_requests, 16 * num_requests, 64 * num_requests):
         drawn = load_trace(dataset, tokenizer, num_drawn, seed, **options)
         kept = [r for r in drawn if r.output_len <= max_output_len]
