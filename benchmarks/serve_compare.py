@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--request-timeout", type=float, default=180.0)
     parser.add_argument("--name", default="serve_compare", help="file name of the results")
+    parser.add_argument("--dataset", default="sharegpt", choices=("sharegpt", "sharegpt-multiturn", "shared-prefix"),
+                        help="sharegpt: independent requests; the others share prefixes (multi-turn conversations "
+                             "replayed turn by turn; 4 system prompts of 512 tokens x users) for prefix caching")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
 
@@ -175,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     rates = tuple(float(r) for r in args.rates.split(","))
     # One window of requests for the probes, then one per rate point.
-    pool = load_bench_trace("sharegpt", load_tokenizer(model_dir), args.num_requests * (len(rates) + 1), args.seed,
-                            args.max_output_len, max_prompt_len=args.max_prompt_len)
+    options = {} if args.dataset == "shared-prefix" else {"max_prompt_len": args.max_prompt_len}
+    pool = load_bench_trace(args.dataset, load_tokenizer(model_dir), args.num_requests * (len(rates) + 1),
+                            args.seed, args.max_output_len, **options)
     windows = [tuple(pool[i * args.num_requests:(i + 1) * args.num_requests]) for i in range(len(rates) + 1)]
     spec = BenchSpec(model=SERVED_NAME, trace=windows[0], rates=rates, cv=args.cv, seed=args.seed,
                      target=args.target, timeout_s=args.request_timeout, windows=tuple(windows[1:]))
@@ -195,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "serve_compare",
         "config": {**vars(args), "model_dir": model_dir, "max_model_len": max_model_len(args),
-                   "kv_cache_memory_bytes": kv_bytes, "dataset": "sharegpt", "api": spec.api, "ignore_eos": True,
+                   "kv_cache_memory_bytes": kv_bytes, "api": spec.api, "ignore_eos": True,
                    "requests_per_point": args.num_requests, "fresh_requests_per_point": True},
         "trace": trace_stats(pool), "slo": slos, "servers": servers, "reference": reference,
         "ratios": throughput_ratios(servers, reference) if reference else {},
-        "title": (f"ShareGPT (prompt <= {args.max_prompt_len}, output <= {args.max_output_len}) x "
+        "title": (f"{args.dataset} (prompt <= {args.max_prompt_len}, output <= {args.max_output_len}) x "
                   f"{args.num_requests} requests per rate, cv {args.cv:g}, SLOs ({slo_origin(args)}): TTFT "
                   f"{slos['ttft_slo_s']:.3g} s, P99 TBT {slos['tbt_slo_s']:.3g} s; "
                   f"KV {kv_bytes / 2**20:.0f} MiB, max-num-seqs {args.max_num_seqs}, "
