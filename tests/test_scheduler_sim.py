@@ -5,6 +5,7 @@ import pytest
 from aptserve.config import ModelConfig
 from aptserve.errors import InvalidRequestError
 from aptserve.sampling import SamplingParams
+from aptserve.sim.executor import CostModelExecutor
 from aptserve.sim.simulator import sim_engine
 from tests.sim_fixtures import sim_args
 
@@ -129,3 +130,37 @@ def test_eos_and_stop_token_ids_finish_a_request():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
     assert outs["eos"].outputs[0].token_ids == [2] and outs["eos"].outputs[0].finish_reason == "stop"
     assert len(outs["ignore"].outputs[0].token_ids) == 10
+
+
+class RecordingExecutor(CostModelExecutor):
+    def __init__(self, clock, cost_model) -> None:
+        super().__init__(clock, cost_model)
+        self.steps = []
+
+    def execute(self, sched_out):
+        self.steps.append(sched_out)
+        return super().execute(sched_out)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_preempted_request_resumes_from_its_own_cached_blocks(policy):
+    """Distinct prompts and a pool too small for all: preempted requests come back past the blocks they had
+    computed (still cached, unless memory had to evict them), and nothing leaks."""
+    args = sim_args(MODEL, 80, block_size=4, scheduler=policy, max_num_seqs=8, max_num_batched_tokens=64)
+    engine, clock = sim_engine(args, MODEL, make_executor=RecordingExecutor)
+    for i in range(8):
+        engine.add_request([3 + i] + list(range(100 + 40 * i, 130 + 40 * i)), SamplingParams(max_tokens=30),
+                           request_id=f"r{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.scheduler.check_invariants()
+    resumes, just_preempted = [], set()  # where each preempted request starts again
+    for step in engine.executor.steps:
+        for scheduled in step.scheduled:
+            if scheduled.request_id in just_preempted:
+                resumes.append(scheduled.start_pos)
+                just_preempted.discard(scheduled.request_id)
+        just_preempted |= set(step.preempted_request_ids)
+    assert engine.scheduler.num_preemptions > 0 and resumes and max(resumes) >= 16
+    assert engine.scheduler.num_prefix_hit_tokens == 0  # distinct prompts: no first admission hit
+    assert engine.cache.num_free_units == engine.cache.num_units
