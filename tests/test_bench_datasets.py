@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from aptserve.bench import datasets
-from aptserve.bench.datasets import TraceRequest, encode, load_trace
+from aptserve.bench.datasets import TraceRequest, encode
+from aptserve.bench.traces import load_trace
 
 CONVERTED_TOKENIZER = Path.home() / ".cache/aptserve/models/smollm2-135m-instruct/tokenizer.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -22,7 +22,7 @@ from aptserve.bench.serving import (BenchSpec, bench_server, load_bench_trace, m
                                     slos_from_unloaded, throughput_ratios, trace_stats)
 
 DATASETS = ("sharegpt", "sharegpt-multiturn", "shared-prefix", "humaneval", "longbench", "synthetic")
-# Loader options each dataset takes (see aptserve.bench.datasets.load_trace).
+# Loader options each dataset takes (see aptserve.bench.traces.load_trace).
 DATASET_OPTIONS = {"sharegpt": ("max_prompt_len", "max_total_len"), "sharegpt-multiturn": ("max_prompt_len",),
                    "shared-prefix": ("num_prefixes", "prefix_len", "prompt_len", "output_len"), "humaneval": (),
                    "longbench": ("target_prompt_len",), "synthetic": ("prompt_len", "output_len")}

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from aptserve.bench.arrivals import gamma_send_offsets_s
 from aptserve.bench.client import run_trace
-from aptserve.bench.datasets import TraceRequest, load_trace
+from aptserve.bench.datasets import TraceRequest
+from aptserve.bench.traces import load_trace
 from aptserve.bench.metrics import RequestRecord, request_metrics, summarize
 from aptserve.bench.sweep import interpolate_crossing, sweep_rates, sweep_then_bisect
 
