@@ -60,6 +60,7 @@ class CacheManager:
         self._evictable: OrderedDict[tuple[CacheKind, bytes], CachedBlock] = OrderedDict()  # no readers, LRU first
         self._num_evictable_units = 0
         self.num_evicted_blocks = 0
+        self.num_cache_changes = 0  # blocks registered or evicted: a lookup made before is still valid if unchanged
 
     # --- sizes -------------------------------------------------------------------------------
     @property
@@ -122,6 +123,7 @@ class CacheManager:
                 unit_ids = table.unit_ids[index * upb:(index + 1) * upb]
                 self.pool.transfer(unit_ids, request_id, CACHE_OWNER)
                 table.blocks[index] = self._cached[key] = CachedBlock(key, unit_ids, ref_count=1)
+                self.num_cache_changes += 1
         table.num_blocks_checked = max(table.num_blocks_checked, num_full)
 
     def _acquire(self, block: CachedBlock) -> None:
@@ -147,6 +149,7 @@ class CacheManager:
             self._num_evictable_units -= len(block.unit_ids)
             self.pool.free(block.unit_ids, CACHE_OWNER)
             self.num_evicted_blocks += 1
+            self.num_cache_changes += 1
         return self.pool.allocate(num_units, owner)
 
     # --- allocation --------------------------------------------------------------------------

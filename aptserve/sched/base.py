@@ -31,6 +31,10 @@ class Scheduler:
                                   config.cache.units_per_hidden_block, config.cache.enable_prefix_caching)
         # Whatever else makes two blocks of the same tokens hold different rows.
         self._prefix_root = root_key(f"{config.model.path}|{config.dtype}")
+        # Prefix lookups of waiting requests (the apt policies price every waiting request every step), valid
+        # while no block is registered or evicted.
+        self._prefix_lookups: dict[tuple[str, CacheKind, int], list[CachedBlock]] = {}
+        self._prefix_lookups_at = -1
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admissions
         self.num_prefix_hit_tokens = 0  # ... and those found there
         self._requested_conversions: dict[str, CacheKind] = {}
@@ -148,7 +152,12 @@ class Scheduler:
         """The cached `kind` blocks a waiting request can start from (none with prefix caching off)."""
         if not self.cache.enable_prefix_caching:
             return []
-        return self.cache.cached_prefix(kind, self._block_keys(request), request.num_tokens)
+        if self._prefix_lookups_at != self.cache.num_cache_changes:
+            self._prefix_lookups, self._prefix_lookups_at = {}, self.cache.num_cache_changes
+        key = (request.request_id, kind, request.num_tokens)
+        if key not in self._prefix_lookups:
+            self._prefix_lookups[key] = self.cache.cached_prefix(kind, self._block_keys(request), request.num_tokens)
+        return self._prefix_lookups[key]
 
     def _start(self, out: SchedulerOutput, request: Request, kind: CacheKind, prefix: list[CachedBlock],
                num_new: int, reserve: int = 0) -> bool:
