@@ -122,6 +122,9 @@ def test_routing_follows_the_replicas_reports(idle_cluster):
     busy = next(r for r, n in per_replica(idle_cluster, "aptserve:replica_num_requests_running").items() if n)
     for _ in range(4):
         client.completions.create(model="default", prompt="Hello", max_tokens=2, temperature=0)
+        # The next one is routed on a report taken after this one finished (a stale report still shows it running).
+        wait_until(lambda: sum(per_replica(idle_cluster, "aptserve:replica_num_requests_running").values()) == 1, 10,
+                   "the replicas to report the short request finished")
     after = per_replica(idle_cluster, "aptserve:replica_requests_routed_total")
     routed = {replica: after.get(replica, 0) - before.get(replica, 0) for replica in after}
     assert routed[busy] == 1 and sum(routed.values()) == 5, routed
