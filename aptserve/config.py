@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from aptserve.logprobs import LogprobsMode
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -116,3 +118,6 @@ class EngineConfig:
     dtype: str
     device: str
     seed: int
+    # Most alternatives per token a request may ask log probabilities of, and which distribution they come from.
+    max_logprobs: int = 20
+    logprobs_mode: LogprobsMode = LogprobsMode.RAW

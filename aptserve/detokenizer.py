@@ -23,8 +23,9 @@ class IncrementalDetokenizer:
         # Characters of `text` already handed out by `take_new_text`.
         self._num_released = 0
 
-    def add_tokens(self, new_token_ids: list[int]) -> str | None:
-        """Append tokens; returns the stop string matched (text truncated there), or None."""
+    def add_tokens(self, new_token_ids: list[int], match_stop: bool = True) -> str | None:
+        """Append tokens; returns the stop string matched (text truncated there), or None. With `match_stop`
+        false (min_tokens not reached yet), stop strings are not looked for in the new text."""
         self._token_ids.extend(new_token_ids)
         prefix = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._token_ids[self._prefix_offset:])
@@ -35,7 +36,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._token_ids)
         search_from = max(0, len(self.text) - self._max_stop_len + 1)
         self.text += new_text
-        return self._match_stop(search_from)
+        return self._match_stop(search_from) if match_stop else None
 
     def take_new_text(self, finished: bool) -> str:
         """Text not handed out yet; while running, a tail that a stop string might still cut is held back."""

@@ -16,6 +16,7 @@ from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_
 from aptserve.config import (DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig,
                              SchedulerPolicy)
 from aptserve.flags import FlagTable, check_positive, flag, parse_bytes
+from aptserve.logprobs import LogprobsMode
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class EngineArgs(FlagTable):
                                       "max_model_len); its bytes come out of --kv-cache-memory", int)
     alpha: float | None = flag(None, "seconds to re-project one block's K/V across all layers (the hidden "
                                "cache's price in the apt policies); default: measured at start-up", float)
+    max_logprobs: int = flag(20, "most log probabilities one request may ask for per token (vLLM's cap; -1: the "
+                             "whole vocabulary)", int)
+    logprobs_mode: str = flag(LogprobsMode.RAW.value, "which distribution returned log probabilities come from: "
+                              "the model's (raw_logprobs) or the one sampled from after penalties, bias, "
+                              "temperature and top-k/top-p/min-p (processed_logprobs)",
+                              choices=tuple(m.value for m in LogprobsMode))
     ttft_slo: float = flag(1.0, "default time-to-first-token SLO (s) of requests without their own", float)
     tbt_slo: float = flag(1.0, "default time-between-tokens SLO (s) of requests without their own", float)
     step_tbt_fraction: float | None = flag(
@@ -98,8 +105,10 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
         ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, step_tbt_fraction=_step_tbt_fraction(args, policy),
         alpha_s=resolve_alpha(args, model_config, policy, hybrid, measure_alpha))
+    max_logprobs = model_config.vocab_size if args.max_logprobs == -1 else args.max_logprobs
     return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=args.dtype,
-                        device=args.device, seed=args.seed)
+                        device=args.device, seed=args.seed, max_logprobs=max_logprobs,
+                        logprobs_mode=LogprobsMode(args.logprobs_mode))
 
 
 def _check(args: EngineArgs) -> None:
@@ -111,6 +120,10 @@ def _check(args: EngineArgs) -> None:
                                    (HybridMode, args.hybrid_cache, "hybrid_cache")):
         if value not in {member.value for member in enum_type}:
             raise ValueError(f"{name} must be one of {[m.value for m in enum_type]}, got {value!r}")
+    if args.max_logprobs < -1:
+        raise ValueError(f"max_logprobs must be -1 (no cap) or >= 0, got {args.max_logprobs}")
+    if args.logprobs_mode not in {m.value for m in LogprobsMode}:
+        raise ValueError(f"logprobs_mode must be one of {[m.value for m in LogprobsMode]}, got {args.logprobs_mode!r}")
     if not 0 <= args.watermark < 1:
         raise ValueError(f"watermark must be in [0, 1), got {args.watermark}")
 

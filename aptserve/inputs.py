@@ -85,6 +85,16 @@ class InputProcessor:
                                       f"got {params.top_k}")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in params.logit_bias or ()):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        if params.structured is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured output needs the model's tokenizer; this engine has none")
+            params.structured.check()
+        asked = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        if asked > self.config.max_logprobs:
+            raise InvalidRequestError(f"logprobs asks for {asked} alternatives per token; this server returns at "
+                                      f"most {self.config.max_logprobs} (--max-logprobs)")
 
     def _resolve_params(self, num_prompt_tokens: int, params: SamplingParams) -> SamplingParams:
         max_len = self.model_config.max_model_len

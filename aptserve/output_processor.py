@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs
 from aptserve.detokenizer import IncrementalDetokenizer
+from aptserve.logprobs import TokenLogprobs
 from aptserve.outputs import CompletionOutput, RequestOutput, RequestStats
 from aptserve.sampling import RequestOutputKind, SamplingParams
 
@@ -31,6 +32,8 @@ class _RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_tokens_sent: int = 0  # output tokens already in a DELTA output
+    logprobs: list[TokenLogprobs] | None = None  # one per output token, if the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., if asked for
 
     def stats(self) -> RequestStats:
         first_token_s = self.token_times_s[0] if self.token_times_s else None
@@ -49,7 +52,8 @@ class OutputProcessor:
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                                  params.include_stop_str_in_output)
-        self._states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, arrival_s, detokenizer)
+        self._states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, arrival_s, detokenizer,
+                                                 logprobs=[] if params.logprobs is not None else None)
 
     def abort(self, request_id: str) -> None:
         """Forget a request that ends without an output (client gone)."""
@@ -79,13 +83,19 @@ class OutputProcessor:
         """Take in one core output; True when a stop string ended the request here."""
         state.output_token_ids.extend(core_output.new_token_ids)
         state.token_times_s.extend([timestamp_s] * len(core_output.new_token_ids))
+        if state.logprobs is not None and core_output.new_logprobs:
+            state.logprobs.extend(core_output.new_logprobs)
+        if core_output.prompt_logprobs is not None:
+            state.prompt_logprobs = core_output.prompt_logprobs
         if core_output.first_scheduled_s is not None:
             state.first_scheduled_s = core_output.first_scheduled_s
             state.num_cached_tokens = core_output.num_cached_tokens
         state.num_preemptions, state.num_conversions = core_output.num_preemptions, core_output.num_conversions
         stop_string = None
         if state.detokenizer is not None and core_output.new_token_ids:
-            stop_string = state.detokenizer.add_tokens(core_output.new_token_ids)
+            # As vLLM: no stop string ends a request before min_tokens.
+            stop_string = state.detokenizer.add_tokens(core_output.new_token_ids,
+                                                       len(state.output_token_ids) > state.params.min_tokens)
         if core_output.finish_reason is not None:  # a token stop wins over a string the same token completes
             state.finish_reason, state.stop_reason = core_output.finish_reason, core_output.stop_reason
             return False
@@ -101,15 +111,17 @@ class OutputProcessor:
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         detokenizer = state.detokenizer
-        if kind == RequestOutputKind.DELTA:
-            token_ids = state.output_token_ids[state.num_tokens_sent:]
-            text = detokenizer.take_new_text(finished) if detokenizer else ""
+        first = state.num_tokens_sent if kind == RequestOutputKind.DELTA else 0
+        token_ids = state.output_token_ids[first:]
+        logprobs = state.logprobs[first:] if state.logprobs is not None else None
+        if detokenizer is None:
+            text = ""
         else:
-            token_ids = list(state.output_token_ids)
-            text = detokenizer.text if detokenizer else ""
+            text = detokenizer.take_new_text(finished) if kind == RequestOutputKind.DELTA else detokenizer.text
+        prompt_logprobs = state.prompt_logprobs if first == 0 else None  # a stream gets them once, first
         state.num_tokens_sent = len(state.output_token_ids)
         completion = CompletionOutput(0, text, token_ids, state.finish_reason or ("abort" if error else None),
-                                      state.stop_reason)
+                                      state.stop_reason, logprobs)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
                              state.stats() if finished else None, error, len(state.output_token_ids),
-                             state.num_cached_tokens)
+                             state.num_cached_tokens, prompt_logprobs)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aptserve.logprobs import TokenLogprobs
+
 
 @dataclass
 class CompletionOutput:
@@ -15,6 +17,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # One per token in token_ids, when the request asked for log probabilities.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -44,3 +48,5 @@ class RequestOutput:
     num_output_tokens: int = 0
     # Prompt tokens served from the prefix cache instead of computed.
     num_cached_tokens: int = 0
+    # Log probabilities of prompt tokens 1.. when asked for (a stream's first output carries them).
+    prompt_logprobs: list[TokenLogprobs] | None = None

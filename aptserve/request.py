@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from aptserve.cache.manager import CacheKind
+from aptserve.logprobs import TokenLogprobs
 from aptserve.sampling import SamplingParams
 
 
@@ -57,6 +58,8 @@ class Request:
     # prefix cache at its first admission.
     block_keys: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # Log probabilities of prompt tokens 1.. (if its params ask for them), as chunks compute them.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from aptserve.errors import InvalidRequestError
+from aptserve.structured_output import StructuredOutput
 
 # Below this temperature a request is sampled greedily, as vLLM does: dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
@@ -13,6 +14,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# Bounds of the OpenAI API (penalties, logit_bias) and of vLLM's checks.
+PENALTY_RANGE = (-2.0, 2.0)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class RequestOutputKind(enum.Enum):
@@ -36,6 +41,19 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Logits processing (vLLM's order: min_tokens, logit_bias, penalties, temperature, min_p, top-k / top-p).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and output so far
+    min_p: float = 0.0
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many tokens
+    logit_bias: dict[int, float] | None = None
+    # Log probabilities of each sampled token and of its `logprobs` most likely alternatives (0: the token's only);
+    # the same for every prompt token after the first (the model's raw distribution; no prefix cache hit then).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # The text must match this (JSON schema, regex, choice, grammar): tokens that cannot continue it are masked.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Accept lists and a single stop string as the OpenAI API does; store tuples (hashable, frozen).
@@ -70,6 +88,37 @@ class SamplingParams:
                                       f"{MAX_STOP_STRING_CHARS} characters each")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequestError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} token ids")
+        self._validate_processing()
+
+    def _validate_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not PENALTY_RANGE[0] <= getattr(self, name) <= PENALTY_RANGE[1]:
+                raise InvalidRequestError(f"{name} must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]}], "
+                                          f"got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 1e4:  # vLLM: > 0; 1e4 keeps logit / penalty finite
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 10000], got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise InvalidRequestError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be at most max_tokens "
+                                      f"({self.max_tokens})")
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequestError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+        if any(not LOGIT_BIAS_RANGE[0] <= value <= LOGIT_BIAS_RANGE[1] for value in bias.values()):
+            raise InvalidRequestError(f"logit_bias values must be in [{LOGIT_BIAS_RANGE[0]}, "
+                                      f"{LOGIT_BIAS_RANGE[1]}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise InvalidRequestError(f"{name} must be an integer >= 0, got {value!r}")
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the sampler needs the request's tokens so far."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def is_greedy(self) -> bool:

@@ -165,8 +165,15 @@ def test_smollm2_config_and_bytes_per_unit(smollm2):
 
 
 # --- sampler ------------------------------------------------------------------------------------------
+def sampled_rows(request_ids, params, outputs=None) -> list[ScheduledRequest]:
+    """The sampler's rows: one decode per request (`outputs`: each one's output tokens so far)."""
+    outputs = outputs or [[] for _ in request_ids]
+    return [ScheduledRequest(request_id, [0], 0, CacheKind.KV, [], True, p, [], out)
+            for request_id, p, out in zip(request_ids, params, outputs)]
+
+
 def sample_rounds(sampler: Sampler, logits: torch.Tensor, request_ids, params, rounds: int) -> list[list[int]]:
-    return [sampler(logits, request_ids, params) for _ in range(rounds)]
+    return [sampler(logits, sampled_rows(request_ids, params))[0] for _ in range(rounds)]
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch():

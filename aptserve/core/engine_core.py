@@ -99,9 +99,10 @@ class EngineCore:
         else:  # a step re-run in parts says nothing about the cost of one step
             self._learn_step_cost(sched_out, runner_out)
         failures = [self._fail(request_id, error) for request_id, error in runner_out.failed.items()]
+        self._keep_prompt_logprobs(runner_out)
         now = self.clock.now()
         self.scheduler.update_from_output(sched_out, runner_out, now)
-        outputs = [self._output(s.request_id) for s in sched_out.scheduled if s.sample] + failures
+        outputs = [self._output(s.request_id, runner_out) for s in sched_out.scheduled if s.sample] + failures
         self.num_steps += 1
         end_s = time.perf_counter()
         step = _step_stats(sched_out, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
@@ -115,18 +116,30 @@ class EngineCore:
         self.step_cost_fitter.observe(sched_out.total_num_scheduled_tokens, work, seconds)
         self.scheduler.step_cost = self.step_cost_fitter.model
 
-    def _output(self, request_id: str) -> EngineCoreOutput | None:
+    def _keep_prompt_logprobs(self, runner_out: RunnerOutput) -> None:
+        """Collect prompt log probabilities chunk by chunk, once each (a recompute after preemption scores again)."""
+        for request_id, (position, scored) in runner_out.prompt_logprobs.items():
+            request = self.scheduler.requests.get(request_id)
+            kept = request.prompt_logprobs if request is not None else None
+            if kept is not None and position <= len(kept) + 1:  # kept[i] is prompt token i + 1's
+                kept.extend(scored[len(kept) + 1 - position:])
+
+    def _output(self, request_id: str, runner_out: RunnerOutput) -> EngineCoreOutput | None:
         request = self.scheduler.requests.get(request_id)
         if request is None or request.status != RequestStatus.RUNNING:
             return None  # aborted while the step ran
         stop = check_stop(request, self.config.model.max_model_len)
         if stop is not None:
             self.scheduler.finish_request(request, stop[0])
+        first = request.num_output_tokens == 1
         return EngineCoreOutput(
             request_id, request.output_token_ids[-1:], request.finish_reason, stop[1] if stop else None,
-            first_scheduled_s=request.first_scheduled_s if request.num_output_tokens == 1 else None,
+            first_scheduled_s=request.first_scheduled_s if first else None,
             num_preemptions=request.num_preemptions, num_conversions=request.num_conversions,
-            num_cached_tokens=request.num_cached_tokens if request.num_output_tokens == 1 else 0)
+            num_cached_tokens=request.num_cached_tokens if first else 0,
+            new_logprobs=[runner_out.logprobs[request_id]] if request_id in runner_out.logprobs else None,
+            prompt_logprobs=request.prompt_logprobs if first and request.sampling_params.prompt_logprobs is not None
+            else None)
 
     def _isolate_failures(self, sched_out: SchedulerOutput, exc: Exception) -> RunnerOutput:
         """Run a failed step again in halves until each failing request is alone: those fail, the others get
@@ -160,6 +173,8 @@ class EngineCore:
             else:
                 out.sampled_token_ids.update(part_out.sampled_token_ids)
                 out.failed.update(part_out.failed)
+                out.logprobs.update(part_out.logprobs)
+                out.prompt_logprobs.update(part_out.prompt_logprobs)
 
     def _fail(self, request_id: str, error: str) -> EngineCoreOutput:
         """Finish one request with an error (its cache goes back to the pool); the front end reports it."""

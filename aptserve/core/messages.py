@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 
 from aptserve.cluster.policy import ReplicaSnapshot
+from aptserve.logprobs import TokenLogprobs
 from aptserve.sampling import SamplingParams
 
 
@@ -34,6 +35,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_preemptions: int = 0
     num_conversions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (set on the first output)
+    new_logprobs: list[TokenLogprobs] | None = None  # one per new token, if the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. (set on the first output, if asked for)
 
 
 class StepStats(msgspec.Struct, array_like=True):

@@ -16,11 +16,13 @@ import torch
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, min_hidden_scratch_tokens
 from aptserve.config import EngineConfig, ModelConfig
 from aptserve.errors import ConversionFailedError
+from aptserve.logprobs import LogprobsMode
 from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.cpu_kernels import cpu_kernels
 from aptserve.model.hidden import convert_hidden_to_kv
 from aptserve.model.loader import load_model, torch_dtype
 from aptserve.runner.metadata import AttentionMetadataBuilder, order_for_step
+from aptserve.runner.prompt_logprobs import prompt_logprobs, wants_prompt_logprobs
 from aptserve.runner.sampler import Sampler
 from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 
@@ -46,11 +48,14 @@ class ModelInput:
     # Rows whose logits are sampled (each sampled request's last row), and those requests.
     logits_indices: torch.Tensor
     sampled: list[ScheduledRequest]
+    # Requests whose prompt tokens' log probabilities are due this step, with their first row.
+    prompt_rows: list[tuple[ScheduledRequest, int]] = ()
 
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_units: int, block_size: int, dtype: str,
-                 device: str, seed: int = 0, hidden_scratch_tokens: int | None = None) -> None:
+                 device: str, seed: int = 0, hidden_scratch_tokens: int | None = None,
+                 logprobs_mode: LogprobsMode = LogprobsMode.RAW) -> None:
         """`hidden_scratch_tokens`: tokens of K/V recomputed from hidden rows at once (one layer, reused
         across layers); 0 when the hybrid cache is off; None: the minimum, one max_model_len context."""
         self.device = torch.device(device)
@@ -71,13 +76,15 @@ class ModelRunner:
         paged_kernel = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels() is not None
         self.metadata_builder = AttentionMetadataBuilder(
             self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope, paged_kernel)
-        self.sampler = Sampler(seed, self.device)
+        self.sampler = Sampler(seed, self.device, model_config.eos_token_ids, logprobs_mode,
+                               tokenizer_path=model_config.path, vocab_size=model_config.vocab_size)
         self.decode_group_bytes = default_decode_group_bytes(self.device, paged_kernel)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> ModelRunner:
         return cls(config.model, config.cache.num_units, config.cache.block_size, config.dtype, config.device,
-                   config.seed, hidden_scratch_tokens=config.cache.hidden_scratch_tokens)
+                   config.seed, hidden_scratch_tokens=config.cache.hidden_scratch_tokens,
+                   logprobs_mode=config.logprobs_mode)
 
     def _num_scratch_blocks(self, hidden_scratch_tokens: int | None, block_size: int) -> int:
         minimum = min_hidden_scratch_tokens(self.model_config, block_size)
@@ -117,33 +124,43 @@ class ModelRunner:
         if self.device.type == "cuda":  # the forward's kernels must be done before it is timed
             torch.cuda.synchronize(self.device)
         forwarded_s = time.perf_counter()
-        sampled_token_ids, failed = self._sample(logits, model_input.sampled) if logits is not None else ({}, {})
-        return RunnerOutput(sampled_token_ids, failed, prepare_s=prepared_s - start_s,
-                            forward_s=forwarded_s - prepared_s, sample_s=time.perf_counter() - forwarded_s)
+        out = self._sample(logits, model_input.sampled) if logits is not None else RunnerOutput()
+        for request, first_row in model_input.prompt_rows:
+            out.prompt_logprobs[request.request_id] = prompt_logprobs(self.model, hidden, request, first_row)
+        out.prepare_s, out.forward_s = prepared_s - start_s, forwarded_s - prepared_s
+        out.sample_s = time.perf_counter() - forwarded_s
+        return out
 
-    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> tuple[dict[str, int], dict[str, str]]:
-        """Tokens of the sampled rows; if the batch fails, each row alone, so a request whose sampling fails
-        (request id -> error) fails by itself."""
-        request_ids = [r.request_id for r in sampled]
-        params = [r.sampling_params for r in sampled]
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> RunnerOutput:
+        """Tokens (and asked-for logprobs) of the sampled rows; if the batch fails, each row alone, so a request
+        whose sampling fails (request id -> error) fails by itself."""
+        out = RunnerOutput()
         try:
-            return dict(zip(request_ids, self.sampler(logits, request_ids, params))), {}
+            token_ids, out.logprobs, out.failed = self.sampler(logits, sampled)
+            out.sampled_token_ids = {r.request_id: t for r, t in zip(sampled, token_ids)
+                                     if r.request_id not in out.failed}
         except Exception:
-            tokens, failed = {}, {}
-            for row, (request_id, request_params) in enumerate(zip(request_ids, params)):
+            for row, request in enumerate(sampled):
                 try:
-                    tokens[request_id] = self.sampler(logits[row:row + 1], [request_id], [request_params])[0]
+                    token_ids, logprobs, failed = self.sampler(logits[row:row + 1], [request])
                 except Exception as exc:
-                    failed[request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
-            return tokens, failed
+                    out.failed[request.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+                else:
+                    if failed:
+                        out.failed.update(failed)
+                    else:
+                        out.sampled_token_ids[request.request_id] = token_ids[0]
+                    out.logprobs.update(logprobs)
+        return out
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInput:
         """Decodes first (they attend in batched groups: KV ones, then hidden ones), then prefill chunks."""
         ordered = order_for_step(scheduled)
         attn_metadata, positions = self.metadata_builder.build(ordered, self.decode_group_bytes)
         input_ids = torch.tensor([t for r in ordered for t in r.token_ids], device=self.device)
-        row_ends = accumulate(r.num_tokens for r in ordered)
+        row_ends = list(accumulate(r.num_tokens for r in ordered))
         last_rows = [end - 1 for end, r in zip(row_ends, ordered) if r.sample]
         logits_indices = torch.tensor(last_rows, dtype=torch.long, device=self.device)
         sampled = [r for r in ordered if r.sample]
-        return ModelInput(input_ids, positions, attn_metadata, logits_indices, sampled)
+        prompt_rows = [(r, end - r.num_tokens) for end, r in zip(row_ends, ordered) if wants_prompt_logprobs(r)]
+        return ModelInput(input_ids, positions, attn_metadata, logits_indices, sampled, prompt_rows)

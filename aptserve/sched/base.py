@@ -149,8 +149,9 @@ class Scheduler:
         return request.block_keys
 
     def _cached_prefix(self, request: Request, kind: CacheKind) -> list[CachedBlock]:
-        """The cached `kind` blocks a waiting request can start from (none with prefix caching off)."""
-        if not self.cache.enable_prefix_caching:
+        """The cached `kind` blocks a waiting request can start from (none with prefix caching off, nor for a
+        request that wants its prompt's log probabilities: they come from computing every prompt token, as vLLM)."""
+        if not self.cache.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         if self._prefix_lookups_at != self.cache.num_cache_changes:
             self._prefix_lookups, self._prefix_lookups_at = {}, self.cache.num_cache_changes
@@ -182,10 +183,15 @@ class Scheduler:
         """Add `num_tokens` of the request's uncomputed tokens to the batch (units already allocated)."""
         start = request.num_computed_tokens
         token_ids = request.all_token_ids[start:start + num_tokens]
+        params, sample = request.sampling_params, start + num_tokens == request.num_tokens
+        reads_outputs = sample and (params.has_penalties or params.min_tokens > 0)
+        reads_prompt = ((sample and params.repetition_penalty != 1)
+                        or (params.prompt_logprobs is not None and start < request.num_prompt_tokens))
         out.scheduled.append(ScheduledRequest(
             request_id=request.request_id, token_ids=token_ids, start_pos=start, cache_kind=request.cache_kind,
-            unit_ids=self.cache.unit_ids(request.request_id), sample=start + num_tokens == request.num_tokens,
-            sampling_params=request.sampling_params))
+            unit_ids=self.cache.unit_ids(request.request_id), sample=sample, sampling_params=params,
+            prompt_token_ids=request.prompt_token_ids if reads_prompt else None,
+            output_token_ids=request.output_token_ids if reads_outputs else None))
 
     def _preempt(self, request: Request, out: SchedulerOutput, next_kind: CacheKind | None = None) -> None:
         """Preempt by recompute: free every unit; the request re-prefills prompt + outputs later,

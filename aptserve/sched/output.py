@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aptserve.cache.manager import CacheKind
+from aptserve.logprobs import TokenLogprobs
 from aptserve.sampling import SamplingParams
 
 
@@ -26,6 +27,10 @@ class ScheduledRequest:
     # True when this step reaches the request's last known token, so a new token is sampled.
     sample: bool
     sampling_params: SamplingParams
+    # The request's own token lists (shared, not copied: the runner shares the scheduler's process), passed only
+    # to a sampled row whose params read them: penalties count the tokens so far, min_tokens the outputs.
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +101,10 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     # Requests the executor could not serve this step, and why (the engine finishes them with that error, alone).
     failed: dict[str, str] = field(default_factory=dict)
+    # Log probabilities of the sampled tokens of the requests that asked for them, and of the prompt tokens this
+    # step computed the logits of: (the first one's position in the prompt, one per token).
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # Seconds the step spent building its inputs, in the forward pass and sampling (step accounting; the
     # simulator reports its cost model's prediction as forward time).
     prepare_s: float = 0.0

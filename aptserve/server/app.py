@@ -14,6 +14,7 @@ from aptserve.server.async_llm import AsyncLLM
 from aptserve.server.errors import add_error_handlers
 from aptserve.server.guards import APIKeyCheck, BodySizeLimit
 from aptserve.server.routes import router
+from aptserve.server.tokenize_routes import router as tokenize_router
 
 
 def create_app(engine: LLMEngine | AsyncLLM, server_args: ServerArgs = ServerArgs()) -> FastAPI:
@@ -30,6 +31,7 @@ def create_app(engine: LLMEngine | AsyncLLM, server_args: ServerArgs = ServerArg
     names = server_args.served_model_name or (served_name,)
     app.state.model_names = tuple(dict.fromkeys(names + (served_name,)))
     app.include_router(router)
+    app.include_router(tokenize_router)
     add_error_handlers(app)
     # Added innermost first: the body limit runs before anything reads a body, the key check before that, CORS
     # outermost so that its preflights and headers also reach clients the key check turns away.

@@ -4,10 +4,15 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aptserve.errors import InvalidRequestError
 from aptserve.sampling import RequestOutputKind, SamplingParams
+from aptserve.server.structured_protocol import ResponseFormat, StructuredOutputsParams, structured_output_of
+
+
+# Choices of one request (each is a request in the engine): bounded so one request cannot fill the batch alone.
+MAX_CHOICES = 64
 
 
 class OpenAIBaseModel(BaseModel):
@@ -26,29 +31,37 @@ class SamplingRequest(OpenAIBaseModel):
     model: str | None = None  # None or "": the served model
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
     # vLLM's extra sampling fields.
     top_k: int = Field(0, ge=-1)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM's
     # aptserve: per-request SLOs in seconds; the server's --ttft-slo / --tbt-slo when absent.
     ttft_slo: float | None = Field(None, gt=0)
     tbt_slo: float | None = Field(None, gt=0)
 
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send several requests instead")
-        return n
-
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
+
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token to return log probabilities of (None: no log probabilities)."""
+        raise NotImplementedError
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return None
 
     def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
         """SamplingParams for this request (no max_tokens and no default: the engine fills the context);
@@ -58,7 +71,20 @@ class SamplingRequest(OpenAIBaseModel):
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
             max_tokens=default_max_tokens if max_tokens is None else max_tokens, stop=self.stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, output_kind=output_kind)
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, output_kind=output_kind,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,
+            logit_bias=self._logit_bias(), logprobs=self.requested_logprobs(),
+            prompt_logprobs=self.requested_prompt_logprobs(),
+            structured=structured_output_of(self.response_format, self.structured_outputs))
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token_id): bias for token_id, bias in self.logit_bias.items()}
+        except ValueError as exc:
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {exc}") from exc
 
     @property
     def include_usage(self) -> bool:
@@ -68,9 +94,17 @@ class SamplingRequest(OpenAIBaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False  # the prompt before the completion, in the text and (with logprobs) in the logprobs
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt as text or token ids (a one-element batch is unwrapped)."""
@@ -109,9 +143,16 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -137,13 +178,36 @@ class UsageInfo(OpenAIBaseModel):
 
 class _Choice(OpenAIBaseModel):
     index: int = 0
-    logprobs: None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
 
+class CompletionLogprobs(OpenAIBaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    text_offset: list[int] = []
+    token_logprobs: list[float | None] = []
+    tokens: list[str] = []
+    top_logprobs: list[dict[str, float] | None] = []
+
+
 class CompletionChoice(_Choice):
     text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(OpenAIBaseModel):
+    content: list[ChatTokenLogprob] | None = None
 
 
 class _Response(OpenAIBaseModel):
@@ -165,6 +229,7 @@ class AssistantMessage(OpenAIBaseModel):
 
 class ChatChoice(_Choice):
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -180,6 +245,7 @@ class DeltaMessage(OpenAIBaseModel):
 
 class ChatStreamChoice(_Choice):
     delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):

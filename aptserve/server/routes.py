@@ -1,26 +1,27 @@
-"""The OpenAI-compatible routes: completions and chat (JSON or SSE, one event per token), models, health,
-metrics. Handlers never touch the engine; they talk to AsyncLLM."""
+"""The OpenAI-compatible routes: completions and chat (JSON, or SSE from streaming.py), models, health, metrics.
+Handlers never touch the engine; they talk to AsyncLLM (or the cluster's engine, which has its surface)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Literal
 
 import jinja2
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
-from aptserve.errors import AptServeError, InvalidRequestError
+from aptserve.errors import InvalidRequestError
 from aptserve.outputs import RequestOutput
-from aptserve.server.async_llm import AsyncLLM, RequestStream
-from aptserve.server.errors import APIError, engine_error, error_response
-from aptserve.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                      ChatCompletionResponse, ChatStreamChoice, CompletionChoice,
-                                      CompletionRequest, CompletionResponse, DeltaMessage, ErrorResponse,
-                                      ModelCard, ModelList, SamplingRequest, UsageInfo)
+from aptserve.server.async_llm import AsyncLLM
+from aptserve.server.choices import ChoiceStreams
+from aptserve.server.errors import APIError, error_response
+from aptserve.server.logprobs_format import chat_logprobs
+from aptserve.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                                      CompletionRequest, CompletionResponse, ErrorResponse,
+                                      ModelCard, ModelList, SamplingRequest)
+from aptserve.server.streaming import EventStreamResponse, chat_events, completion_choice, completion_events, usage
 
 router = APIRouter()
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 500, 503)}
@@ -60,45 +61,59 @@ async def list_models(raw_request: Request) -> ModelList:
              responses={200: {"model": CompletionResponse, "content": _STREAM}, **_ERRORS})
 async def create_completion(body: CompletionRequest,
                             raw_request: Request) -> Response | CompletionResponse:
-    def respond(output: RequestOutput, request_id: str, model: str) -> CompletionResponse:
-        completion = output.outputs[0]
-        choice = CompletionChoice(text=completion.text, finish_reason=completion.finish_reason,
-                                  stop_reason=completion.stop_reason)
-        return CompletionResponse(id=request_id, model=model, choices=[choice], usage=_usage(output))
+    tokenizer = raw_request.app.state.engine.tokenizer
 
-    return await _serve(raw_request, body, "cmpl", body.prompt_input, _completion_events, respond)
+    def respond(outputs: list[RequestOutput], request_id: str, model: str) -> CompletionResponse:
+        choices = [completion_choice(index, output, body, tokenizer, first=True)[0]
+                   for index, output in enumerate(outputs)]
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage(outputs))
+
+    return await _serve(raw_request, body, "cmpl", body.prompt_input, completion_events, respond)
 
 
 @router.post("/v1/chat/completions", response_model=None,
              responses={200: {"model": ChatCompletionResponse, "content": _STREAM}, **_ERRORS})
 async def create_chat_completion(body: ChatCompletionRequest,
                                  raw_request: Request) -> Response | ChatCompletionResponse:
-    def respond(output: RequestOutput, request_id: str, model: str) -> ChatCompletionResponse:
-        completion = output.outputs[0]
-        choice = ChatChoice(message=AssistantMessage(content=completion.text),
-                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
-        return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=_usage(output))
+    tokenizer = raw_request.app.state.engine.tokenizer
 
-    return await _serve(raw_request, body, "chatcmpl", lambda: _chat_prompt(raw_request, body), _chat_events,
+    def respond(outputs: list[RequestOutput], request_id: str, model: str) -> ChatCompletionResponse:
+        choices = []
+        for index, output in enumerate(outputs):
+            completion = output.outputs[0]
+            logprobs = None if completion.logprobs is None else chat_logprobs(completion.logprobs, tokenizer)
+            choices.append(ChatChoice(index=index, message=AssistantMessage(content=completion.text),
+                                      logprobs=logprobs, finish_reason=completion.finish_reason,
+                                      stop_reason=completion.stop_reason))
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(outputs))
+
+    return await _serve(raw_request, body, "chatcmpl", lambda: _chat_prompt(raw_request, body), chat_events,
                         respond)
 
 
 async def _serve(raw_request: Request, body: SamplingRequest, id_prefix: str, prompt: Callable[[], str | list[int]],
                  events: Callable, respond: Callable) -> Response | BaseModel:
-    """Queue the request, then stream its events or answer once with `respond(final output, id, model)`."""
-    model = _served_model(raw_request, body.model)
+    """Queue the request's n choices, then stream their events or answer once with `respond(final outputs, id,
+    model)`."""
+    model = served_model(raw_request, body.model)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    stream = await _add_request(raw_request, request_id, prompt(), body)
+    engine: AsyncLLM = raw_request.app.state.engine
+    text_or_ids, params = prompt(), body.to_sampling_params()
+
+    def add_one(child_id: str, child_params):
+        return engine.add_request(child_id, text_or_ids, child_params, body.ttft_slo, body.tbt_slo)
+
+    streams = await ChoiceStreams.add(add_one, request_id, params, body.n)
     if body.stream:
-        return _EventStreamResponse(stream, events(stream, body, request_id, model))
-    output = await _final_output(raw_request, stream)
-    if output is None:
+        return EventStreamResponse(streams, events(streams, body, request_id, model, engine.tokenizer))
+    outputs = await _final_outputs(raw_request, streams)
+    if outputs is None:
         return Response(status_code=499)  # client closed the request; nobody reads this
-    return respond(output, request_id, model)
+    return respond(outputs, request_id, model)
 
 
 # --- request helpers -----------------------------------------------------------------------------
-def _served_model(raw_request: Request, name: str | None) -> str:
+def served_model(raw_request: Request, name: str | None) -> str:
     names = raw_request.app.state.model_names
     if name and name not in names:
         raise APIError(400, f"the model {name!r} does not exist; this server serves {names[0]!r}",
@@ -106,100 +121,34 @@ def _served_model(raw_request: Request, name: str | None) -> str:
     return names[0]
 
 
-async def _add_request(raw_request: Request, request_id: str, prompt: str | list[int],
-                       body: SamplingRequest) -> RequestStream:
-    engine: AsyncLLM = raw_request.app.state.engine
-    return await engine.add_request(request_id, prompt, body.to_sampling_params(), body.ttft_slo, body.tbt_slo)
-
-
 def _chat_prompt(raw_request: Request, body: ChatCompletionRequest) -> str:
-    tokenizer = raw_request.app.state.engine.tokenizer
+    return render_chat(raw_request.app.state.engine.tokenizer, body.conversation())
+
+
+def render_chat(tokenizer, conversation: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The messages as the model's chat template renders them (the text of a chat request's prompt)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
     try:
-        return tokenizer.apply_chat_template(body.conversation(), tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as exc:
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
 
 
-async def _final_output(raw_request: Request, stream: RequestStream) -> RequestOutput | None:
-    """The last output of a non-streaming request; None (request aborted) if the client leaves first."""
-    collect = asyncio.ensure_future(_last_output(stream))
+async def _final_outputs(raw_request: Request, streams: ChoiceStreams) -> list[RequestOutput] | None:
+    """The last output of every choice of a non-streaming request; None (aborted) if the client leaves first."""
+    collect = asyncio.ensure_future(streams.final_outputs())
     disconnect = asyncio.ensure_future(_wait_for_disconnect(raw_request))
     try:
         await asyncio.wait((collect, disconnect), return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
         collect.cancel()
-        stream.close()
+        streams.close()
     return collect.result() if collect.done() and not collect.cancelled() else None
-
-
-async def _last_output(stream: RequestStream) -> RequestOutput:
-    last = None
-    async for output in stream:
-        last = output
-    return last
 
 
 async def _wait_for_disconnect(raw_request: Request) -> None:
     while (await raw_request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _usage(output: RequestOutput) -> UsageInfo:
-    return UsageInfo.of(len(output.prompt_token_ids), output.num_output_tokens, output.num_cached_tokens)
-
-
-# --- streaming (SSE) -----------------------------------------------------------------------------
-class _EventStreamResponse(StreamingResponse):
-    """SSE that aborts its request however the response ends, even before its first byte."""
-
-    def __init__(self, stream: RequestStream, events: AsyncIterator[BaseModel]) -> None:
-        super().__init__(_sse(events), media_type="text/event-stream")
-        self._request_stream = stream
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._request_stream.close()
-
-
-async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    try:
-        async for event in events:
-            yield f"data: {event.model_dump_json()}\n\n"
-    except AptServeError as exc:  # the engine failed or cut this request mid-stream: tell the client, then end
-        _, type, code = engine_error(exc)
-        yield f"data: {ErrorResponse.of(str(exc), type, code=code).model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def _completion_events(stream: RequestStream, body: CompletionRequest, request_id: str,
-                             model: str) -> AsyncIterator[CompletionResponse]:
-    created, output = int(time.time()), None
-    async for output in stream:  # one delta, and one event, per token
-        completion = output.outputs[0]
-        choice = CompletionChoice(text=completion.text, finish_reason=completion.finish_reason,
-                                  stop_reason=completion.stop_reason)
-        yield CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
-    if body.include_usage:
-        yield CompletionResponse(id=request_id, created=created, model=model, choices=[],
-                                 usage=_usage(output))
-
-
-async def _chat_events(stream: RequestStream, body: ChatCompletionRequest, request_id: str,
-                       model: str) -> AsyncIterator[ChatCompletionChunk]:
-    # The role rides on the first token's event, so events == tokens and TTFT is the first event.
-    created, output, role = int(time.time()), None, "assistant"
-    async for output in stream:
-        completion = output.outputs[0]
-        delta, role = DeltaMessage(role=role, content=completion.text), None
-        choice = ChatStreamChoice(delta=delta, finish_reason=completion.finish_reason,
-                                  stop_reason=completion.stop_reason)
-        yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
-    if body.include_usage:
-        yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                  usage=_usage(output))
