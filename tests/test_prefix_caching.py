@@ -29,12 +29,12 @@ def shared_case(request):
     return request.param, prompts, hf_greedy(path, prompts, MAX_TOKENS)
 
 
-def serve(model: str, prompts: list[list[int]], convert: bool, **engine_kwargs):
+def serve(model: str, prompts: list[list[int]], convert: bool, params: SamplingParams | None = None, **engine_kwargs):
     """All prompts at once (at most 3 running, so later ones find earlier ones' blocks); with `convert`, every
-    fifth step turns the oldest running request to the other cache kind."""
+    fifth step turns the oldest running request to the other cache kind. Greedy unless `params` says otherwise."""
     llm = LLM(model=model, dtype="float32", max_num_seqs=3, **engine_kwargs)
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    params = params or SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, params, request_id=str(i))
     tokens, num_steps = {}, 0

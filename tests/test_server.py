@@ -35,7 +35,7 @@ class LiveServer:
     thread: threading.Thread
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="x", max_retries=0, timeout=60, **kwargs)
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="x", **{"max_retries": 0, "timeout": 60, **kwargs})
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of /metrics (0 when absent)."""
