@@ -199,7 +199,7 @@ BAD_REQUESTS = [
     ("completions", {"model": "default", "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
     ("completions", {"model": "default", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("completions", {"model": "default", "prompt": "hi", "temperature": -1}, "temperature"),
-    ("completions", {"model": "default", "prompt": "hi", "n": 2}, "n"),
+    ("completions", {"model": "default", "prompt": "hi", "n": 65}, "n"),  # more choices than MAX_CHOICES
     ("completions", {"model": "default", "prompt": "hi", "stop": [""]}, None),
     ("completions", {"model": "default", "prompt": ["one", "two"]}, None),
     ("completions", {"model": "default", "prompt": [10**9]}, None),
