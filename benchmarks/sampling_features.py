@@ -3,7 +3,8 @@
 32 requests of distinct 128-token prompts, 64 output tokens each (every request runs to the end: `ignore_eos`, or a
 grammar that cannot finish in 64 tokens), offline on the default model, fp32. For each variant: the mean step time
 (wall time of the whole batch / engine steps) and output tokens/s, best of `--repeats`, in one run. Also the
-grammar backends' per-step mask time at batch 32 (llguidance, the one aptserve uses; xgrammar if importable).
+grammar backends' per-step mask time at batch 32 (llguidance, the one aptserve uses; xgrammar if importable), and
+the A/B of top-k / top-p from the most likely candidates vs sorting whole rows.
 
     .venv/bin/python benchmarks/sampling_features.py            # ~3 min on 2 cores
 """
@@ -50,7 +51,14 @@ def run_variants(repeats: int) -> dict:
     prompts = [[(7919 * 3 + 104729 * i + 31 * j) % 40000 + 100 for j in range(128)] for i in range(32)]
     results = {}
     llm.generate(prompts[:2], variants()["greedy"][:2], use_tqdm=False)  # warm-up
-    for salt, (name, params) in enumerate(variants().items()):
+    from aptserve.runner import logits_processing
+
+    cases = list(variants().items())
+    cases.insert(2, ("random, whole-row sort (A/B)", cases[1][1]))
+    candidates = logits_processing.TOP_CANDIDATES
+    for salt, (name, params) in enumerate(cases):
+        # The A/B: top-k / top-p by sorting every row (no candidates), as before TOP_CANDIDATES.
+        logits_processing.TOP_CANDIDATES = 0 if "A/B" in name else candidates
         best = None
         for repeat in range(repeats):
             batch = [[(t + 1000 * (salt * repeats + repeat + 1)) % 40000 + 100 for t in p] for p in prompts]

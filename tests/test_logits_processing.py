@@ -115,3 +115,16 @@ def test_raw_logprobs_are_the_models_and_processed_ones_the_sampled_distribution
 def test_out_of_range_values_are_refused_with_the_field_named(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_top_k_top_p_from_candidates_equals_sorting_the_whole_row():
+    from aptserve.runner.logits_processing import _sorted_top_k_top_p, apply_top_k_top_p
+
+    generator = torch.Generator().manual_seed(4)
+    # Peaked rows (a trained model's: the nucleus closes among the candidates) and flat ones (it does not).
+    logits = torch.cat([torch.randn(6, 5000, generator=generator) * 8, torch.randn(6, 5000, generator=generator)])
+    top_k = torch.tensor([0, 5, 50, 300, 1000, 0] * 2)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.8, 1e-9] * 2)
+    fast, slow = apply_top_k_top_p(logits, top_k, top_p), _sorted_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(slow))
+    torch.testing.assert_close(fast[torch.isfinite(fast)], slow[torch.isfinite(slow)])

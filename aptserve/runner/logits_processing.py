@@ -16,6 +16,9 @@ import torch
 
 from aptserve.sched.output import ScheduledRequest
 
+# Most likely tokens top-k / top-p look among before sorting a whole row.
+TOP_CANDIDATES = 256
+
 
 def apply_constraints(logits: torch.Tensor, rows: Sequence[ScheduledRequest],
                       eos_token_ids: Sequence[int]) -> torch.Tensor:
@@ -77,7 +80,32 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set logits outside each row's top-k (0 = off) and top-p nucleus to -inf."""
+    """Set logits outside each row's top-k (0 = off) and top-p nucleus to -inf. Rows whose top-k and nucleus lie
+    within the TOP_CANDIDATES most likely tokens (nearly all, for a trained model) are done from those alone; sorting
+    the whole vocabulary, as the rest need, costs ten times more at batch 32."""
+    vocab = logits.shape[-1]
+    width = min(vocab, TOP_CANDIDATES)
+    k = torch.where(top_k > 0, top_k, vocab)
+    values, order = logits.topk(width, dim=-1)  # sorted, most likely first
+    rank = torch.arange(width, device=logits.device)
+    values.masked_fill_(rank >= k[:, None], float("-inf"))
+    # Each candidate's probability under the row's top-k renormalization: the normalizer is over the candidates when
+    # the top-k fits among them, else over the whole row (top_k off).
+    normalizer = torch.where(k[:, None] <= width, torch.logsumexp(values, dim=-1, keepdim=True),
+                             torch.logsumexp(logits, dim=-1, keepdim=True))
+    probs = torch.exp(values - normalizer)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    values.masked_fill_((mass_before >= top_p[:, None]) & (top_p[:, None] < 1) & (rank > 0), float("-inf"))
+    # Exact from the candidates: the top-k fits among them and, for top-p, the nucleus closes among them.
+    exact = (k <= width) | ((k == vocab) & (top_p < 1) & (probs.sum(dim=-1) >= top_p))
+    out = torch.full_like(logits, float("-inf")).scatter_(-1, order, values)
+    if not bool(exact.all()):
+        rest = (~exact).nonzero()[:, 0]
+        out[rest] = _sorted_top_k_top_p(logits[rest], top_k[rest], top_p[rest])
+    return out
+
+
+def _sorted_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)
     k = torch.where(top_k > 0, top_k, logits.shape[-1])
