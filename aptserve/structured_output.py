@@ -6,7 +6,7 @@ The kinds are vLLM's `structured_outputs` choices (OpenAI's `response_format` ma
 - grammar: a Lark grammar in llguidance's dialect.
 
 The backend is llguidance (the constrained-decoding library vLLM and llama.cpp also use). Measured at batch 32
-(benchmarks/sampling_features.py), xgrammar fills the masks faster (0.3 vs 0.8 ms per step) but either is under 1%
+(benchmarks/sampling_features.py), xgrammar fills the masks faster (0.1 vs 1.1 ms per step) but either is about 1%
 of a step there, and xgrammar pulls triton and apache-tvm-ffi into the install while llguidance needs no other
 package. This module is pure (llguidance is imported on first use); the mask and the matchers are runner/grammar.py's.
 """
