@@ -1,8 +1,8 @@
 """Sampler: logits rows -> token ids (and log probabilities where asked), each step's rows processed together.
 
-Order, as vLLM's: the raw log probabilities are taken first; then min_tokens (EOS and stop token ids masked), logit
-bias, repetition / frequency / presence penalties; greedy rows take the argmax of that; the others apply
-temperature, min-p, top-k and top-p and draw. Each step of these is one batched tensor op over the rows that use
+Order, as vLLM's: structured output's grammar mask first; then the raw log probabilities; then min_tokens (EOS and
+stop token ids masked), logit bias, repetition / frequency / presence penalties; greedy rows take the argmax of that;
+the others apply temperature, min-p, top-k and top-p and draw. Each step of these is one batched tensor op over the rows that use
 it, never a Python loop over vocabulary entries.
 
 Every non-greedy request draws from its own torch.Generator (seeded from SamplingParams.seed, or from the runner
