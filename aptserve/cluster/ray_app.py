@@ -54,9 +54,12 @@ class EngineReplica:
                        ttft_slo_s: float, tbt_slo_s: float) -> AsyncIterator[RequestOutput]:
         stream = await self.engine.add_request(request_id, prompt_token_ids, params, ttft_slo_s, tbt_slo_s)
         try:
+            first = True
             async for output in stream:
-                # The prompt's ids ride only on the last output (usage); per token they would be copied each time.
-                yield output if output.finished else dataclasses.replace(output, prompt_token_ids=[])
+                # The prompt's ids ride only on the first output (echo) and the last (usage); per token they would be
+                # copied each time.
+                yield output if output.finished or first else dataclasses.replace(output, prompt_token_ids=[])
+                first = False
         finally:  # finished, failed, or cancelled by the front end (its client left): abort unless finished
             stream.close()
 

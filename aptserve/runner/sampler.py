@@ -2,8 +2,8 @@
 
 Order, as vLLM's: structured output's grammar mask first; then the raw log probabilities; then min_tokens (EOS and
 stop token ids masked), logit bias, repetition / frequency / presence penalties; greedy rows take the argmax of that;
-the others apply temperature, min-p, top-k and top-p and draw. Each step of these is one batched tensor op over the rows that use
-it, never a Python loop over vocabulary entries.
+the others apply temperature, min-p, top-k and top-p and draw. Each step of these is one batched tensor op over the
+rows that use it, never a Python loop over vocabulary entries.
 
 Every non-greedy request draws from its own torch.Generator (seeded from SamplingParams.seed, or from the runner
 seed and the request id), one uniform per sampled token, and all processing is row-wise: a request's tokens do not
