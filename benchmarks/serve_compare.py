@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     options = {} if args.dataset == "shared-prefix" else {"max_prompt_len": args.max_prompt_len}
     pool = load_bench_trace(args.dataset, load_tokenizer(model_dir), args.num_requests * (len(rates) + 1),
                             args.seed, args.max_output_len, **options)
+    # The servers' context must hold every request (the shared-prefix trace sets its own prompt lengths); vLLM would
+    # otherwise cut max_tokens to fit, and aptserve refuse the request, as OpenAI does.
+    args.max_prompt_len = max(args.max_prompt_len, max(r.prompt_len for r in pool))
     windows = [tuple(pool[i * args.num_requests:(i + 1) * args.num_requests]) for i in range(len(rates) + 1)]
     spec = BenchSpec(model=SERVED_NAME, trace=windows[0], rates=rates, cv=args.cv, seed=args.seed,
                      target=args.target, timeout_s=args.request_timeout, windows=tuple(windows[1:]))

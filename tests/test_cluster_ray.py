@@ -105,6 +105,11 @@ def test_the_openai_client_streams_through_the_cluster(idle_cluster):
     answer = client.completions.create(model="default", prompt="The capital of France is", max_tokens=3,
                                        temperature=0)
     assert answer.choices[0].text.startswith(" Paris") and answer.usage.completion_tokens == 3
+    echoed = [e.choices[0] for e in client.completions.create(model="default", prompt="The capital of France is",
+                                                             max_tokens=3, temperature=0, echo=True, logprobs=1,
+                                                             stream=True) if e.choices]
+    assert "".join(c.text for c in echoed) == "The capital of France is" + answer.choices[0].text
+    assert echoed[0].logprobs.token_logprobs[0] is None and len(echoed[0].logprobs.tokens) > 3  # the prompt's, first
     # One code path with the single-node server: its checks answer here too.
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="default", prompt="hi", max_tokens=0)
