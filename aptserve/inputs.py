@@ -35,7 +35,7 @@ class InputProcessor:
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> ProcessedPrompt:
         if isinstance(prompt, str):
-            text, token_ids = prompt, self._tokenize(prompt) if prompt else []
+            text, token_ids = prompt, self.tokenize(prompt) if prompt else []
         else:
             text, token_ids = None, self._ids(prompt)
         if not token_ids:
@@ -53,7 +53,8 @@ class InputProcessor:
         shrink = 1 if backend is not None and backend.normalizer is None else NORMALIZER_SHRINK
         return longest * shrink * self.model_config.max_model_len
 
-    def _tokenize(self, prompt: str) -> list[int]:
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """The prompt's token ids; InvalidRequestError for text that cannot fit the context or be tokenized."""
         if self.tokenizer is None:
             raise InvalidRequestError("this engine has no tokenizer; send token ids")
         if len(prompt) > self.max_prompt_chars:
@@ -66,16 +67,20 @@ class InputProcessor:
             raise InvalidRequestError(
                 f"the prompt is not valid Unicode: {exc.reason} at position {exc.start}") from exc
         try:
-            return list(self.tokenizer(prompt).input_ids)
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}") from exc
 
     def _ids(self, prompt: list[int]) -> list[int]:
         token_ids = list(prompt)
+        self.check_token_ids(token_ids, "token ids")
+        return token_ids
+
+    def check_token_ids(self, token_ids, what: str) -> None:
+        """InvalidRequestError unless every one is an integer id of this model's vocabulary."""
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"token ids must be integers in [0, {vocab})")
-        return token_ids
+            raise InvalidRequestError(f"{what} must be integers in [0, {vocab})")
 
     def _check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check without the model: token ids and top_k against the vocabulary."""
@@ -83,10 +88,8 @@ class InputProcessor:
         if params.top_k > vocab:
             raise InvalidRequestError(f"top_k must be -1, 0 (disabled) or at most the vocabulary size {vocab}, "
                                       f"got {params.top_k}")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in params.logit_bias or ()):
-            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.check_token_ids(params.logit_bias or (), "logit_bias keys")
         if params.structured is not None:
             if self.tokenizer is None:
                 raise InvalidRequestError("structured output needs the model's tokenizer; this engine has none")

@@ -45,12 +45,12 @@ async def tokenize(body: TokenizeRequest, raw_request: Request) -> TokenizeRespo
     tokenizer = _tokenizer(engine)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send either a prompt or messages")
-    if body.messages is not None:
+    if body.messages is not None:  # the chat template writes the special tokens itself
         text = render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages],
                            body.add_generation_prompt)
-        token_ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    else:
-        token_ids = list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+        token_ids = engine.input_processor.tokenize(text, add_special_tokens=False)
+    else:  # the engine's own checks: text that cannot fit the context or be tokenized is a 400
+        token_ids = engine.input_processor.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
     token_strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
     return TokenizeResponse(count=len(token_ids), max_model_len=engine.config.model.max_model_len, tokens=token_ids,
                             token_strs=token_strs)
@@ -60,9 +60,7 @@ async def tokenize(body: TokenizeRequest, raw_request: Request) -> TokenizeRespo
 async def detokenize(body: DetokenizeRequest, raw_request: Request) -> DetokenizeResponse:
     served_model(raw_request, body.model)
     engine = raw_request.app.state.engine
-    vocab = engine.config.model.vocab_size
-    if any(not 0 <= t < vocab for t in body.tokens):
-        raise InvalidRequestError(f"tokens must be token ids in [0, {vocab})")
+    engine.input_processor.check_token_ids(body.tokens, "tokens")
     return DetokenizeResponse(prompt=_tokenizer(engine).decode(body.tokens))
 
 
