@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 model: setup
 	$(BIN)/python -m aptserve.registry prepare default
+	# The CPU kernels are compiled here so the first `aptserve serve` answers at once; cheap when up to date, and it
+	# exits 0 without them (no compiler, another CPU, APTSERVE_CPU_KERNELS=0): the torch path serves then.
+	$(BIN)/python -m aptserve.model.cpu_kernels build
 
 serve: model
 	$(BIN)/aptserve serve --model default --host 127.0.0.1 --port 8000

@@ -2,12 +2,17 @@
 and the whole runner with neither the kernel nor packed weights still matching HF token for token."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aptserve.model import linear
-from aptserve.model.cpu_kernels import cpu_kernels
+from aptserve.model.cpu_kernels import DISABLE_ENV, cpu_kernels
 from aptserve.runner import model_runner
 from tests.model_fixtures import Driver, DriverRequest, assert_matches_hf_greedy, save_tiny_llama
 from tests.test_model_runner import make_runner, random_prompts
@@ -40,6 +45,28 @@ def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_hea
         v = cache[v_units[b]].reshape(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
         expected = F.scaled_dot_product_attention(q[b][:, None], k, v, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def run_build_command(**env: str) -> subprocess.CompletedProcess:
+    """`python -m aptserve.model.cpu_kernels build`, as `make` runs it."""
+    return subprocess.run([sys.executable, "-m", "aptserve.model.cpu_kernels", "build"], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_build_command_without_kernels_says_so_in_one_line_and_lets_make_go_on(tmp_path):
+    result = run_build_command(**{DISABLE_ENV: "0", "APTSERVE_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"CPU kernels: not built (disabled by {DISABLE_ENV}=0): the torch attention path will be used"]
+
+
+@needs_kernels
+def test_build_command_finds_the_build_the_engine_loads_and_compiles_nothing():
+    """The build `make` leaves is the one cpu_kernels() loads (same folder, same signature), so serving never compiles;
+    a no-op here because importing this file built it."""
+    result = run_build_command()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"CPU kernels: up to date ({Path(kernels.__file__).parent})"]
 
 
 def test_plain_paths_without_kernel_or_packing_match_hf(tmp_path, monkeypatch):
