@@ -38,10 +38,14 @@ class HybridMode(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """What the engine needs to know of a model's geometry (read from the HF config by the registry)."""
+    """What the engine and the decoder modules know of a model: its HF config.json, read once by the registry.
+
+    The fields after `intermediate_size` only shape the decoder's arithmetic (model/*): their defaults (HF
+    Llama's) serve configs that only carry a shape, such as the simulator's.
+    """
 
     path: str
-    architecture: str  # "llama" | "opt"
+    architecture: str  # HF model_type: a key of model/architectures.py's ARCHITECTURES
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -56,6 +60,20 @@ class ModelConfig:
     # Width of the feed-forward layer (Llama: gated, three matrices; OPT: two); 0 when unknown (cost models then
     # take 4 x hidden_size).
     intermediate_size: int = 0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # HF's name of the feed-forward activation (Llama: of the gate)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # HF's rope scaling type; the decoders implement "default" only
+    tie_word_embeddings: bool = False
+    # OPT: pre-LN (else post-LN, opt-350m); the embedding's width when it differs from hidden_size (0: the same,
+    # else project_in/project_out); LayerNorm with weight and bias; no final LayerNorm (HF's
+    # _remove_final_layer_norm).
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int = 0
+    layer_norm_elementwise_affine: bool = True
+    remove_final_layer_norm: bool = False
 
     @property
     def kv_dim(self) -> int:

@@ -15,10 +15,10 @@ from aptserve.checkpoints import (DEFAULT_MODEL_DIR, OPT_EOS_TOKEN_ID, OPT_MAX_P
                                   OPT_VOCAB_SIZE, prepare_folder)
 from aptserve.config import ModelConfig
 from aptserve.errors import UnknownModelError
+from aptserve.model.architectures import ARCHITECTURES
 from aptserve.paths import cache_dir
 
 KNOWN_MODELS = ("default", *OPT_SHAPES)
-SUPPORTED_ARCHITECTURES = ("llama", "opt")
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -33,23 +33,31 @@ def resolve_model(name_or_path: str) -> str:
         return str(config_file.parent)
     raise UnknownModelError(
         f"unknown model {name_or_path!r}: use one of {', '.join(KNOWN_MODELS)}, "
-        "or the path of a local Hugging Face folder (config.json + safetensors) of a Llama or OPT model"
+        "or the path of a local Hugging Face folder (config.json + safetensors) of a supported model_type "
+        f"({', '.join(ARCHITECTURES)})"
     )
 
 
 def _check_architecture(model_type: str | None, path: str) -> None:
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if model_type not in ARCHITECTURES:
         raise UnknownModelError(f"{path}: model_type {model_type!r} is not supported "
-                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                                f"(supported: {', '.join(ARCHITECTURES)})")
 
 
 def load_model_config(path: str, max_model_len: int | None = None, served_name: str = "") -> ModelConfig:
+    """The folder's config.json, read here once: the decoders are built from the ModelConfig alone."""
     folder = Path(path)
     hf = json.loads((folder / "config.json").read_text())
     _check_architecture(hf.get("model_type"), path)
+    config = model_config_from_hf(hf, str(folder), served_name or folder.name, _eos_token_ids(folder, hf))
+    return config.with_max_model_len(max_model_len)
+
+
+def model_config_from_hf(hf: dict, path: str, served_name: str, eos_token_ids: tuple[int, ...]) -> ModelConfig:
+    """The keys every architecture shares, then the architecture's own (model/architectures.py)."""
     num_heads = hf["num_attention_heads"]
-    config = ModelConfig(
-        path=str(folder),
+    return ModelConfig(
+        path=path,
         architecture=hf["model_type"],
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -58,12 +66,11 @@ def load_model_config(path: str, max_model_len: int | None = None, served_name: 
         head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
         vocab_size=hf["vocab_size"],
         max_model_len=hf["max_position_embeddings"],
-        eos_token_ids=_eos_token_ids(folder, hf),
-        served_name=served_name or folder.name,
+        eos_token_ids=eos_token_ids,
+        served_name=served_name,
         max_position_embeddings=hf["max_position_embeddings"],
-        intermediate_size=hf.get("intermediate_size") or hf.get("ffn_dim") or 0,
+        **ARCHITECTURES[hf["model_type"]].hf_fields(hf),
     )
-    return config.with_max_model_len(max_model_len)
 
 
 def shape_model_config(name: str, max_model_len: int | None = None) -> ModelConfig:
@@ -71,12 +78,11 @@ def shape_model_config(name: str, max_model_len: int | None = None) -> ModelConf
     which no machine here could hold)."""
     if name not in OPT_SHAPES:
         raise UnknownModelError(f"unknown shape {name!r}: use one of {', '.join(OPT_SHAPES)}")
-    hidden, layers, ffn, heads, _, _ = OPT_SHAPES[name]
-    config = ModelConfig(path=name, architecture="opt", num_layers=layers, hidden_size=hidden, num_heads=heads,
-                         num_kv_heads=heads, head_dim=hidden // heads, vocab_size=OPT_VOCAB_SIZE,
-                         max_model_len=OPT_MAX_POSITIONS, eos_token_ids=(OPT_EOS_TOKEN_ID,), served_name=name,
-                         max_position_embeddings=OPT_MAX_POSITIONS, intermediate_size=ffn)
-    return config.with_max_model_len(max_model_len)
+    hidden, layers, ffn, heads, proj_dim, pre_ln = OPT_SHAPES[name]
+    hf = {"model_type": "opt", "num_hidden_layers": layers, "hidden_size": hidden, "ffn_dim": ffn,
+          "num_attention_heads": heads, "word_embed_proj_dim": proj_dim, "do_layer_norm_before": pre_ln,
+          "vocab_size": OPT_VOCAB_SIZE, "max_position_embeddings": OPT_MAX_POSITIONS}
+    return model_config_from_hf(hf, name, name, (OPT_EOS_TOKEN_ID,)).with_max_model_len(max_model_len)
 
 
 def _eos_token_ids(folder: Path, hf: dict) -> tuple[int, ...]:

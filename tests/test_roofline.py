@@ -3,6 +3,8 @@ A100-40GB), the hidden cache priced by its recompute, tensor parallelism, the KV
 real engine driven by it through the same resolve() as a served one."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from aptserve.bench.datasets import TraceRequest
@@ -77,3 +79,12 @@ def test_the_real_engine_runs_on_the_roofline_at_paper_scale():
     assert all(r.ok and r.output_len == 50 for r in records)
     gaps = [b - a for r in records for a, b in zip(r.token_times_s, r.token_times_s[1:])]
     assert 0.02 < min(gaps) and max(gaps) < 1.0  # decode steps of tens of milliseconds, as on the real GPU
+
+
+def test_the_feed_forward_layer_counts_the_architectures_matrices():
+    """Llama's gated layer has three hidden x intermediate matrices (gate, up, down), OPT's two (fc1, fc2)."""
+    opt = shape_model_config("opt-125m")
+    llama = dataclasses.replace(opt, architecture="llama")
+    ffn = opt.hidden_size * opt.intermediate_size
+    gpu = gpu_spec("a100-40gb")
+    assert RooflineCostModel(llama, gpu).layer_params - RooflineCostModel(opt, gpu).layer_params == ffn

@@ -11,17 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from aptserve.cache.geometry import hidden_units_per_block
 
 # A layer's K/V projection: (x [N, hidden], the model's positional tables for the N rows or None)
 # -> K, V [N, num_kv_heads, head_dim], RoPE applied.
 ProjectKV = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@runtime_checkable
+class AttentionLayer(Protocol):
+    """One decoder layer's attention, as the hidden cache reaches it (part of model/protocol.py's CausalLM)."""
+
+    def project_kv(self, x: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [N, num_kv_heads, head_dim] of the layer's q/k/v projection inputs x [N, hidden_size] (the rows
+        a hidden request stores), K rotated by `rope` (the model's rope() at the rows' positions; None: nothing)."""
+        ...
 
 
 def write_kv_rows(flat_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -60,7 +69,7 @@ class HiddenProjection:
 
 
 def convert_hidden_to_kv(kv_cache: torch.Tensor, projections: Sequence[HiddenProjection],
-                         attention_layers: Sequence[nn.Module]) -> None:
+                         attention_layers: Sequence[AttentionLayer]) -> None:
     """Apply a step's HIDDEN -> KV conversions, every layer, before its forward pass.
 
     Projections run in the scheduler's order: a later conversion's new units may be an earlier one's

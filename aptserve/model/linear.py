@@ -19,6 +19,15 @@ PACK_BATCH_HINT = 128
 # Few-row calls on the plain path compute W @ x^T, which CPU BLAS streams better than x @ W^T.
 FEW_ROWS = 64
 _ACTIVATIONS = {"none": lambda y: y, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
+# HF's activation names (hidden_act, OPT's activation_function) -> the ones applied inside the GEMM.
+_HF_ACTIVATIONS = {"silu": "swish", "relu": "relu", "gelu": "gelu"}
+
+
+def gemm_activation(hf_name: str) -> str:
+    """The Linear.forward activation of an HF activation name."""
+    if hf_name not in _HF_ACTIVATIONS:
+        raise NotImplementedError(f"activation {hf_name!r} is not supported ({', '.join(_HF_ACTIVATIONS)})")
+    return _HF_ACTIVATIONS[hf_name]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
-from aptserve.model.linear import Linear, packed_head
+from aptserve.model.linear import Linear, gemm_activation, packed_head
 from aptserve.model.rope import Rope, RotaryEmbedding, apply_rope, pair_rows
 
 
@@ -32,13 +33,11 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: dict, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config["num_attention_heads"]
-        self.num_kv_heads = config.get("num_key_value_heads") or self.num_heads
-        self.head_dim = config.get("head_dim") or config["hidden_size"] // self.num_heads
-        hidden, bias = config["hidden_size"], config.get("attention_bias", False)
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
@@ -80,31 +79,30 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        hidden, inter = config["hidden_size"], config["intermediate_size"]
-        bias = config.get("mlp_bias", False)
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(hidden, inter, bias=bias)
         self.up_proj = Linear(hidden, inter, bias=bias)
         self.down_proj = Linear(inter, hidden, bias=bias)
+        self.activation = gemm_activation(config.hidden_act)
 
     def prepare(self) -> None:
         for projection in (self.gate_proj, self.up_proj, self.down_proj):
             projection.pack()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + down(silu(gate(x)) * up(x)): three GEMMs, the SiLU, multiply and add inside them."""
-        gated = self.up_proj.forward_mul(x, self.gate_proj(x, "swish"))
+        """residual + down(act(gate(x)) * up(x)): three GEMMs, the activation, multiply and add inside them."""
+        gated = self.up_proj.forward_mul(x, self.gate_proj(x, self.activation))
         return self.down_proj.forward_add(gated, residual)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: dict, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        eps = config.get("rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(config["hidden_size"], eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -113,31 +111,24 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: dict, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config["vocab_size"], config["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config["num_hidden_layers"]))
-        self.norm = RMSNorm(config["hidden_size"], config.get("rms_norm_eps", 1e-6))
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        max_positions = config["max_position_embeddings"]
-        self.rotary_emb = RotaryEmbedding(head_dim, _rope_theta(config), max_positions, device)
-
-
-def _rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only the default RoPE)")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        if config.rope_type != "default":
+            raise NotImplementedError(f"rope_type {config.rope_type!r} is not supported (only the default RoPE)")
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        max_positions = config.max_position_embeddings or config.max_model_len
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, max_positions, device)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: dict, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
         super().__init__()
         self.model = LlamaModel(config, device)
-        self.tie_word_embeddings = config.get("tie_word_embeddings", False)
+        self.tie_word_embeddings = config.tie_word_embeddings
         if not self.tie_word_embeddings:
-            self.lm_head = Linear(config["hidden_size"], config["vocab_size"], bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.logits_head: Linear | None = None  # set by prepare()
 
     def prepare(self, keep_kv_projection: bool = False) -> None:

@@ -9,23 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
-from aptserve.model.linear import Linear, packed_head
+from aptserve.model.linear import Linear, gemm_activation, packed_head
 
 # OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).
 POSITION_OFFSET = 2
-# HF's activation names -> the activations Linear applies inside its GEMM.
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config: dict, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        hidden, bias = config["hidden_size"], config.get("enable_bias", True)
-        self.num_heads = config["num_attention_heads"]
-        self.head_dim = hidden // self.num_heads
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.scaling = self.head_dim**-0.5
         self.q_proj = Linear(hidden, hidden, bias=bias)
         self.k_proj = Linear(hidden, hidden, bias=bias)
@@ -62,17 +60,17 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: dict, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        hidden, bias = config["hidden_size"], config.get("enable_bias", True)
-        affine = config.get("layer_norm_elementwise_affine", True)
-        self.do_layer_norm_before = config.get("do_layer_norm_before", True)
+        hidden, ffn, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        affine = config.layer_norm_elementwise_affine
+        self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = Linear(hidden, config["ffn_dim"], bias=bias)
-        self.fc2 = Linear(config["ffn_dim"], hidden, bias=bias)
+        self.fc1 = Linear(hidden, ffn, bias=bias)
+        self.fc2 = Linear(ffn, hidden, bias=bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.activation = ACTIVATIONS[config.get("activation_function", "relu")]
+        self.activation = gemm_activation(config.hidden_act)
 
     def forward(self, hidden: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
         if self.do_layer_norm_before:
@@ -84,36 +82,39 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        hidden = config["hidden_size"]
-        proj_dim = config.get("word_embed_proj_dim") or hidden
-        self.embed_tokens = nn.Embedding(config["vocab_size"], proj_dim)
-        self.embed_positions = nn.Embedding(config["max_position_embeddings"] + POSITION_OFFSET, hidden)
+        hidden, proj_dim = config.hidden_size, embed_dim(config)
+        max_positions = config.max_position_embeddings or config.max_model_len
+        self.embed_tokens = nn.Embedding(config.vocab_size, proj_dim)
+        self.embed_positions = nn.Embedding(max_positions + POSITION_OFFSET, hidden)
         self.project_in = Linear(proj_dim, hidden, bias=False) if proj_dim != hidden else None
         self.project_out = Linear(hidden, proj_dim, bias=False) if proj_dim != hidden else None
-        pre_ln = config.get("do_layer_norm_before", True)
-        keep_final_norm = pre_ln and not config.get("_remove_final_layer_norm", False)
-        affine = config.get("layer_norm_elementwise_affine", True)
+        keep_final_norm = config.do_layer_norm_before and not config.remove_final_layer_norm
+        affine = config.layer_norm_elementwise_affine
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine) if keep_final_norm else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config["num_hidden_layers"]))
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_layers))
+
+
+def embed_dim(config: ModelConfig) -> int:
+    """Width of the token embedding (and of a tied vocabulary head)."""
+    return config.word_embed_proj_dim or config.hidden_size
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.decoder = OPTDecoder(config)
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, config: dict, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
         super().__init__()
         del device  # Nothing position-dependent to precompute (Llama builds its RoPE tables there).
         self.model = OPTModel(config)
-        self.tie_word_embeddings = config.get("tie_word_embeddings", True)
+        self.tie_word_embeddings = config.tie_word_embeddings
         if not self.tie_word_embeddings:
-            proj_dim = config.get("word_embed_proj_dim") or config["hidden_size"]
-            self.lm_head = Linear(proj_dim, config["vocab_size"], bias=False)
+            self.lm_head = Linear(embed_dim(config), config.vocab_size, bias=False)
         self.logits_head: Linear | None = None  # set by prepare()
 
     def prepare(self, keep_kv_projection: bool = False) -> None:

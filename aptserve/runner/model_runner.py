@@ -21,6 +21,7 @@ from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.cpu_kernels import cpu_kernels
 from aptserve.model.hidden import convert_hidden_to_kv
 from aptserve.model.loader import load_model, torch_dtype
+from aptserve.model.protocol import CausalLM
 from aptserve.runner.metadata import AttentionMetadataBuilder, order_for_step
 from aptserve.runner.prompt_logprobs import prompt_logprobs, wants_prompt_logprobs
 from aptserve.runner.sampler import Sampler
@@ -65,7 +66,8 @@ class ModelRunner:
         self.dtype = torch_dtype(dtype)
         num_scratch_blocks = self._num_scratch_blocks(hidden_scratch_tokens, block_size)
         # Without a scratch there is no hidden cache, and nothing needs K/V projected on their own.
-        self.model = load_model(model_config, self.dtype, self.device, keep_kv_projection=num_scratch_blocks > 0)
+        self.model: CausalLM = load_model(model_config, self.dtype, self.device,
+                                          keep_kv_projection=num_scratch_blocks > 0)
         # Zeroed, not empty: padded rows are masked out, but NaN garbage would still poison P @ V.
         cache_shape = (model_config.num_layers, num_units, block_size, model_config.kv_dim)
         self.kv_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)

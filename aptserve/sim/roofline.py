@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aptserve.cache.manager import CacheKind
 from aptserve.config import DTYPE_BYTES, ModelConfig
+from aptserve.model.architectures import ARCHITECTURES
 from aptserve.sched.output import SchedulerOutput
 from aptserve.sim.gpus import GPUSpec
 
@@ -45,7 +46,7 @@ class RooflineCostModel:
         m = self.model
         query_dim = m.num_heads * m.head_dim
         attention = 2 * m.hidden_size * query_dim + 2 * m.hidden_size * m.kv_dim  # q, o; k, v
-        ffn_matrices = 3 if m.architecture == "llama" else 2  # gate/up/down vs fc1/fc2
+        ffn_matrices = ARCHITECTURES[m.architecture].ffn_matrices
         return attention + ffn_matrices * m.hidden_size * self.intermediate_size
 
     @property
