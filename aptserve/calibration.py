@@ -13,6 +13,7 @@ import torch
 
 from aptserve.config import ModelConfig
 from aptserve.model.linear import Linear, can_pack
+from aptserve.model.loader import torch_dtype
 from aptserve.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -42,13 +43,13 @@ def measure_alpha(model_config: ModelConfig, block_size: int, dtype: str, device
                   repeats: int = 7) -> float:
     """Least-squares slope (seconds per block) of the K/V projection time over BLOCK_COUNTS, on the same fused,
     packed projection the model recomputes K/V with."""
-    torch_dtype = getattr(torch, dtype)
-    projection = Linear(model_config.hidden_size, 2 * model_config.kv_dim, bias=False, dtype=torch_dtype,
+    tensor_dtype = torch_dtype(dtype)
+    projection = Linear(model_config.hidden_size, 2 * model_config.kv_dim, bias=False, dtype=tensor_dtype,
                         device=device).requires_grad_(False)
     projection.pack()
     points = []
     for num_blocks in BLOCK_COUNTS:
-        x = torch.randn(num_blocks * block_size, model_config.hidden_size, dtype=torch_dtype, device=device)
+        x = torch.randn(num_blocks * block_size, model_config.hidden_size, dtype=tensor_dtype, device=device)
         points.append((num_blocks, _time_projection(x, projection, model_config.num_layers, device, repeats)))
     mean_x = sum(p[0] for p in points) / len(points)
     mean_y = sum(p[1] for p in points) / len(points)
@@ -59,7 +60,7 @@ def measure_alpha(model_config: ModelConfig, block_size: int, dtype: str, device
 def calibrated_alpha(model_config: ModelConfig, block_size: int, dtype: str, device: str) -> float:
     """measure_alpha, cached per model geometry, dtype, device and torch version."""
     # The kernel is part of the key: a value timed on another GEMM path must not price this one.
-    kernel = "packed" if can_pack(torch.empty(0, dtype=getattr(torch, dtype), device=device)) else "plain"
+    kernel = "packed" if can_pack(torch.empty(0, dtype=torch_dtype(dtype), device=device)) else "plain"
     key = (f"{model_config.architecture}-L{model_config.num_layers}-H{model_config.hidden_size}"
            f"-KV{model_config.kv_dim}-B{block_size}-{dtype}-{device}-torch{torch.__version__}-{kernel}")
     path = cache_dir() / "alpha.json"

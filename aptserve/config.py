@@ -14,21 +14,6 @@ from aptserve.logprobs import LogprobsMode
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class SchedulerPolicy(str, enum.Enum):
-    FCFS = "fcfs"  # vLLM-like, prefill first
-    CHUNKED = "chunked"  # Sarathi-like chunked prefill
-    APT = "apt"  # Apt-Serve: prefill or decode iterations, chosen by value
-    APT_CHUNKED = "apt-chunked"  # Apt-Serve's greedy over chunked steps
-
-    @property
-    def is_apt(self) -> bool:
-        return self in (SchedulerPolicy.APT, SchedulerPolicy.APT_CHUNKED)
-
-    @property
-    def is_chunked(self) -> bool:
-        return self in (SchedulerPolicy.CHUNKED, SchedulerPolicy.APT_CHUNKED)
-
-
 class HybridMode(str, enum.Enum):
     AUTO = "auto"  # a flag value only: resolved to ON where the hidden cache is smaller, else OFF
     OFF = "off"  # KV cache only
@@ -115,7 +100,7 @@ class CacheConfig:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    policy: SchedulerPolicy
+    policy: str  # a name in aptserve.sched.POLICIES
     max_num_seqs: int
     max_num_batched_tokens: int
     # Default SLOs (seconds) of requests that do not bring their own.
@@ -126,6 +111,11 @@ class SchedulerConfig:
     step_tbt_fraction: float
     # Seconds to re-project one block's K/V across all layers: the hidden cache's price (apt policies).
     alpha_s: float
+
+    def request_slos(self, ttft_slo_s: float | None, tbt_slo_s: float | None) -> tuple[float, float]:
+        """A request's (TTFT, TBT) SLOs: its own where it brought them, these defaults where it did not."""
+        return (self.ttft_slo_s if ttft_slo_s is None else ttft_slo_s,
+                self.tbt_slo_s if tbt_slo_s is None else tbt_slo_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,9 @@
 output side (output_processor.py). step() = schedule -> execute -> update requests -> outputs.
 
 The offline LLM, the simulator and the tests drive it directly; the server runs the same three parts with the
-core in a process of its own (server/async_llm.py). The core depends on two small protocols, an Executor (the
-torch ModelRunner, or a cost model) and a Clock (wall or simulated), so the simulator drives the very same step().
+core in a process of its own (server/async_llm.py). Every core comes from build_engine_core(); it depends on two
+small protocols, an Executor (the torch ModelRunner, or a cost model) and a Clock (wall or simulated), so the
+simulator drives the very same step().
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import itertools
 
 from aptserve.cache.manager import CacheKind, CacheManager
 from aptserve.config import EngineConfig, HybridMode
-from aptserve.core.engine_core import Clock, EngineCore, Executor, WallClock
+from aptserve.core.engine_core import Clock, EngineCore, Executor, WallClock, build_engine_core
 from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, EngineStats
-from aptserve.engine_args import EngineArgs, resolve
+from aptserve.engine_args import EngineArgs
 from aptserve.inputs import InputProcessor
 from aptserve.output_processor import OutputProcessor
 from aptserve.outputs import RequestOutput
@@ -25,11 +26,12 @@ __all__ = ["Clock", "Executor", "LLMEngine", "WallClock"]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor: Executor, tokenizer=None, clock: Clock | None = None) -> None:
-        self.config = config
+    def __init__(self, core: EngineCore, tokenizer=None) -> None:
+        """Over a core from build_engine_core(); without a tokenizer, prompts and outputs are token ids only."""
+        self.config: EngineConfig = core.config
         self.tokenizer = tokenizer
-        self.core = EngineCore(config, executor, clock)
-        self.input_processor = InputProcessor(config, tokenizer)
+        self.core = core
+        self.input_processor = InputProcessor(self.config, tokenizer)
         self.output_processor = OutputProcessor(tokenizer)
         self._request_counter = itertools.count()
         # The last step's accounting and gauges (None before the first step).
@@ -39,10 +41,9 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         """Resolve the flags, load the weights and the tokenizer: the engine on the real model."""
         from aptserve.registry import load_tokenizer
-        from aptserve.runner import ModelRunner
 
-        config = resolve(args)
-        return cls(config, ModelRunner.from_config(config), load_tokenizer(config.model.path))
+        core = build_engine_core(args)
+        return cls(core, load_tokenizer(core.config.model.path))
 
     # --- the parts, for callers that look inside ---------------------------------------------
     @property

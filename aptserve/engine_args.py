@@ -13,17 +13,13 @@ from typing import ClassVar
 
 from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_units_per_block,
                                      max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_bytes)
-from aptserve.config import (DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig,
-                             SchedulerPolicy)
+from aptserve.config import DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig
 from aptserve.flags import FlagTable, check_positive, flag, parse_bytes
 from aptserve.logprobs import LogprobsMode
+from aptserve.sched import POLICIES, Scheduler, policy_class
 
 logger = logging.getLogger(__name__)
 
-# Tokens per step of the chunked policies when --max-num-batched-tokens is not given.
-CHUNKED_DEFAULT_BATCHED_TOKENS = 512
-# apt-chunked's default share of the tightest TBT SLO a step may take while requests decode.
-APT_CHUNKED_STEP_TBT_FRACTION = 0.8
 # (model_config, block_size, dtype, device) -> seconds to re-project one block's K/V in every layer.
 AlphaFn = Callable[[ModelConfig, int, str, str], float]
 
@@ -42,14 +38,15 @@ class EngineArgs(FlagTable):
     kv_cache_memory: int = flag(1 << 30, "cache pool size in bytes (like vLLM's kv_cache_memory_bytes); 512M, "
                                 "1G also work", parse_bytes)
     block_size: int = flag(16, "tokens per cache block", int)
-    scheduler: str = flag("apt-chunked", "scheduling policy (apt-chunked, the default, won the serving comparison; "
-                          "fcfs: vLLM-like, prefill first)", choices=tuple(p.value for p in SchedulerPolicy))
+    scheduler: str = flag("apt-chunked", "scheduling policy: " + "; ".join(
+        f"{name}: {policy.summary}" for name, policy in sorted(POLICIES.items())), choices=tuple(sorted(POLICIES)))
     hybrid_cache: str = flag("auto", "hidden cache: 'auto' (on where it is smaller than KV), 'off', 'on', "
                              "'all-hidden'", choices=tuple(m.value for m in HybridMode))
     max_num_seqs: int = flag(256, "most requests in one batch", int)
     max_num_batched_tokens: int | None = flag(
-        None, f"most tokens per step (default: {CHUNKED_DEFAULT_BATCHED_TOKENS} for the chunked policies, "
-        "max(max_model_len, 2048) otherwise)", int)
+        None, "most tokens per step (default: the policy's; " + ", ".join(
+            f"{name} {policy.default_max_num_batched_tokens}" for name, policy in sorted(POLICIES.items())
+            if policy.default_max_num_batched_tokens) + ", max(max_model_len, 2048) for the others)", int)
     enable_prefix_caching: bool = flag(True, "reuse the cached blocks of a prompt's longest cached prefix instead "
                                        "of computing them (as vLLM; per cache kind)",
                                        action=argparse.BooleanOptionalAction)
@@ -69,7 +66,9 @@ class EngineArgs(FlagTable):
     step_tbt_fraction: float | None = flag(
         None, "while requests are decoding, keep each step within this fraction of their tightest TBT SLO by "
         "sizing prompt chunks with the step times the engine measures; 0 turns it off (default: "
-        f"{APT_CHUNKED_STEP_TBT_FRACTION} for apt-chunked, 0 for the others)", float)
+        "the policy's: " + ", ".join(f"{name} {policy.default_step_tbt_fraction}" for name, policy in
+                                     sorted(POLICIES.items()) if policy.default_step_tbt_fraction) +
+        ", 0 for the others)", float)
 
 
 
@@ -85,7 +84,7 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
         model_config = load_model_config(resolve_model(args.model), args.max_model_len, served_name=args.model)
     else:
         model_config = model_config.with_max_model_len(args.max_model_len)
-    policy = SchedulerPolicy(args.scheduler)
+    policy = policy_class(args.scheduler)
     hybrid = resolve_hybrid_cache(HybridMode(args.hybrid_cache), model_config)
     cache = _cache_config(args, model_config, hybrid)
     fitting = max_tokens_of_one_request(cache)
@@ -101,7 +100,7 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
             model_config = model_config.with_max_model_len(fitting)
             cache = _cache_config(args, model_config, hybrid)
     scheduler = SchedulerConfig(
-        policy=policy, max_num_seqs=args.max_num_seqs,
+        policy=policy.name, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
         ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, step_tbt_fraction=_step_tbt_fraction(args, policy),
         alpha_s=resolve_alpha(args, model_config, policy, hybrid, measure_alpha))
@@ -116,10 +115,9 @@ def _check(args: EngineArgs) -> None:
                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens})
     if args.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {args.dtype!r}")
-    for enum_type, value, name in ((SchedulerPolicy, args.scheduler, "scheduler"),
-                                   (HybridMode, args.hybrid_cache, "hybrid_cache")):
-        if value not in {member.value for member in enum_type}:
-            raise ValueError(f"{name} must be one of {[m.value for m in enum_type]}, got {value!r}")
+    policy_class(args.scheduler)  # raises for an unknown name
+    if args.hybrid_cache not in {mode.value for mode in HybridMode}:
+        raise ValueError(f"hybrid_cache must be one of {[m.value for m in HybridMode]}, got {args.hybrid_cache!r}")
     if args.max_logprobs < -1:
         raise ValueError(f"max_logprobs must be -1 (no cap) or >= 0, got {args.max_logprobs}")
     if args.logprobs_mode not in {m.value for m in LogprobsMode}:
@@ -144,31 +142,31 @@ def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig) -> HybridM
     return mode
 
 
-def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: SchedulerPolicy, hybrid: HybridMode,
+def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: type[Scheduler], hybrid: HybridMode,
                   measure_alpha: AlphaFn | None = None) -> float:
-    """--alpha if given; else measured (only the apt policies with the hidden cache on use it)."""
+    """--alpha if given; else measured (only policies that price the hidden cache use it, and only when it is on)."""
     if args.alpha is not None:
         return args.alpha
-    if hybrid != HybridMode.ON or not policy.is_apt:
+    if hybrid != HybridMode.ON or not policy.prices_hidden_cache:
         return 0.0
     if measure_alpha is None:
         from aptserve.calibration import calibrated_alpha as measure_alpha
     return measure_alpha(model_config, args.block_size, args.dtype, args.device)
 
 
-def _step_tbt_fraction(args: EngineArgs, policy: SchedulerPolicy) -> float:
+def _step_tbt_fraction(args: EngineArgs, policy: type[Scheduler]) -> float:
     if args.step_tbt_fraction is not None:
         if not 0 <= args.step_tbt_fraction <= 1:
             raise ValueError(f"step_tbt_fraction must be in [0, 1], got {args.step_tbt_fraction}")
         return args.step_tbt_fraction
-    return APT_CHUNKED_STEP_TBT_FRACTION if policy == SchedulerPolicy.APT_CHUNKED else 0.0
+    return policy.default_step_tbt_fraction
 
 
-def _max_num_batched_tokens(args: EngineArgs, policy: SchedulerPolicy, model_config: ModelConfig) -> int:
+def _max_num_batched_tokens(args: EngineArgs, policy: type[Scheduler], model_config: ModelConfig) -> int:
     if args.max_num_batched_tokens is not None:
         return args.max_num_batched_tokens
     # Whole prompts need room for the longest; chunked policies want small steps.
-    return CHUNKED_DEFAULT_BATCHED_TOKENS if policy.is_chunked else max(model_config.max_model_len, 2048)
+    return policy.default_max_num_batched_tokens or max(model_config.max_model_len, 2048)
 
 
 def _cache_config(args: EngineArgs, model_config: ModelConfig, hybrid: HybridMode) -> CacheConfig:

@@ -46,7 +46,6 @@ class Request:
     # Tokens whose cache rows exist (prompt and outputs); a decode step computes the one token after them.
     num_computed_tokens: int = 0
     first_scheduled_s: float | None = None
-    first_token_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     num_conversions: int = 0
@@ -60,6 +59,8 @@ class Request:
     num_cached_tokens: int = 0
     # Log probabilities of prompt tokens 1.. (if its params ask for them), as chunks compute them.
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # The stop token id that finished it (a stop_token_ids member; None for EOS, a length stop or an abort).
+    stop_token_id: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -76,11 +77,6 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def max_num_tokens(self) -> int:
-        """Prompt plus the most tokens this request can generate."""
-        return self.num_prompt_tokens + self.sampling_params.max_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -103,8 +99,13 @@ class Request:
             self.max_gap_s = max(self.max_gap_s, gap_s)
         self.output_token_ids.append(token_id)
         self.token_times_s.append(now)
-        if self.first_token_s is None:
-            self.first_token_s = now
+
+    def keep_prompt_logprobs(self, position: int, scored: list[TokenLogprobs]) -> None:
+        """Keep the log probabilities of prompt tokens `position`.. that a chunk scored, each once (a recompute
+        after preemption scores them again)."""
+        kept = self.prompt_logprobs  # kept[i] is prompt token i + 1's
+        if position <= len(kept) + 1:
+            kept.extend(scored[len(kept) + 1 - position:])
 
     @property
     def finish_reason(self) -> str | None:

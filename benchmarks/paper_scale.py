@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
-from aptserve.engine_args import CHUNKED_DEFAULT_BATCHED_TOKENS as CHUNKED_BUDGET  # noqa: E402
+from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS as CHUNKED_BUDGET  # noqa: E402
 
 PAPER_HEADLINE = 8.8  # "up to 8.8x" effective throughput over the best serving systems (abstract)
 REPRODUCED_WITHIN = 0.30  # a claimed ratio counts as reproduced when ours is within 30% of it

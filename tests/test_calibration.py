@@ -2,8 +2,9 @@
 import json
 
 from aptserve.calibration import calibrated_alpha
-from aptserve.config import HybridMode, ModelConfig, SchedulerPolicy
+from aptserve.config import HybridMode, ModelConfig
 from aptserve.engine_args import EngineArgs, resolve_alpha
+from aptserve.sched import policy_class
 
 SMALL = ModelConfig(path="x", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                     head_dim=16, vocab_size=100, max_model_len=128)
@@ -23,7 +24,7 @@ def test_alpha_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 def test_alpha_override_and_policies_that_need_none(tmp_path, monkeypatch):
     monkeypatch.setenv("APTSERVE_CACHE_DIR", str(tmp_path))
-    apt, fcfs, on, off = SchedulerPolicy.APT, SchedulerPolicy.FCFS, HybridMode.ON, HybridMode.OFF
+    apt, fcfs, on, off = policy_class("apt"), policy_class("fcfs"), HybridMode.ON, HybridMode.OFF
     assert resolve_alpha(EngineArgs(scheduler="apt", alpha=0.5), SMALL, apt, on) == 0.5
     assert resolve_alpha(EngineArgs(scheduler="fcfs"), SMALL, fcfs, on) == 0.0
     assert resolve_alpha(EngineArgs(scheduler="apt"), SMALL, apt, off) == 0.0

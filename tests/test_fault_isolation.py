@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
+from aptserve.core.engine_core import build_engine_core
 from aptserve.core.messages import EngineCoreRequest
 from aptserve.engine import LLMEngine
-from aptserve.engine_args import EngineArgs, resolve
-from aptserve.runner import ModelRunner
+from aptserve.engine_args import EngineArgs
 from aptserve.sampling import SamplingParams
 from tests.model_fixtures import GREEDY, TINY_VOCAB, save_tiny_llama
 
@@ -34,8 +34,7 @@ def model_path(tmp_path_factory):
 def make_engine(model_path: str, scheduler: str) -> LLMEngine:
     args = EngineArgs(model=model_path, max_model_len=64, block_size=4, kv_cache_memory=8 << 20,
                       hybrid_cache="off", scheduler=scheduler, max_num_seqs=8, alpha=0.0)
-    config = resolve(args)
-    return LLMEngine(config, ModelRunner.from_config(config))  # token ids in and out: no tokenizer
+    return LLMEngine(build_engine_core(args))  # token ids in and out: no tokenizer
 
 
 def run(engine: LLMEngine) -> dict[str, tuple[list[int], str | None]]:

@@ -293,7 +293,9 @@ def test_all_hidden_pool_holds_twice_the_tokens_on_mha(tmp_path):
     prompts = random_prompts([12] * 8, TINY_VOCAB, seed=3)  # 12 + 4 tokens: 2 blocks of 8 each
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     kv_engine, hidden_engine = make_engine(path, "off", num_units=16), make_engine(path, "all-hidden", num_units=16)
-    assert hidden_engine.cache.max_tokens(HIDDEN) == 2 * kv_engine.cache.max_tokens(KV) == 2 * 64
+    # The same 16 units hold 64 tokens as KV, 128 as hidden rows.
+    assert (kv_engine.cache.num_units == hidden_engine.cache.num_units == kv_engine.cache.num_units_for(KV, 64)
+            == hidden_engine.cache.num_units_for(HIDDEN, 128) == 16)
     kv_tokens = run_engine(kv_engine, prompts, params=params)
     assert run_engine(hidden_engine, prompts, params=params) == kv_tokens
     assert len(scheduled_steps(kv_engine)[0]) == 4 and len(scheduled_steps(hidden_engine)[0]) == 8

@@ -51,7 +51,9 @@ def test_auto_turns_hidden_on_for_mha_and_off_for_gqa():
 
 def test_all_hidden_doubles_the_tokens_the_pool_holds_on_mha():
     engine, _ = make_engine("all-hidden", num_units=40)
-    assert engine.cache.max_tokens(CacheKind.HIDDEN) == 2 * engine.cache.max_tokens(CacheKind.KV)
+    # The 40 units hold 80 tokens as KV, 160 as hidden rows.
+    assert (engine.cache.num_units == engine.cache.num_units_for(CacheKind.KV, 80)
+            == engine.cache.num_units_for(CacheKind.HIDDEN, 160) == 40)
     for i in range(4):  # 4 x 40 tokens = 160 tokens: twice what 40 units hold as KV
         engine.add_request(list(range(3, 39)), SamplingParams(max_tokens=4), request_id=f"r{i}")
     engine.step()

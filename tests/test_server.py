@@ -19,7 +19,7 @@ from aptserve.cli import build_parser, cmd_serve
 from aptserve.detokenizer import releasable_len
 from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs
-from aptserve.server import DrainingServer, ServerArgs, build_server, create_app
+from aptserve.server import AsyncLLM, DrainingServer, ServerArgs, build_server, create_app
 from aptserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MODEL = "default"
@@ -66,7 +66,8 @@ def running_server(engine: LLMEngine, shutdown_timeout_s: float = 30.0, uvicorn_
                    **server_args):
     """The real app under uvicorn on a free loopback port, in a background thread; `server_args` are ServerArgs
     fields, `uvicorn_options` build_server's connection options."""
-    app = create_app(engine, ServerArgs(**server_args))
+    args = ServerArgs(**server_args)
+    app = create_app(AsyncLLM.in_thread(engine.core, engine.tokenizer, args), args)
     server = build_server(app, shutdown_timeout_s=shutdown_timeout_s, access_log=False, log_level="warning",
                           **(uvicorn_options or {}))
     sock = socket.socket()
@@ -257,14 +258,14 @@ def test_metrics_report_requests_latencies_and_cache(live):
 def test_request_fields_map_onto_sampling_params():
     request = CompletionRequest(model=MODEL, prompt=[[3, 4]], max_tokens=5, temperature=0.5, top_p=0.9,
                                 top_k=-1, seed=7, stop="END", stop_token_ids=[9], ignore_eos=True)
-    params = request.to_sampling_params(default_max_tokens=100)
+    params = request.to_sampling_params()
     assert request.prompt_input() == [3, 4]
     assert (params.max_tokens, params.temperature, params.top_p) == (5, 0.5, 0.9)
     assert (params.top_k, params.seed) == (0, 7)
     assert (params.stop, params.stop_token_ids, params.ignore_eos) == (("END",), (9,), True)
     chat = ChatCompletionRequest(model=MODEL, messages=FRANCE, max_tokens=3, max_completion_tokens=4)
-    assert chat.to_sampling_params(default_max_tokens=100).max_tokens == 4
-    assert ChatCompletionRequest(model=MODEL, messages=FRANCE).to_sampling_params(100).max_tokens == 100
+    assert chat.to_sampling_params().max_tokens == 4
+    assert ChatCompletionRequest(model=MODEL, messages=FRANCE).to_sampling_params().max_tokens is None
 
 
 @pytest.mark.parametrize("text,stop,expected", [

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
 
 from aptserve.config import ModelConfig
+from aptserve.core.engine_core import build_engine_core
 from aptserve.engine import LLMEngine
-from aptserve.engine_args import resolve
 from aptserve.registry import load_tokenizer, resolve_model
 from aptserve.sim.executor import CostModelExecutor
 from tests.sim_fixtures import sim_args
@@ -63,7 +63,8 @@ def sim_engine(num_units: int = 64, max_num_seqs: int = 4, step_s: float = 0.0) 
     token_id = tokenizer.encode(" ok", add_special_tokens=False)[0]  # visible text, never EOS
     args = sim_args(SIM_MODEL, num_units, block_size=16, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=SIM_MODEL.max_model_len)
-    return LLMEngine(resolve(args, SIM_MODEL), SleepyExecutor(token_id, step_s), tokenizer=tokenizer)
+    core = build_engine_core(args, model_config=SIM_MODEL, make_executor=lambda _: SleepyExecutor(token_id, step_s))
+    return LLMEngine(core, tokenizer=tokenizer)
 
 
 def completion(**overrides) -> dict:
@@ -198,9 +199,9 @@ def test_drain_gives_up_on_requests_after_the_shutdown_timeout():
 SERVE_SCRIPT = """
 import socket, sys, time
 from aptserve.config import ModelConfig
-from aptserve.engine import LLMEngine
-from aptserve.engine_args import EngineArgs, resolve
-from aptserve.server import build_server, create_app
+from aptserve.core.engine_core import build_engine_core
+from aptserve.engine_args import EngineArgs
+from aptserve.server import AsyncLLM, ServerArgs, build_server, create_app
 from aptserve.sim.executor import CostModelExecutor
 
 class SleepyExecutor(CostModelExecutor):
@@ -211,9 +212,10 @@ class SleepyExecutor(CostModelExecutor):
 model = ModelConfig(path="sim", architecture="llama", num_layers=2, hidden_size=64, num_heads=4,
                     num_kv_heads=4, head_dim=16, vocab_size=49152, max_model_len=128, served_name="sim")
 args = EngineArgs(model="sim", block_size=16, kv_cache_memory=64 * 2 * 16 * 64 * 4, hybrid_cache="off")
-engine = LLMEngine(resolve(args, model), SleepyExecutor(token_id=1111))
+core = build_engine_core(args, model_config=model, make_executor=lambda _: SleepyExecutor(token_id=1111))
 sock = socket.socket(fileno=int(sys.argv[1]))
-build_server(create_app(engine), shutdown_timeout_s=20, log_level="warning").run(sockets=[sock])
+app = create_app(AsyncLLM.in_thread(core, None, ServerArgs()))
+build_server(app, shutdown_timeout_s=20, log_level="warning").run(sockets=[sock])
 """
 
 

@@ -9,8 +9,9 @@ import pytest
 
 from aptserve.bench.datasets import TraceRequest
 from aptserve.cache.manager import CacheKind
+from aptserve.core.engine_core import build_engine_core
 from aptserve.engine import LLMEngine
-from aptserve.engine_args import EngineArgs, resolve
+from aptserve.engine_args import EngineArgs
 from aptserve.runner import ModelRunner
 from aptserve.sched.output import SchedulerOutput
 from aptserve.sim.executor import CostModelExecutor, LinearCostModel, SimClock
@@ -77,10 +78,11 @@ def test_the_simulator_schedules_as_the_real_engine(tmp_path, policy):
     args = EngineArgs(model=path, max_model_len=128, block_size=4, kv_cache_memory=300_000, scheduler=policy,
                       max_num_seqs=6, max_num_batched_tokens=48, hidden_scratch_tokens=128, alpha=1e-6,
                       ttft_slo=0.05, tbt_slo=0.02)
-    config = resolve(args)
     clock = SimClock()
-    real = TimedRunner(ModelRunner.from_config(config), clock)
-    real_records = simulate(LLMEngine(config, real, clock=clock), clock, TRACE, OFFSETS_S)
+    core = build_engine_core(args, make_executor=lambda config: TimedRunner(ModelRunner.from_config(config), clock),
+                             clock=clock)
+    config, real = core.config, core.executor
+    real_records = simulate(LLMEngine(core), clock, TRACE, OFFSETS_S)
     assert all(r.ok for r in real_records)
     if policy == "apt-chunked":  # a tight pool and a cheap hidden cache: every kind of decision is taken
         assert any(d[1] for d in real.decisions) and any(d[2] for d in real.decisions)

@@ -81,10 +81,6 @@ class CacheManager:
     def num_units_for(self, kind: CacheKind, num_tokens: int) -> int:
         return self.num_blocks(num_tokens) * self._units_per_block[kind]
 
-    def max_tokens(self, kind: CacheKind = CacheKind.KV) -> int:
-        """Tokens the whole pool holds when every request uses `kind`."""
-        return self.num_units // self._units_per_block[kind] * self.block_size
-
     def num_new_units(self, request_id: str, kind: CacheKind, num_tokens: int,
                       prefix: list[CachedBlock] = ()) -> int:
         """Units that `allocate(request_id, kind, num_tokens, prefix)` would take from `num_free_units`: new ones,

@@ -99,7 +99,7 @@ def _front_end_error(exc: Exception) -> AptServeError:
 
 
 class ClusterEngine:
-    """AsyncLLM's surface for the routes, over N replicas."""
+    """The routes' EngineClient (server/engine_client.py) over N replicas."""
 
     def __init__(self, handle, config: EngineConfig, tokenizer, on_shutdown) -> None:
         self.config, self.tokenizer = config, tokenizer
@@ -138,10 +138,11 @@ class ClusterEngine:
             processed = await asyncio.to_thread(self.input_processor.process, prompt, params)
         else:
             processed = self.input_processor.process(prompt, params)
-        scheduler = self.config.scheduler
+        # The router weighs the SLOs the replica will hold the request to.
+        ttft_slo_s, tbt_slo_s = self.config.scheduler.request_slos(ttft_slo_s, tbt_slo_s)
         generator = self._handle.generate.remote(
             request_id=request_id, prompt_token_ids=processed.token_ids, params=processed.params,
-            ttft_slo_s=ttft_slo_s or scheduler.ttft_slo_s, tbt_slo_s=tbt_slo_s or scheduler.tbt_slo_s)
+            ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s)
         stream = ClusterStream(request_id, generator, self)
         self.streams[request_id] = stream
         try:
@@ -176,7 +177,7 @@ class ClusterEngine:
         total = lambda field: sum(getattr(stats, field) for stats in replicas)  # noqa: E731
         return EngineStats(total("num_running"), total("num_waiting"), total("cache_units_total"), units,
                            total("num_preemptions"), total("num_conversions"), total("num_steps"),
-                           self.config.cache.hybrid.value, None, total("prefix_cache_queries"),
+                           self.config.cache.hybrid.value, total("prefix_cache_queries"),
                            total("prefix_cache_hits"))
 
 

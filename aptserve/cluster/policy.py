@@ -1,7 +1,7 @@
-"""Routing requests over engine replicas: what a replica reports, what the router booked since, and the policies.
+"""Routing requests over engine replicas: what the router booked since a replica's last report, and the policies.
 
 Pure (no Ray, no torch, no clock of its own): the Ray router and the cluster simulator call the same code. A replica
-reports a ReplicaSnapshot every poll; between polls the Ledger adds what the router sent it, so a burst does not all
+reports the ReplicaSnapshot its engine core takes (core/snapshot.py) every poll; between polls the Ledger adds what the router sent it, so a burst does not all
 land on the replica that looked idle at the last poll.
 
 Policies: `round-robin`; `least-load` (vLLM's data-parallel balancer: 4 x waiting + running); `pow2` (the less
@@ -20,32 +20,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
-from aptserve.sched.step_cost import StepCostModel
+from aptserve.core.snapshot import ReplicaSnapshot
 
 ROUTERS = ("apt-slo", "least-load", "pow2", "round-robin")
 SHED_ERROR = "shed by the router: no replica can meet the request's SLOs"
-
-
-@dataclass(frozen=True)
-class ReplicaSnapshot:
-    replica_id: str
-    taken_s: float  # when the replica reported it (the router's clock)
-    num_running: int
-    num_waiting: int
-    waiting_tokens: int  # prompt tokens queued and not yet computed
-    running_context_tokens: int  # tokens one decode step of every running request attends to
-    free_units: int
-    total_units: int
-    block_size: int
-    units_per_hidden_block: int  # 0 when the replica's hybrid cache is off
-    max_step_tokens: int  # tokens per step (the prompt-chunk budget with the decodes)
-    step_cost: StepCostModel = StepCostModel()
-    alpha_s: float = 0.0  # seconds per step to re-project one block held as hidden rows
-
-    @property
-    def prefill_tokens_per_step(self) -> int:
-        """Prompt tokens a step has room for beside one decode token per running request."""
-        return max(1, self.max_step_tokens - self.num_running)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 - EngineReplica, a Serve deployment: one engine each, built exactly as `aptserve serve` builds one (AsyncLLM over
   its engine-core process). It streams a request's outputs; a client that leaves cancels the stream, which aborts
-  the request there and frees its cache. It reports its ReplicaSnapshot to the router (`record_routing_stats`) and
+  the request there and frees its cache. When the router polls (`record_routing_stats`) it reports the snapshot its
+  engine core takes then (core/snapshot.py), and
   its health (`check_health`: a dead engine core gets the replica replaced).
 - PolicyRouter (ray_router.py), Serve's RequestRouter: asks aptserve.cluster.policy which replica, from the
   replicas' last reports plus a ledger of what it sent since; with --shed it refuses what no replica can serve in
@@ -63,8 +64,11 @@ class EngineReplica:
         finally:  # finished, failed, or cancelled by the front end (its client left): abort unless finished
             stream.close()
 
-    def record_routing_stats(self) -> dict:
-        return {"stats": msgspec.msgpack.encode(self.engine.stats), "taken_s": time.time(), "pid": os.getpid()}
+    async def record_routing_stats(self) -> dict:
+        """The router's poll: the engine core's snapshot, taken now, and the gauges for the ingress's /metrics."""
+        snapshot = await self.engine.snapshot()
+        return {"snapshot": msgspec.msgpack.encode(snapshot), "stats": msgspec.msgpack.encode(self.engine.stats),
+                "taken_s": time.time(), "pid": os.getpid()}
 
     def check_health(self) -> None:
         if not self.engine.is_running:

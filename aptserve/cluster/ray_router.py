@@ -11,8 +11,9 @@ import dataclasses
 import msgspec
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from aptserve.cluster.policy import SHED_ERROR, Ledger, ReplicaSnapshot, RouteRequest, make_policy
+from aptserve.cluster.policy import SHED_ERROR, Ledger, RouteRequest, make_policy
 from aptserve.core.messages import EngineStats
+from aptserve.core.snapshot import ReplicaSnapshot
 from aptserve.errors import RequestShedError
 
 
@@ -31,7 +32,8 @@ class PolicyRouter(RequestRouter):
         self.num_routed: dict[str, int] = {}  # requests sent to each replica since start
         self._snapshots: dict[str, ReplicaSnapshot] = {}
         self._report_times: dict[str, float] = {}
-        self._decoder = msgspec.msgpack.Decoder(EngineStats)
+        self._stats_decoder = msgspec.msgpack.Decoder(EngineStats)
+        self._snapshot_decoder = msgspec.msgpack.Decoder(ReplicaSnapshot)
         # Serve copies this module into the handle's process by value; the registry must be the real module's.
         from aptserve.cluster import ingress
 
@@ -82,10 +84,11 @@ class PolicyRouter(RequestRouter):
         if not report:
             return None
         if self._report_times.get(replica_id) != report["taken_s"]:
-            stats = self._decoder.decode(report["stats"])
-            self._report_times[replica_id], self.replica_stats[replica_id] = report["taken_s"], stats
+            self._report_times[replica_id] = report["taken_s"]
+            self.replica_stats[replica_id] = self._stats_decoder.decode(report["stats"])
             self.replica_pids[replica_id] = report["pid"]
-            self._snapshots[replica_id] = dataclasses.replace(stats.routing, replica_id=replica_id,
+            snapshot = self._snapshot_decoder.decode(report["snapshot"])
+            self._snapshots[replica_id] = dataclasses.replace(snapshot, replica_id=replica_id,
                                                               taken_s=report["taken_s"])
             self.ledger.polled(replica_id)
         return self._snapshots[replica_id]

@@ -3,9 +3,12 @@
 Both take requests and aborts from the event loop without blocking it and hand each step's outputs back on the
 event loop (`on_outputs`); both report a core that stopped for good (`on_death`).
 
-- ThreadCore: an EngineCore (of an LLMEngine already built: tests, the simulator's engine) stepped by a thread.
-- ProcessCore: `aptserve serve`'s: the core is built from EngineArgs in a spawned process (core/process.py) and
-  talks over ZeroMQ; the front end's Python never holds the GIL the forward pass needs.
+- ThreadCore: an EngineCore already built (--engine-in-thread, tests, the simulator's engine) stepped by the step
+  loop (loop.py) in a thread.
+- ProcessCore: `aptserve serve`'s: the core is built from EngineArgs in a spawned process (core/process.py), runs
+  the same step loop there and talks over ZeroMQ; the front end's Python never holds the GIL the forward pass needs.
+
+Both take the same messages (core/messages.py), so the loop and its failure policy are one.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ import zmq.asyncio
 
 from aptserve.config import EngineConfig
 from aptserve.core.engine_core import EngineCore
-from aptserve.core.messages import (AbortRequests, AddRequest, EngineCoreOutputs, EngineCoreRequest, EngineStats,
-                                    Shutdown)
+from aptserve.core.loop import EngineLoop
+from aptserve.core.messages import (AbortRequests, AddRequest, CoreInput, EngineCoreOutputs, EngineCoreRequest,
+                                    EngineStats, PollSnapshot, Shutdown)
 from aptserve.errors import AptServeError
 
 logger = logging.getLogger(__name__)
@@ -39,48 +43,35 @@ class EngineStartError(AptServeError):
 
 
 class ThreadCore:
-    def __init__(self, core: EngineCore, idle_wait_s: float = 0.5) -> None:
+    def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.config: EngineConfig = core.config
-        self.idle_wait_s = idle_wait_s
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
-        self._stopping = False
+        self._inbox: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._deliver_outputs: Callable[[EngineCoreOutputs], None] = lambda outputs: None
 
     def initial_stats(self) -> EngineStats:
         return self.core.stats()
 
     def start(self, on_outputs: OnOutputs, on_death: OnDeath) -> None:
         loop = asyncio.get_running_loop()
-        deliver = lambda callback, *args: _call_soon(loop, callback, *args)  # noqa: E731
-        self._deliver_outputs = lambda outputs: deliver(on_outputs, outputs)
-        self._thread = threading.Thread(target=self._run, args=(on_outputs, on_death, deliver),
-                                        name="aptserve-engine", daemon=True)
+        engine_loop = EngineLoop(self.core, lambda outputs: _call_soon(loop, on_outputs, outputs))
+        self._thread = threading.Thread(target=self._run, args=(engine_loop, lambda: _call_soon(loop, on_death,
+                                        "the engine loop died")), name="aptserve-engine", daemon=True)
         self._thread.start()
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        def add() -> None:
-            try:
-                self.core.add_request(request)
-            except Exception as exc:  # the front end checked it; a refusal here ends that request alone
-                self._deliver_outputs(self.core.refusal(request.request_id, f"{type(exc).__name__}: {exc}"))
-
-        self._submit(add)
+        self._inbox.put(AddRequest(request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
-        def abort() -> None:
-            self.core.abort_requests(request_ids)
-            if (idle := self.core.idle_stats()) is not None:
-                self._deliver_outputs(idle)
+        if request_ids:
+            self._inbox.put(AbortRequests(request_ids))
 
-        self._submit(abort)
+    def poll_snapshot(self) -> None:
+        self._inbox.put(PollSnapshot())
 
     def stop(self) -> None:
         """Stop stepping after the current step (shutdown() waits for it)."""
-        self._stopping = True
-        self._wakeup.set()
+        self._inbox.put(Shutdown())
 
     def shutdown(self) -> None:
         """Blocking: wait for the thread; requests still in the core are aborted (their front end fails them)."""
@@ -88,42 +79,23 @@ class ThreadCore:
         if self._thread is not None:
             self._thread.join(10)
 
-    def _submit(self, command: Callable[[], None]) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
-
-    def _run(self, on_outputs: OnOutputs, on_death: OnDeath, deliver) -> None:
+    def _run(self, engine_loop: EngineLoop, report_death: Callable[[], None]) -> None:
         try:
-            while not self._stopping:
-                self._drain_commands()
-                if self.core.has_unfinished_requests():
-                    self._step(on_outputs, deliver)
-                else:
-                    self._wakeup.wait(self.idle_wait_s)
-                    self._wakeup.clear()
-        except BaseException:  # a bug outside step(): say so; the front end fails every waiter
+            engine_loop.run(self._receive)
+        except BaseException:  # what the loop could not isolate: say so; the front end fails every waiter
             logger.exception("the engine loop died")
-            deliver(on_death, "the engine loop died")
-        finally:
-            self._drain_commands()
-            self.core.abort_requests(list(self.core.scheduler.requests))
+            report_death()
 
-    def _drain_commands(self) -> None:
+    def _receive(self, timeout_s: float) -> list[CoreInput]:
+        try:
+            messages = [self._inbox.get(timeout=timeout_s) if timeout_s > 0 else self._inbox.get_nowait()]
+        except queue.Empty:
+            return []
         while True:
             try:
-                command = self._commands.get_nowait()
+                messages.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
-            command()
-
-    def _step(self, on_outputs: OnOutputs, deliver) -> None:
-        try:
-            outputs = self.core.step()
-        except Exception as exc:  # an engine bug: fail what is in flight, keep serving new requests
-            logger.exception("engine step failed; aborting %d requests", len(self.core.scheduler.requests))
-            outputs = self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-        if outputs is not None:
-            deliver(on_outputs, outputs)
+                return messages
 
 
 class ProcessCore:
@@ -186,6 +158,9 @@ class ProcessCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
             self._send(AbortRequests(request_ids))
+
+    def poll_snapshot(self) -> None:
+        self._send(PollSnapshot())
 
     def stop(self) -> None:
         """On the event loop: stop reading outputs and tell the core to stop (shutdown() waits for it)."""

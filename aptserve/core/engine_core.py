@@ -1,20 +1,23 @@
 """EngineCore: the scheduler and the executor, one step at a time; requests in, token ids out.
 
-It runs inside the offline engine (engine.py) or alone in the engine-core process (process.py), where no HTTP,
-tokenizer or detokenizer shares its interpreter. It decides the stops that depend on tokens (stop token ids, EOS,
-max_tokens, max_model_len); stop strings need text and are the front end's (output_processor.py).
+build_engine_core() makes every one (offline, a server's thread or process, a replica, the simulator); the step
+loop (loop.py) drives it in a thread or alone in the engine-core process, where no HTTP, tokenizer or detokenizer
+shares its interpreter. Its scheduler owns each request's lifecycle, token stops included; stop strings need text
+and are the front end's (output_processor.py), which aborts the request here.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from aptserve.cluster.snapshot import replica_snapshot
-from aptserve.config import EngineConfig
+from aptserve.config import EngineConfig, ModelConfig
 from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats, StepStats
+from aptserve.core.snapshot import ReplicaSnapshot, take_snapshot
+from aptserve.engine_args import AlphaFn, EngineArgs, resolve
 from aptserve.errors import ConversionFailedError
-from aptserve.request import Request, RequestStatus
+from aptserve.request import Request
 from aptserve.sched import create_scheduler
 from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import StepCostFitter, attention_work
@@ -35,19 +38,6 @@ class WallClock:
         return time.perf_counter()
 
 
-def check_stop(request: Request, max_model_len: int) -> tuple[RequestStatus, int | None] | None:
-    """(finish status, stop token) if the request's last token ends it, else None."""
-    token_id = request.output_token_ids[-1]
-    params = request.sampling_params
-    if token_id in params.stop_token_ids:
-        return RequestStatus.FINISHED_STOPPED, token_id
-    if not params.ignore_eos and token_id in request.eos_token_ids:
-        return RequestStatus.FINISHED_STOPPED, None
-    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
-        return RequestStatus.FINISHED_LENGTH, None
-    return None
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor, clock: Clock | None = None) -> None:
         self.config = config
@@ -61,13 +51,11 @@ class EngineCore:
 
     def add_request(self, core_request: EngineCoreRequest) -> Request:
         """Queue a request the front end has checked; raises InvalidRequestError for a duplicate id."""
-        sched = self.config.scheduler
+        ttft_slo_s, tbt_slo_s = self.config.scheduler.request_slos(core_request.ttft_slo_s, core_request.tbt_slo_s)
         request = Request(
             request_id=core_request.request_id, prompt_token_ids=core_request.prompt_token_ids,
-            sampling_params=core_request.sampling_params, arrival_s=core_request.arrival_s,
-            ttft_slo_s=sched.ttft_slo_s if core_request.ttft_slo_s is None else core_request.ttft_slo_s,
-            tbt_slo_s=sched.tbt_slo_s if core_request.tbt_slo_s is None else core_request.tbt_slo_s,
-            eos_token_ids=self.config.model.eos_token_ids)
+            sampling_params=core_request.sampling_params, arrival_s=core_request.arrival_s, ttft_slo_s=ttft_slo_s,
+            tbt_slo_s=tbt_slo_s, eos_token_ids=self.config.model.eos_token_ids)
         self.scheduler.add_request(request)
         return request
 
@@ -79,7 +67,8 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs | None:
-        """One batch: schedule, execute, append tokens, decide token stops. None when nothing ran."""
+        """One batch: schedule, execute, update (the scheduler appends tokens and finishes what they stop). None
+        when nothing ran."""
         start_s = time.perf_counter()
         sched_out = self.scheduler.schedule(self.clock.now())
         scheduled_s = time.perf_counter()
@@ -99,16 +88,15 @@ class EngineCore:
         else:  # a step re-run in parts says nothing about the cost of one step
             self._learn_step_cost(sched_out, runner_out)
         failures = [self._fail(request_id, error) for request_id, error in runner_out.failed.items()]
-        self._keep_prompt_logprobs(runner_out)
         now = self.clock.now()
-        self.scheduler.update_from_output(sched_out, runner_out, now)
-        outputs = [self._output(s.request_id, runner_out) for s in sched_out.scheduled if s.sample] + failures
+        sampled = self.scheduler.update_from_output(sched_out, runner_out, now)
+        outputs = [self._output(request, runner_out) for request in sampled] + failures
         self.num_steps += 1
         end_s = time.perf_counter()
         step = _step_stats(sched_out, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
                            executed_s - scheduled_s, end_s - executed_s)
         self._last_step_end_s = end_s
-        return EngineCoreOutputs(now, [o for o in outputs if o is not None], step, self.stats())
+        return EngineCoreOutputs(now, outputs, step, self.stats())
 
     def _learn_step_cost(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> None:
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in sched_out.scheduled)
@@ -116,24 +104,11 @@ class EngineCore:
         self.step_cost_fitter.observe(sched_out.total_num_scheduled_tokens, work, seconds)
         self.scheduler.step_cost = self.step_cost_fitter.model
 
-    def _keep_prompt_logprobs(self, runner_out: RunnerOutput) -> None:
-        """Collect prompt log probabilities chunk by chunk, once each (a recompute after preemption scores again)."""
-        for request_id, (position, scored) in runner_out.prompt_logprobs.items():
-            request = self.scheduler.requests.get(request_id)
-            kept = request.prompt_logprobs if request is not None else None
-            if kept is not None and position <= len(kept) + 1:  # kept[i] is prompt token i + 1's
-                kept.extend(scored[len(kept) + 1 - position:])
-
-    def _output(self, request_id: str, runner_out: RunnerOutput) -> EngineCoreOutput | None:
-        request = self.scheduler.requests.get(request_id)
-        if request is None or request.status != RequestStatus.RUNNING:
-            return None  # aborted while the step ran
-        stop = check_stop(request, self.config.model.max_model_len)
-        if stop is not None:
-            self.scheduler.finish_request(request, stop[0])
-        first = request.num_output_tokens == 1
+    def _output(self, request: Request, runner_out: RunnerOutput) -> EngineCoreOutput:
+        """What the front end hears of a request that got a token this step (and finished, if it did)."""
+        first, request_id = request.num_output_tokens == 1, request.request_id
         return EngineCoreOutput(
-            request_id, request.output_token_ids[-1:], request.finish_reason, stop[1] if stop else None,
+            request_id, request.output_token_ids[-1:], request.finish_reason, request.stop_token_id,
             first_scheduled_s=request.first_scheduled_s if first else None,
             num_preemptions=request.num_preemptions, num_conversions=request.num_conversions,
             num_cached_tokens=request.num_cached_tokens if first else 0,
@@ -203,8 +178,12 @@ class EngineCore:
         scheduler, cache = self.scheduler, self.scheduler.cache
         return EngineStats(scheduler.num_running, scheduler.num_waiting, cache.num_units, cache.usage(),
                            scheduler.num_preemptions, scheduler.num_conversions, self.num_steps,
-                           self.config.cache.hybrid.value, replica_snapshot(scheduler, self.config, "", 0.0),
-                           scheduler.num_prefix_query_tokens, scheduler.num_prefix_hit_tokens)
+                           self.config.cache.hybrid.value, scheduler.num_prefix_query_tokens,
+                           scheduler.num_prefix_hit_tokens)
+
+    def snapshot(self, replica_id: str = "", taken_s: float = 0.0) -> ReplicaSnapshot:
+        """What a router polls: queues, free memory and the fitted step cost, taken now."""
+        return take_snapshot(self.scheduler, self.config, replica_id, taken_s)
 
 
 def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: float, schedule_s: float,
@@ -216,3 +195,17 @@ def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: flo
                      sched_out.total_num_scheduled_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
                      runner_out.sample_s, update_s, max(0.0, gap_s), sched_out.num_context_tokens,
                      sched_out.num_recompute_tokens)
+
+
+def build_engine_core(args: EngineArgs, *, model_config: ModelConfig | None = None,
+                      make_executor: Callable[[EngineConfig], Executor] | None = None, clock: Clock | None = None,
+                      measure_alpha: AlphaFn | None = None) -> EngineCore:
+    """The one way to make an engine core: the flags resolved into its config, an executor for that config (default:
+    the torch ModelRunner on the model's weights) and a clock (default: the wall's). The simulator passes the model's
+    geometry, its cost-model executor, its clock and how its cost model prices the hidden cache."""
+    config = resolve(args, model_config, measure_alpha)
+    if make_executor is None:
+        from aptserve.runner import ModelRunner
+
+        make_executor = ModelRunner.from_config
+    return EngineCore(config, make_executor(config), clock)

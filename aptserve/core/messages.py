@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
-from aptserve.cluster.policy import ReplicaSnapshot
+from aptserve.core.snapshot import ReplicaSnapshot
 from aptserve.logprobs import TokenLogprobs
 from aptserve.sampling import SamplingParams
 
@@ -68,7 +68,6 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_conversions: int
     num_steps: int
     hybrid_cache: str
-    routing: ReplicaSnapshot | None = None  # what a replica reports to a cluster's router (id and time unset)
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at first admissions
     prefix_cache_hits: int = 0  # ... and found there
 
@@ -80,6 +79,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     outputs: list[EngineCoreOutput] = []
     step: StepStats | None = None
     stats: EngineStats | None = None
+    snapshot: ReplicaSnapshot | None = None  # the answer to a PollSnapshot
 
 
 class AbortRequests(msgspec.Struct, array_like=True, tag=True):
@@ -90,9 +90,13 @@ class AddRequest(msgspec.Struct, array_like=True, tag=True):
     request: EngineCoreRequest
 
 
+class PollSnapshot(msgspec.Struct, array_like=True, tag=True):
+    """A router asks for the core's state (answered between steps, in EngineCoreOutputs.snapshot)."""
+
+
 class Shutdown(msgspec.Struct, array_like=True, tag=True):
     pass
 
 
 # Front end -> engine core.
-CoreInput = AddRequest | AbortRequests | Shutdown
+CoreInput = AddRequest | AbortRequests | PollSnapshot | Shutdown

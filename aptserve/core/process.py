@@ -1,8 +1,9 @@
 """The engine-core process: scheduler and forward pass alone in one interpreter, fed over ZeroMQ.
 
 The front end (HTTP, tokenizer, detokenizer, SSE) lives in another process, so none of its Python work holds
-this interpreter's GIL between the forward pass's ops. Inputs (adds, aborts) are drained between steps; each
-step's outputs go back as one msgpack message. The process exits when told to, or when its parent is gone.
+this interpreter's GIL between the forward pass's ops. The step loop (loop.py) drains inputs (adds, aborts, polls)
+between steps; each step's outputs go back as one msgpack message. The process exits when told to, when its parent
+is gone, or when the loop dies (the front end then fails every open request and the server exits).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import os
 import msgspec
 import zmq
 
-from aptserve.core.messages import AbortRequests, AddRequest, CoreInput, Shutdown
+from aptserve.core.engine_core import build_engine_core
+from aptserve.core.loop import EngineLoop
+from aptserve.core.messages import CoreInput
 
 logger = logging.getLogger(__name__)
-
-IDLE_POLL_MS = 500  # while idle, how often to check that the parent is still there
 
 
 def run_engine_core(args, input_address: str, output_address: str, ready_pipe, log_level: int) -> None:
@@ -42,42 +43,16 @@ def run_engine_core(args, input_address: str, output_address: str, ready_pipe, l
         context.destroy(linger=0)
 
 
-def build_engine_core(args):
-    from aptserve.core.engine_core import EngineCore
-    from aptserve.engine_args import resolve
-    from aptserve.runner import ModelRunner
-
-    config = resolve(args)
-    return EngineCore(config, ModelRunner.from_config(config))
-
-
 def _serve(core, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
     decoder = msgspec.msgpack.Decoder(CoreInput)
     encoder = msgspec.msgpack.Encoder()
-    while True:
-        timeout_ms = 0 if core.has_unfinished_requests() else IDLE_POLL_MS
+
+    def receive(timeout_s: float) -> list[CoreInput]:
+        messages, timeout_ms = [], int(timeout_s * 1000)
         while inputs.poll(timeout_ms):
-            message = decoder.decode(inputs.recv())
-            if isinstance(message, Shutdown):
-                return
-            _apply(core, message, outputs, encoder)
+            messages.append(decoder.decode(inputs.recv()))
             timeout_ms = 0
-        if os.getppid() != parent_pid:
-            logger.warning("the front end is gone; stopping")
-            return
-        step_outputs = core.step()
-        if step_outputs is not None:
-            outputs.send(encoder.encode(step_outputs))
+        return messages
 
-
-def _apply(core, message: AddRequest | AbortRequests, outputs: zmq.Socket, encoder) -> None:
-    if isinstance(message, AbortRequests):
-        core.abort_requests(message.request_ids)
-        if (idle := core.idle_stats()) is not None:
-            outputs.send(encoder.encode(idle))
-        return
-    try:
-        core.add_request(message.request)
-    except Exception as exc:  # the front end checked it; a refusal here is reported to that request alone
-        logger.exception("could not add %s", message.request.request_id)
-        outputs.send(encoder.encode(core.refusal(message.request.request_id, f"{type(exc).__name__}: {exc}")))
+    EngineLoop(core, lambda step_outputs: outputs.send(encoder.encode(step_outputs))).run(
+        receive, keep_going=lambda: os.getppid() == parent_pid)

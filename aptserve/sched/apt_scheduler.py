@@ -26,6 +26,7 @@ from aptserve.config import EngineConfig, HybridMode
 from aptserve.request import Request
 from aptserve.sched.apt import KnapsackItem, solve
 from aptserve.sched.base import Scheduler
+from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
 from aptserve.sched.output import SchedulerOutput
 
 # Value of a request past its SLO, relative to its pending time: tiny, but ordered by waiting time.
@@ -50,6 +51,10 @@ PlanEntry = tuple[Admit | Upgrade, CacheKind]
 
 
 class AptScheduler(Scheduler):
+    name = "apt"
+    summary = "Apt-Serve's iteration: a prefill or a decode step, whichever has waited longer; the greedy by value"
+    prices_hidden_cache = True
+
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.alpha_s = self.config.alpha_s
@@ -91,7 +96,7 @@ class AptScheduler(Scheduler):
         if kind == CacheKind.HIDDEN and self.hybrid_cache == HybridMode.OFF:
             return self.cache.num_units_for(kind, request.num_tokens)
         return self.cache.num_new_units(request.request_id, kind, request.num_tokens,
-                                        self._cached_prefix(request, kind))
+                                        self.prefix.cached_prefix(request, kind))
 
     def _upgrade_item(self, request: Request, num_live: int) -> KnapsackItem:
         extra = (self.cache.num_units_for(CacheKind.KV, request.num_tokens)
@@ -132,7 +137,7 @@ class AptScheduler(Scheduler):
 
     def _admit_planned(self, request: Request, kind: CacheKind, out: SchedulerOutput, budget: int,
                        chunked: bool, now: float) -> int:
-        prefix = self._cached_prefix(request, kind)
+        prefix = self.prefix.cached_prefix(request, kind)
         request.num_computed_tokens = len(prefix) * self.cache.block_size  # the chunk comes after the hit
         num_new = request.num_tokens - request.num_computed_tokens
         if chunked:
@@ -153,6 +158,11 @@ class AptScheduler(Scheduler):
 
 
 class AptChunkedScheduler(AptScheduler):
+    name = "apt-chunked"
+    summary = "the default: Apt-Serve's greedy over chunked steps (decodes never stall), steps sized to TBT SLOs"
+    default_max_num_batched_tokens = CHUNKED_MAX_NUM_BATCHED_TOKENS
+    default_step_tbt_fraction = 0.8
+
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         plan = self._plan(now, self._num_live(now), upgrades=True)
         upgrades = [entry for entry in plan if isinstance(entry[0], Upgrade)]

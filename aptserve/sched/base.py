@@ -1,40 +1,55 @@
 """Scheduler base: queues, admission checks and the bookkeeping every policy shares.
 
-A policy implements `_schedule(now, out)`; everything else (adding, aborting, applying a runner's
-output, freeing cache units) lives here, so policies differ only in whom they run.
+A policy implements `_schedule(now, out)`; everything else (adding, aborting, applying a runner's output and
+finishing what it stops, freeing cache units) lives here, so policies differ only in whom they run.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
+from typing import ClassVar
 
 from aptserve.cache.manager import CachedBlock, CacheKind, CacheManager
-from aptserve.cache.prefix import chain_keys, root_key
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
 from aptserve.sched.output import CacheConversion, RunnerOutput, ScheduledRequest, SchedulerOutput
+from aptserve.sched.prefix_lookup import PrefixLookup
 from aptserve.sched.step_cost import StepCostModel, attention_work
-from aptserve.sched.tbt_allowance import tbt_allowance_s
+from aptserve.sched.stop import check_stop
+from aptserve.sched.tbt_allowance import next_gap_allowance_s
 
 # The smallest prompt chunk a step takes even when the step-time bound leaves no room, so prompts progress.
 MIN_CHUNK_TOKENS = 32
+# Every policy class that names itself, by name (filled as the sched package imports its modules).
+POLICIES: dict[str, type[Scheduler]] = {}
 
 
 class Scheduler:
+    # A policy's traits: what the flags, the router and the snapshot need to know of it, declared with the policy.
+    name: ClassVar[str] = ""  # the --scheduler value; a subclass that sets it is registered in POLICIES
+    summary: ClassVar[str] = ""  # one line for --help
+    # Tokens per step when --max-num-batched-tokens is not given; None: room for the longest whole prompt.
+    default_max_num_batched_tokens: ClassVar[int | None] = None
+    # Share of the tightest TBT SLO a step may take while requests decode (0: only the token budget bounds it).
+    default_step_tbt_fraction: ClassVar[float] = 0.0
+    # Chooses hidden rows for requests and prices them with alpha (which the engine then measures at start-up).
+    prices_hidden_cache: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            POLICIES[cls.name] = cls
+
     def __init__(self, config: EngineConfig) -> None:
         """The policy over a pool sized by `config.cache`; `config.cache.hybrid` says whether policies may
         choose HIDDEN (ON), must (ALL_HIDDEN: a test and measurement setting) or never do (OFF)."""
         self.config = config.scheduler
+        self.max_model_len = config.model.max_model_len
         self.hybrid_cache = config.cache.hybrid
         self.cache = CacheManager(config.cache.num_units, config.cache.block_size,
                                   config.cache.units_per_hidden_block, config.cache.enable_prefix_caching)
-        # Whatever else makes two blocks of the same tokens hold different rows.
-        self._prefix_root = root_key(f"{config.model.path}|{config.dtype}")
-        # Prefix lookups of waiting requests (the apt policies price every waiting request every step), valid
-        # while no block is registered or evicted.
-        self._prefix_lookups: dict[tuple[str, CacheKind, int], list[CachedBlock]] = {}
-        self._prefix_lookups_at = -1
+        self.prefix = PrefixLookup(self.cache, f"{config.model.path}|{config.dtype}")
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admissions
         self.num_prefix_hit_tokens = 0  # ... and those found there
         self._requested_conversions: dict[str, CacheKind] = {}
@@ -91,9 +106,14 @@ class Scheduler:
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         raise NotImplementedError
 
-    def update_from_output(self, out: SchedulerOutput, runner_out: RunnerOutput, now: float) -> None:
-        """Advance the scheduled requests and append their new tokens (whether a request stops is the
-        engine's output processor's call: it may stop on text, which the scheduler never sees)."""
+    def update_from_output(self, out: SchedulerOutput, runner_out: RunnerOutput, now: float) -> list[Request]:
+        """Advance the scheduled requests, append their new tokens and finish those a token stops (stop_token_ids,
+        EOS, max_tokens, max_model_len). Returns the requests that got a token, the finished among them (their
+        status says so). Stop strings need text: the front end decides them and aborts the request here."""
+        for request_id, (position, scored) in runner_out.prompt_logprobs.items():
+            if (request := self.requests.get(request_id)) is not None:
+                request.keep_prompt_logprobs(position, scored)
+        sampled: list[Request] = []
         for scheduled in out.scheduled:
             request = self.requests.get(scheduled.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -102,9 +122,14 @@ class Scheduler:
             block_size = self.cache.block_size
             if (self.cache.enable_prefix_caching  # a block filled up: it may be shared from now on
                     and request.num_computed_tokens // block_size > scheduled.start_pos // block_size):
-                self.cache.register(request.request_id, self._block_keys(request), request.num_computed_tokens)
+                self.cache.register(request.request_id, self.prefix.block_keys(request), request.num_computed_tokens)
             if scheduled.sample:
                 request.append_output_token(runner_out.sampled_token_ids[scheduled.request_id], now)
+                if (stop := check_stop(request, self.max_model_len)) is not None:
+                    request.stop_token_id = stop[1]
+                    self.finish_request(request, stop[0])
+                sampled.append(request)
+        return sampled
 
     # --- conversions --------------------------------------------------------------------------
     def request_conversion(self, request_id: str, kind: CacheKind) -> None:
@@ -142,24 +167,7 @@ class Scheduler:
         self.num_conversions += 1
         return True
 
-    # --- the prefix cache ----------------------------------------------------------------------
-    def _block_keys(self, request: Request) -> list[bytes]:
-        if len(request.block_keys) < request.num_tokens // self.cache.block_size:
-            chain_keys(request.all_token_ids, self.cache.block_size, request.block_keys, self._prefix_root)
-        return request.block_keys
-
-    def _cached_prefix(self, request: Request, kind: CacheKind) -> list[CachedBlock]:
-        """The cached `kind` blocks a waiting request can start from (none with prefix caching off, nor for a
-        request that wants its prompt's log probabilities: they come from computing every prompt token, as vLLM)."""
-        if not self.cache.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
-            return []
-        if self._prefix_lookups_at != self.cache.num_cache_changes:
-            self._prefix_lookups, self._prefix_lookups_at = {}, self.cache.num_cache_changes
-        key = (request.request_id, kind, request.num_tokens)
-        if key not in self._prefix_lookups:
-            self._prefix_lookups[key] = self.cache.cached_prefix(kind, self._block_keys(request), request.num_tokens)
-        return self._prefix_lookups[key]
-
+    # --- admission ---------------------------------------------------------------------------
     def _start(self, out: SchedulerOutput, request: Request, kind: CacheKind, prefix: list[CachedBlock],
                num_new: int, reserve: int = 0) -> bool:
         """Admit a waiting request as `kind`: its table starts with the cached `prefix` (those tokens count as
@@ -254,9 +262,7 @@ class Scheduler:
             return request.num_tokens
         num_tokens = sum(r.num_tokens for r in out.scheduled)
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in out.scheduled)
-        typical_gap_s = self.step_cost.predict(num_tokens, work)
-        target_s = min(tbt_allowance_s(r.sampling_params.max_tokens - 1, r.num_slow_gaps, r.max_gap_s, r.tbt_slo_s,
-                                       typical_gap_s) - (now - r.last_token_s) for r in decoding)
+        target_s = next_gap_allowance_s(decoding, self.step_cost.predict(num_tokens, work), now)
         if math.isinf(target_s):
             return request.num_tokens
         fits = self.step_cost.max_extra_tokens(fraction * target_s, num_tokens, work, request.num_computed_tokens)

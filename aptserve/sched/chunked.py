@@ -11,7 +11,15 @@ from aptserve.sched.base import Scheduler
 from aptserve.sched.output import SchedulerOutput
 
 
+# Tokens per step of the chunked policies when --max-num-batched-tokens is not given.
+CHUNKED_MAX_NUM_BATCHED_TOKENS = 512
+
+
 class ChunkedScheduler(Scheduler):
+    name = "chunked"
+    summary = "Sarathi-like chunked prefill: decodes first, prompts chunked into a token budget"
+    default_max_num_batched_tokens = CHUNKED_MAX_NUM_BATCHED_TOKENS
+
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         num_preempted = len(out.preempted_request_ids)
         budget = self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
@@ -22,7 +30,7 @@ class ChunkedScheduler(Scheduler):
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            prefix = self._cached_prefix(request, request.cache_kind)
+            prefix = self.prefix.cached_prefix(request, request.cache_kind)
             request.num_computed_tokens = len(prefix) * self.cache.block_size  # the chunk comes after the hit
             num_new = min(request.num_tokens - request.num_computed_tokens, budget, self._chunk_cap(out, request, now))
             reserve = self.watermark_units if self.running else 0

@@ -13,6 +13,9 @@ from aptserve.sched.output import SchedulerOutput
 
 
 class FcfsScheduler(Scheduler):
+    name = "fcfs"
+    summary = "vLLM-like: whole prompts first, in arrival order, then decodes"
+
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         if not self._schedule_prefills(out):
             self._schedule_decodes(out, now)
@@ -21,7 +24,7 @@ class FcfsScheduler(Scheduler):
         num_batched_tokens = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            prefix = self._cached_prefix(request, request.cache_kind)
+            prefix = self.prefix.cached_prefix(request, request.cache_kind)
             num_new_tokens = request.num_tokens - len(prefix) * self.cache.block_size
             # A prompt longer than the token budget still runs, alone, so it cannot starve.
             if out.scheduled and num_batched_tokens + num_new_tokens > self.config.max_num_batched_tokens:

@@ -10,6 +10,9 @@ has missed its SLO whatever happens next, and constrains nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+from aptserve.request import Request
 
 UNBOUNDED_S = math.inf
 
@@ -33,3 +36,10 @@ def tbt_allowance_s(num_gaps: int, num_slow_gaps: int, max_gap_s: float, tbt_slo
     if num_slow_gaps == num_free:
         return tbt_slo_s
     return UNBOUNDED_S  # its P99 is already above the SLO: nothing it sees now changes that
+
+
+def next_gap_allowance_s(decoding: Sequence[Request], typical_gap_s: float, now: float) -> float:
+    """How long from `now` the next step may take before some decoding request's P99 TBT SLO is lost (inf: none
+    binds)."""
+    return min(tbt_allowance_s(r.sampling_params.max_tokens - 1, r.num_slow_gaps, r.max_gap_s, r.tbt_slo_s,
+                               typical_gap_s) - (now - r.last_token_s) for r in decoding)

@@ -7,23 +7,17 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from aptserve.core.client import ThreadCore
-from aptserve.engine import LLMEngine
 from aptserve.server.args import ServerArgs
-from aptserve.server.async_llm import AsyncLLM
+from aptserve.server.engine_client import EngineClient
 from aptserve.server.errors import add_error_handlers
 from aptserve.server.guards import APIKeyCheck, BodySizeLimit
 from aptserve.server.routes import router
 from aptserve.server.tokenize_routes import router as tokenize_router
 
 
-def create_app(engine: LLMEngine | AsyncLLM, server_args: ServerArgs = ServerArgs()) -> FastAPI:
-    """The app over a front end (its engine core in another process: `aptserve serve`) or over an engine
-    built in this process (stepped by a thread of its own); the core starts and stops with the app."""
-    if isinstance(engine, LLMEngine):
-        engine = AsyncLLM(ThreadCore(engine.core), engine.tokenizer, server_args.max_queue_len,
-                          server_args.log_step_stats,
-                          server_args.step_log)
+def create_app(engine: EngineClient, server_args: ServerArgs = ServerArgs()) -> FastAPI:
+    """The app over a front end (AsyncLLM over one engine core, or the cluster's ClusterEngine); the engine starts
+    and stops with the app."""
     docs = {} if not server_args.disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="aptserve", description="OpenAI-compatible LLM serving", lifespan=_lifespan, **docs)
     app.state.engine = engine

@@ -1,5 +1,6 @@
-"""AsyncLLM: the server's front end on the event loop: the door, the output side and one stream per request,
-over an engine core in a thread (ThreadCore) or in a process of its own (ProcessCore, what `aptserve serve` runs).
+"""AsyncLLM: the server's front end on the event loop (an EngineClient, server/engine_client.py): the door, the
+output side and one stream per request, over an engine core in a thread (ThreadCore) or in a process of its own
+(ProcessCore, what `aptserve serve` runs).
 
 Tokenizing, detokenizing, stop strings and SSE happen here; the core only schedules and runs the model. Each
 core step's outputs arrive on the event loop and go to per-request asyncio queues; a core that dies fails every
@@ -15,7 +16,9 @@ import time
 import msgspec
 
 from aptserve.config import EngineConfig
+from aptserve.core.engine_core import EngineCore
 from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, StepStats
+from aptserve.core.snapshot import ReplicaSnapshot
 from aptserve.errors import AptServeError, EngineOverloadedError
 from aptserve.inputs import InputProcessor
 from aptserve.output_processor import OutputProcessor
@@ -98,25 +101,32 @@ class AsyncLLM:
         self.dead_reason: str | None = None  # set when the engine core stopped for good
         self._streams: dict[str, RequestStream] = {}
         self._num_sent_since_stats = 0  # adds the core has not counted in `stats` yet
+        self._snapshot_waiters: list[asyncio.Future[ReplicaSnapshot]] = []
         self._started = False
 
     @classmethod
     def launch(cls, engine_args, server_args) -> AsyncLLM:
         """What `aptserve serve` runs (and each cluster replica): the engine core in a process of its own, or with
         --engine-in-thread in a thread of this one; raises EngineStartError."""
-        from aptserve.core.client import ProcessCore, ThreadCore
+        from aptserve.core.client import ProcessCore
+        from aptserve.registry import load_tokenizer
 
         if server_args.engine_in_thread:
-            from aptserve.engine import LLMEngine
+            from aptserve.core.engine_core import build_engine_core
 
-            llm_engine = LLMEngine.from_engine_args(engine_args)
-            core, tokenizer = ThreadCore(llm_engine.core), llm_engine.tokenizer
-        else:
-            from aptserve.registry import load_tokenizer
+            core = build_engine_core(engine_args)
+            return cls.in_thread(core, load_tokenizer(core.config.model.path), server_args)
+        process_core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
+        return cls(process_core, load_tokenizer(process_core.config.model.path), server_args.max_queue_len,
+                   server_args.log_step_stats, server_args.step_log)
 
-            core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
-            tokenizer = load_tokenizer(core.config.model.path)
-        return cls(core, tokenizer, server_args.max_queue_len, server_args.log_step_stats, server_args.step_log)
+    @classmethod
+    def in_thread(cls, core: EngineCore, tokenizer, server_args) -> AsyncLLM:
+        """The front end over an engine core already built, stepped by a thread of this process."""
+        from aptserve.core.client import ThreadCore
+
+        return cls(ThreadCore(core), tokenizer, server_args.max_queue_len, server_args.log_step_stats,
+                   server_args.step_log)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,6 +181,16 @@ class AsyncLLM:
             self.core.abort_requests([request_id])
             self.metrics.requests_finished.labels("abort").inc()
 
+    async def snapshot(self) -> ReplicaSnapshot:
+        """The core's state for a router, taken between its steps (polls that overlap share one answer)."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine has stopped ({self.dead_reason})")
+        waiter = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append(waiter)
+        if len(self._snapshot_waiters) == 1:
+            self.core.poll_snapshot()
+        return await waiter
+
     def _check_capacity(self) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine has stopped ({self.dead_reason}); the server is going down")
@@ -198,6 +218,18 @@ class AsyncLLM:
             self.stats, self._num_sent_since_stats = core_outputs.stats, 0
         if core_outputs.step is not None:
             self._observe_step(core_outputs.step, time.perf_counter() - start_s)
+        if core_outputs.snapshot is not None:
+            self._answer_snapshot_polls(core_outputs.snapshot)
+
+    def _answer_snapshot_polls(self, answer: ReplicaSnapshot | BaseException) -> None:
+        waiters, self._snapshot_waiters = self._snapshot_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue  # its poller gave up
+            if isinstance(answer, BaseException):
+                waiter.set_exception(answer)
+            else:
+                waiter.set_result(answer)
 
     def _observe_step(self, step: StepStats, output_s: float) -> None:
         self.metrics.observe_step(step, output_s)
@@ -214,6 +246,7 @@ class AsyncLLM:
         logger.error("%s: failing %d open requests", reason, len(self._streams))
         self.dead_reason = reason
         self._fail_all(reason)
+        self._answer_snapshot_polls(EngineDeadError(f"the engine has stopped ({reason})"))
 
     def cut_unfinished(self) -> int:
         """End every open request now (the drain ran out of time): each gets a shutdown error. Returns how many."""

@@ -63,14 +63,13 @@ class SamplingRequest(OpenAIBaseModel):
     def requested_prompt_logprobs(self) -> int | None:
         return None
 
-    def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
-        """SamplingParams for this request (no max_tokens and no default: the engine fills the context);
-        raises InvalidRequestError with what to change."""
-        max_tokens = self.requested_max_tokens()
+    def to_sampling_params(self) -> SamplingParams:
+        """SamplingParams for this request (no max_tokens: the engine fills the context); raises
+        InvalidRequestError with what to change."""
         output_kind = RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            max_tokens=default_max_tokens if max_tokens is None else max_tokens, stop=self.stop,
+            max_tokens=self.requested_max_tokens(), stop=self.stop,
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, output_kind=output_kind,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,

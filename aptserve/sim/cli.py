@@ -27,9 +27,11 @@ from aptserve.bench.serving import (effective_throughput, slos_from_unloaded, sw
                                     throughput_ratios, trace_stats, unloaded_latency)
 from aptserve.bench.sweep import sweep_rates, sweep_then_bisect
 from aptserve.checkpoints import OPT_SHAPES
-from aptserve.cluster.policy import ROUTERS, RouteRequest, make_policy
+from aptserve.cluster.args import RoutingArgs
+from aptserve.cluster.policy import RouteRequest, make_policy
 from aptserve.config import ModelConfig
-from aptserve.engine_args import CHUNKED_DEFAULT_BATCHED_TOKENS, EngineArgs
+from aptserve.engine_args import EngineArgs
+from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
 from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel, SimClock
 from aptserve.sim.gpus import GPUS, gpu_spec
 from aptserve.sim.profile import load_profile
@@ -64,14 +66,10 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
                             "would (default: the engine's defaults, as for requests that carry none)")
     group.add_argument("--policies", default=None,
                        help="comma-separated schedulers to compare on the same trace (default: --scheduler)")
-    cluster = sim.add_argument_group("cluster (several replicas behind a router)")
-    cluster.add_argument("--replicas", type=int, default=1, help="engine replicas, each on its own simulated clock "
-                         "(and, with --gpu, its own --tensor-parallel GPUs)")
-    cluster.add_argument("--router", default="apt-slo", choices=ROUTERS, help="how requests are spread over replicas")
-    cluster.add_argument("--snapshot-staleness-s", type=float, default=0.5,
-                         help="how often the router polls the replicas' state (0: at every request)")
-    cluster.add_argument("--shed", action="store_true",
-                         help="apt-slo refuses requests no replica is predicted to serve within their SLOs")
+    RoutingArgs.add_cli_args(sim)
+    # The flag's earlier name in the simulator.
+    sim.add_argument("--snapshot-staleness-s", dest="routing_stats_period_s", type=float, default=argparse.SUPPRESS,
+                     help=argparse.SUPPRESS)
     sim.set_defaults(func=cmd_sim, kv_cache_memory=None, dtype=None)
 
 
@@ -95,7 +93,7 @@ def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost
                   tbt_slo=slos["tbt_slo_s"] if aware else EngineArgs.tbt_slo, **overrides)
     if fields["kv_cache_memory"] is None:
         if isinstance(cost_model, RooflineCostModel):
-            batched = args.max_num_batched_tokens or max(config.max_model_len, CHUNKED_DEFAULT_BATCHED_TOKENS)
+            batched = args.max_num_batched_tokens or max(config.max_model_len, CHUNKED_MAX_NUM_BATCHED_TOKENS)
             fields["kv_cache_memory"] = cost_model.kv_cache_bytes(batched, args.gpu_memory_utilization)
         else:
             fields["kv_cache_memory"] = EngineArgs.kv_cache_memory
@@ -118,10 +116,10 @@ class Simulation:
             raise SystemExit("give --gpu (the roofline) or --cost-model (a profile), not both")
         if args.step_time_scale <= 0 or args.step_overhead_s < 0 or args.request_latency_s < 0:
             raise SystemExit("--step-time-scale must be > 0, --step-overhead-s and --request-latency-s >= 0")
-        if args.replicas < 1 or args.snapshot_staleness_s < 0:
-            raise SystemExit("--replicas must be >= 1 and --snapshot-staleness-s >= 0")
-        if args.shed and args.router != "apt-slo":
-            raise SystemExit("--shed needs --router apt-slo (the only router that predicts SLO misses)")
+        try:
+            RoutingArgs.from_cli_args(args)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         config = model_config(args.model, args.max_model_len)
         cost_model: CostModel = LinearCostModel()
         if args.cost_model:
@@ -191,7 +189,7 @@ class Simulation:
             records, stats["sent_per_replica"] = simulate_cluster(
                 replicas, make_policy(self.args.router, self.args.seed, self.args.shed), trace, offsets_s,
                 lambda r: RouteRequest(r.prompt_len, r.output_len, args.ttft_slo, args.tbt_slo),
-                self.args.snapshot_staleness_s, self.args.request_latency_s, progress)
+                self.args.routing_stats_period_s, self.args.request_latency_s, progress)
         return records, {"num_steps": sum(e.num_steps for e in executors),
                          "priced_step_s": sum(e.priced_s for e in executors), **stats}
 

@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 
 from aptserve.bench.datasets import TraceRequest
 from aptserve.bench.metrics import RequestRecord
-from aptserve.cluster.policy import SHED_ERROR, Ledger, ReplicaSnapshot, RouteRequest, RoutingPolicy
-from aptserve.cluster.snapshot import replica_snapshot
+from aptserve.cluster.policy import SHED_ERROR, Ledger, RouteRequest, RoutingPolicy
+from aptserve.core.snapshot import ReplicaSnapshot
 from aptserve.engine import LLMEngine
 from aptserve.sim.executor import SimClock
 from aptserve.sim.simulator import add_trace_request, trace_record
+
 
 def simulate_cluster(replicas: Sequence[tuple[LLMEngine, SimClock]], policy: RoutingPolicy,
                      trace: Sequence[TraceRequest], send_offsets_s: Sequence[float],
@@ -44,8 +45,7 @@ def simulate_cluster(replicas: Sequence[tuple[LLMEngine, SimClock]], policy: Rou
             continue
         for i, (engine, clock) in enumerate(replicas):  # the poll: snapshots at most staleness_s old
             if names[i] not in snapshots or arrival_s - snapshots[names[i]].taken_s >= staleness_s:
-                core = engine.core
-                snapshots[names[i]] = replica_snapshot(core.scheduler, core.config, names[i], arrival_s)
+                snapshots[names[i]] = engine.core.snapshot(names[i], arrival_s)
                 ledger.polled(names[i])
         request = route_request(trace[next_index])
         chosen = policy.choose([ledger.view(snapshots[name]) for name in names], request)

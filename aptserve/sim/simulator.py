@@ -2,15 +2,16 @@
 and the end of the running step is the next event. Policies are never re-implemented here."""
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from aptserve.bench.datasets import TraceRequest
 from aptserve.bench.metrics import RequestRecord
 from aptserve.config import ModelConfig
+from aptserve.core.engine_core import build_engine_core
 from aptserve.engine import Executor, LLMEngine
-from aptserve.engine_args import EngineArgs, resolve
+from aptserve.engine_args import EngineArgs
 from aptserve.errors import InvalidRequestError
 from aptserve.outputs import RequestOutput
 from aptserve.sampling import RequestOutputKind, SamplingParams
@@ -20,12 +21,13 @@ from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel,
 def sim_engine(args: EngineArgs, model_config: ModelConfig, cost_model: CostModel | None = None,
                make_executor: Callable[[SimClock, CostModel], Executor] = CostModelExecutor,
                ) -> tuple[LLMEngine, SimClock]:
-    """The real engine, configured by the same resolve() as a served one (the hidden cache priced by the
+    """The real engine, built by the same build_engine_core() as a served one (the hidden cache priced by the
     cost model unless args.alpha is given), on a simulated clock and a cost-model executor."""
     cost_model = cost_model or LinearCostModel()
     clock = SimClock()
-    config = resolve(args, model_config, measure_alpha=cost_model.alpha_s)
-    return LLMEngine(config, make_executor(clock, cost_model), clock=clock), clock
+    core = build_engine_core(args, model_config=model_config, make_executor=lambda _: make_executor(clock, cost_model),
+                             clock=clock, measure_alpha=cost_model.alpha_s)
+    return LLMEngine(core), clock
 
 
 def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
