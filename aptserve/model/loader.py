@@ -1,11 +1,14 @@
 """Build our decoder modules for a ModelConfig and fill them from the folder's safetensors files."""
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from aptserve.config import DTYPE_BYTES, ModelConfig
 from aptserve.model.architectures import ARCHITECTURES
@@ -13,6 +16,8 @@ from aptserve.model.protocol import CausalLM
 
 # Checkpoint entries that are not parameters of ours: recomputed RoPE frequencies.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What nn modules' reset_parameters() call; every parameter comes from the checkpoint instead.
+INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -31,7 +36,7 @@ def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str 
     folder, device = Path(model_config.path), torch.device(device)
     architecture = ARCHITECTURES[model_config.architecture]
     model_class = architecture.model_class()
-    with torch.device("meta"):  # No memory and no random init: every parameter is assigned below.
+    with torch.device("meta"), _no_random_init():  # every parameter is assigned below
         model = model_class(model_config, device)
     expected = model.state_dict().keys()
     weights = {}
@@ -44,6 +49,20 @@ def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str 
     model.eval().requires_grad_(False)
     model.prepare(keep_kv_projection)
     return model
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Skip nn's parameter init while the modules are built: on meta tensors it computes nothing, but its first
+    normal_ imports torch._dynamo, seconds of every engine's start-up."""
+    saved = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def _read_safetensors(folder: Path, device: torch.device):

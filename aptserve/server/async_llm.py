@@ -9,6 +9,7 @@ open request and turns /health and new requests away.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -109,16 +110,20 @@ class AsyncLLM:
         """What `aptserve serve` runs (and each cluster replica): the engine core in a process of its own, or with
         --engine-in-thread in a thread of this one; raises EngineStartError."""
         from aptserve.core.client import ProcessCore
-        from aptserve.registry import load_tokenizer
+        from aptserve.registry import load_tokenizer, resolve_model
 
         if server_args.engine_in_thread:
             from aptserve.core.engine_core import build_engine_core
 
             core = build_engine_core(engine_args)
             return cls.in_thread(core, load_tokenizer(core.config.model.path), server_args)
-        process_core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
-        return cls(process_core, load_tokenizer(process_core.config.model.path), server_args.max_queue_len,
-                   server_args.log_step_stats, server_args.step_log)
+        model_path = resolve_model(engine_args.model)  # a known model's folder is built here, before the core reads it
+        # The tokenizer (seconds of imports) loads while the core process starts and loads the weights.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aptserve-tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, model_path)
+            process_core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
+            return cls(process_core, tokenizer.result(), server_args.max_queue_len, server_args.log_step_stats,
+                       server_args.step_log)
 
     @classmethod
     def in_thread(cls, core: EngineCore, tokenizer, server_args) -> AsyncLLM:
