@@ -30,6 +30,17 @@ def gemm_activation(hf_name: str) -> str:
     return _HF_ACTIVATIONS[hf_name]
 
 
+def fuse_qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear, keep_kv_projection: bool) -> tuple[Linear, Linear | None]:
+    """q|k|v as one packed GEMM, and k|v as another where hidden rows may need their K/V recomputed."""
+    qkv = Linear.fused([q, k, v])
+    qkv.pack()
+    if not keep_kv_projection:
+        return qkv, None
+    kv = Linear.fused([k, v])
+    kv.pack()
+    return qkv, kv
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., in], taking `W @ x^T` for few rows on CPU."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -91,10 +102,14 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
 
 
-def packed_head(weight: torch.Tensor) -> Linear:
-    """A packed copy of the vocabulary head (the embedding matrix when tied: the lookup keeps the plain one)."""
+def packed_head(model: nn.Module, embed_tokens: nn.Embedding) -> Linear:
+    """A packed copy of the vocabulary head: the embedding matrix when tied (the lookup keeps the plain one), else
+    `model.lm_head`'s weight (lm_head itself is dropped)."""
+    weight = embed_tokens.weight if model.tie_word_embeddings else model.lm_head.weight
     with torch.device("meta"):
         head = Linear(weight.shape[1], weight.shape[0], bias=False)
     head.weight = nn.Parameter(weight.detach(), requires_grad=False)
     head.pack()
+    if not model.tie_word_embeddings:
+        del model.lm_head
     return head

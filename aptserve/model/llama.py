@@ -13,7 +13,7 @@ from torch import nn
 from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
-from aptserve.model.linear import Linear, gemm_activation, packed_head
+from aptserve.model.linear import Linear, fuse_qkv, gemm_activation, packed_head
 from aptserve.model.rope import Rope, RotaryEmbedding, apply_rope, pair_rows
 
 
@@ -53,12 +53,8 @@ class LlamaAttention(nn.Module):
                 projection.weight.data = pair_rows(projection.weight.data, self.head_dim)
                 if projection.bias is not None:
                     projection.bias.data = pair_rows(projection.bias.data, self.head_dim)
-        self.qkv_proj = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
-        if keep_kv_projection:
-            self.kv_proj = Linear.fused([self.k_proj, self.v_proj])
-            self.kv_proj.pack()
+        self.qkv_proj, self.kv_proj = fuse_qkv(self.q_proj, self.k_proj, self.v_proj, keep_kv_projection)
         del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj.pack()
         self.o_proj.pack()
 
     def project_kv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +134,7 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.prepare(keep_kv_projection, paired_rope)
             layer.mlp.prepare()
         self.model.rotary_emb.paired = paired_rope
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        self.logits_head = packed_head(weight)
-        if not self.tie_word_embeddings:
-            del self.lm_head
+        self.logits_head = packed_head(self, self.model.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata

@@ -12,7 +12,7 @@ from torch import nn
 from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
-from aptserve.model.linear import Linear, gemm_activation, packed_head
+from aptserve.model.linear import Linear, fuse_qkv, gemm_activation, packed_head
 
 # OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).
 POSITION_OFFSET = 2
@@ -34,12 +34,8 @@ class OPTAttention(nn.Module):
 
     def prepare(self, keep_kv_projection: bool) -> None:
         """Fuse q|k|v (and k|v for recompute from hidden rows), then pack every weight."""
-        self.qkv_proj = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
-        if keep_kv_projection:
-            self.kv_proj = Linear.fused([self.k_proj, self.v_proj])
-            self.kv_proj.pack()
+        self.qkv_proj, self.kv_proj = fuse_qkv(self.q_proj, self.k_proj, self.v_proj, keep_kv_projection)
         del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj.pack()
         self.out_proj.pack()
 
     def project_kv(self, x: torch.Tensor, rope: None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +123,7 @@ class OPTForCausalLM(nn.Module):
         for projection in (decoder.project_in, decoder.project_out):
             if projection is not None:
                 projection.pack()
-        weight = decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        self.logits_head = packed_head(weight)
-        if not self.tie_word_embeddings:
-            del self.lm_head
+        self.logits_head = packed_head(self, decoder.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
