@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from aptserve.logprobs import LogprobsMode
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# vLLM's other names for them (--dtype half / float).
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 class HybridMode(str, enum.Enum):
@@ -45,6 +47,9 @@ class ModelConfig:
     # Width of the feed-forward layer (Llama: gated, three matrices; OPT: two); 0 when unknown (cost models then
     # take 4 x hidden_size).
     intermediate_size: int = 0
+    # The dtype the checkpoint's weights are stored in (config.json's dtype / torch_dtype): what --dtype auto
+    # starts from.
+    checkpoint_dtype: str = "float32"
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"  # HF's name of the feed-forward activation (Llama: of the gate)
@@ -96,6 +101,9 @@ class CacheConfig:
     hidden_scratch_tokens: int
     # Full blocks are shared by content across requests of the same cache kind (cache/manager.py).
     enable_prefix_caching: bool = False
+    # The element type of the rows the pool holds (K/V and hidden rows): the weights' dtype unless
+    # --kv-cache-dtype says otherwise; it sets the bytes of a unit, so a byte budget holds twice the tokens in bf16.
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +131,7 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
-    dtype: str
+    dtype: str  # the weights' and the activations' (resolved: never "auto")
     device: str
     seed: int
     # Most alternatives per token a request may ask log probabilities of, and which distribution they come from.

@@ -13,8 +13,10 @@ from typing import ClassVar
 
 from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_units_per_block,
                                      max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_bytes)
-from aptserve.config import DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig, SchedulerConfig
+from aptserve.config import (DTYPE_ALIASES, DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig,
+                             SchedulerConfig)
 from aptserve.flags import FlagTable, check_positive, flag, parse_bytes
+from aptserve.hardware import auto_dtype
 from aptserve.logprobs import LogprobsMode
 from aptserve.sched import POLICIES, Scheduler, policy_class
 
@@ -30,7 +32,13 @@ class EngineArgs(FlagTable):
 
     model: str = flag("default", "'default' (SmolLM2-135M-Instruct), an OPT shape such as 'opt-125m', "
                       "or the path of a local HF folder (Llama or OPT)")
-    dtype: str = flag("float32", "weights and cache dtype", choices=tuple(DTYPE_BYTES))
+    dtype: str = flag("auto", "weights' and activations' dtype: 'auto' resolves as vLLM does (on a CPU: bfloat16 where "
+                      "it computes bf16 natively, avx512_bf16 or AMX, else float32; on a GPU the checkpoint's, float32 "
+                      "checkpoints in half), or float32, bfloat16, float16 (also 'half', 'float')",
+                      choices=("auto", *DTYPE_BYTES, *DTYPE_ALIASES))
+    kv_cache_dtype: str = flag("auto", "the cache's dtype, of K/V and hidden rows: 'auto' (the weights'), float32, "
+                               "bfloat16, float16; it sets the bytes per token, so a byte budget holds twice the "
+                               "tokens in 16 bits", choices=("auto", *DTYPE_BYTES))
     device: str = flag("cpu", "torch device")
     seed: int = flag(0, "seed of the sampler (requests without their own seed) and of random weights", int)
     max_model_len: int | None = flag(None, "most tokens per request, prompt and output (default: the model's)",
@@ -85,8 +93,9 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
     else:
         model_config = model_config.with_max_model_len(args.max_model_len)
     policy = policy_class(args.scheduler)
+    dtype, kv_cache_dtype = resolve_dtypes(args, model_config)
     hybrid = resolve_hybrid_cache(HybridMode(args.hybrid_cache), model_config)
-    cache = _cache_config(args, model_config, hybrid)
+    cache = _cache_config(args, model_config, hybrid, kv_cache_dtype)
     fitting = max_tokens_of_one_request(cache)
     if fitting < model_config.max_model_len:
         if args.max_model_len is not None:  # asked for: kept; requests longer than the pool are refused one by one
@@ -98,14 +107,14 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
                            "one request; raise --kv-cache-memory for the model's whole context",
                            model_config.max_model_len, fitting, args.kv_cache_memory)
             model_config = model_config.with_max_model_len(fitting)
-            cache = _cache_config(args, model_config, hybrid)
+            cache = _cache_config(args, model_config, hybrid, kv_cache_dtype)
     scheduler = SchedulerConfig(
         policy=policy.name, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
         ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, step_tbt_fraction=_step_tbt_fraction(args, policy),
-        alpha_s=resolve_alpha(args, model_config, policy, hybrid, measure_alpha))
+        alpha_s=resolve_alpha(args, model_config, policy, hybrid, dtype, measure_alpha))
     max_logprobs = model_config.vocab_size if args.max_logprobs == -1 else args.max_logprobs
-    return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=args.dtype,
+    return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype,
                         device=args.device, seed=args.seed, max_logprobs=max_logprobs,
                         logprobs_mode=LogprobsMode(args.logprobs_mode))
 
@@ -113,8 +122,10 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
 def _check(args: EngineArgs) -> None:
     check_positive({"block_size": args.block_size, "kv_cache_memory": args.kv_cache_memory,
                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens})
-    if args.dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {args.dtype!r}")
+    if args.dtype not in ("auto", *DTYPE_BYTES, *DTYPE_ALIASES):
+        raise ValueError(f"dtype must be auto or one of {', '.join((*DTYPE_BYTES, *DTYPE_ALIASES))}, got {args.dtype!r}")
+    if args.kv_cache_dtype not in ("auto", *DTYPE_BYTES):
+        raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPE_BYTES)}, got {args.kv_cache_dtype!r}")
     policy_class(args.scheduler)  # raises for an unknown name
     if args.hybrid_cache not in {mode.value for mode in HybridMode}:
         raise ValueError(f"hybrid_cache must be one of {[m.value for m in HybridMode]}, got {args.hybrid_cache!r}")
@@ -124,6 +135,15 @@ def _check(args: EngineArgs) -> None:
         raise ValueError(f"logprobs_mode must be one of {[m.value for m in LogprobsMode]}, got {args.logprobs_mode!r}")
     if not 0 <= args.watermark < 1:
         raise ValueError(f"watermark must be in [0, 1), got {args.watermark}")
+
+
+def resolve_dtypes(args: EngineArgs, model_config: ModelConfig) -> tuple[str, str]:
+    """(the weights' dtype, the cache's) of --dtype and --kv-cache-dtype; an 'auto' dtype is chosen and logged here."""
+    dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    if dtype == "auto":
+        dtype, why = auto_dtype(model_config.checkpoint_dtype, args.device)
+        logger.info("dtype auto: %s (%s)", dtype, why)
+    return dtype, dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
 
 
 def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig) -> HybridMode:
@@ -143,7 +163,7 @@ def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig) -> HybridM
 
 
 def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: type[Scheduler], hybrid: HybridMode,
-                  measure_alpha: AlphaFn | None = None) -> float:
+                  dtype: str, measure_alpha: AlphaFn | None = None) -> float:
     """--alpha if given; else measured (only policies that price the hidden cache use it, and only when it is on)."""
     if args.alpha is not None:
         return args.alpha
@@ -151,7 +171,7 @@ def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: type[Sche
         return 0.0
     if measure_alpha is None:
         from aptserve.calibration import calibrated_alpha as measure_alpha
-    return measure_alpha(model_config, args.block_size, args.dtype, args.device)
+    return measure_alpha(model_config, args.block_size, dtype, args.device)
 
 
 def _step_tbt_fraction(args: EngineArgs, policy: type[Scheduler]) -> float:
@@ -169,20 +189,20 @@ def _max_num_batched_tokens(args: EngineArgs, policy: type[Scheduler], model_con
     return policy.default_max_num_batched_tokens or max(model_config.max_model_len, 2048)
 
 
-def _cache_config(args: EngineArgs, model_config: ModelConfig, hybrid: HybridMode) -> CacheConfig:
+def _cache_config(args: EngineArgs, model_config: ModelConfig, hybrid: HybridMode, dtype: str) -> CacheConfig:
     """Size the pool from the byte budget, less the recompute scratch when the hidden cache may be used."""
     scratch_tokens = 0
     if hybrid != HybridMode.OFF:  # one request's whole context must fit the scratch on its own
         scratch_tokens = max(args.hidden_scratch_tokens, min_hidden_scratch_tokens(model_config, args.block_size))
-    pool_bytes = args.kv_cache_memory - scratch_bytes(model_config, scratch_tokens, args.dtype)
-    unit_bytes = bytes_per_unit(model_config, args.block_size, args.dtype)
+    pool_bytes = args.kv_cache_memory - scratch_bytes(model_config, scratch_tokens, dtype)
+    unit_bytes = bytes_per_unit(model_config, args.block_size, dtype)
     num_units = max(0, pool_bytes) // unit_bytes
     if num_units < 2:
         raise ValueError(f"kv_cache_memory={args.kv_cache_memory} bytes holds no KV block of this model; "
                          f"give at least {2 * unit_bytes + args.kv_cache_memory - pool_bytes}")
-    logger.info("cache pool: %d units of %d tokens (%d tokens as KV)", num_units, args.block_size,
-                num_units // KV_UNITS_PER_BLOCK * args.block_size)
+    logger.info("cache pool: %d units of %d tokens (%d tokens as KV, %s)", num_units, args.block_size,
+                num_units // KV_UNITS_PER_BLOCK * args.block_size, dtype)
     return CacheConfig(block_size=args.block_size, num_units=num_units,
                        units_per_hidden_block=hidden_units_per_block(model_config.hidden_size, model_config.kv_dim),
                        hybrid=hybrid, watermark=args.watermark, hidden_scratch_tokens=scratch_tokens,
-                       enable_prefix_caching=args.enable_prefix_caching)
+                       enable_prefix_caching=args.enable_prefix_caching, dtype=dtype)

@@ -12,7 +12,8 @@ from aptserve.errors import InvalidRequestError
 from aptserve.outputs import RequestOutput
 from aptserve.sampling import RequestOutputKind, SamplingParams
 
-PromptLike = str | list[int]
+# Text, token ids, or vLLM's prompt dicts: {"prompt": text} and {"prompt_token_ids": [...]}.
+PromptLike = str | list[int] | dict
 
 
 class LLM:
@@ -30,8 +31,9 @@ class LLM:
     def generate(self, prompts: PromptLike | Sequence[PromptLike],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
-        prompts = _as_prompt_list(prompts)
+        """Generate for every prompt (text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]});
+        outputs come back in prompt order."""
+        prompts = [_unwrap(prompt) for prompt in _as_prompt_list(prompts)]
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                   for p in _as_params_list(sampling_params, len(prompts))]
         request_ids = []
@@ -65,12 +67,23 @@ class LLM:
 
 
 def _as_prompt_list(prompts) -> list[PromptLike]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single token-id list
     return prompts
+
+
+def _unwrap(prompt: PromptLike) -> str | list[int]:
+    """A vLLM prompt dict's text or token ids; InvalidRequestError for a dict with neither (or both)."""
+    if not isinstance(prompt, dict):
+        return prompt
+    keys = set(prompt) & {"prompt", "prompt_token_ids"}
+    if len(keys) != 1 or set(prompt) - keys:
+        raise InvalidRequestError(f"a prompt dict takes exactly one of 'prompt' or 'prompt_token_ids', got keys "
+                                  f"{sorted(prompt)}")
+    return prompt[keys.pop()]
 
 
 def _as_params_list(params, num_prompts: int) -> list[SamplingParams]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aptserve.checkpoints import (DEFAULT_MODEL_DIR, OPT_EOS_TOKEN_ID, OPT_MAX_POSITIONS, OPT_SHAPES,
                                   OPT_VOCAB_SIZE, prepare_folder)
-from aptserve.config import ModelConfig
+from aptserve.config import DTYPE_ALIASES, DTYPE_BYTES, ModelConfig
 from aptserve.errors import UnknownModelError
 from aptserve.model.architectures import ARCHITECTURES
 from aptserve.paths import cache_dir
@@ -69,8 +69,16 @@ def model_config_from_hf(hf: dict, path: str, served_name: str, eos_token_ids: t
         eos_token_ids=eos_token_ids,
         served_name=served_name,
         max_position_embeddings=hf["max_position_embeddings"],
+        checkpoint_dtype=_checkpoint_dtype(hf),
         **ARCHITECTURES[hf["model_type"]].hf_fields(hf),
     )
+
+
+def _checkpoint_dtype(hf: dict) -> str:
+    """config.json's dtype (transformers 5) or torch_dtype (earlier); float32 when absent or unknown."""
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    name = DTYPE_ALIASES.get(name, name)
+    return name if name in DTYPE_BYTES else "float32"
 
 
 def shape_model_config(name: str, max_model_len: int | None = None) -> ModelConfig:

@@ -8,16 +8,19 @@ def prompts_for(num_requests: int, prompt_len: int, salt: int) -> list[list[int]
     return [[(7919 * salt + 104729 * i + 31 * j) % 40000 + 100 for j in range(prompt_len)] for i in range(num_requests)]
 
 
-def measure(generate, decode_rows: list[int], prefill_lens: list[int], repeats: int, decode_context: int) -> dict:
-    """`generate(prompts, max_tokens) -> seconds`; the decode step (rows of `decode_context`-token prompts) and
-    prefill figures, min over repeats."""
+def measure(generate, decode_rows: list[int], prefill_lens: list[int], repeats: int,
+            decode_contexts: list[int]) -> dict:
+    """`generate(prompts, max_tokens) -> seconds`; the decode step (rows of prompts of each of `decode_contexts`
+    tokens; keys "rows" for the first context, "rows@context" for the others) and prefill figures, min over repeats."""
     salt = iter(range(1, 1_000_000))
     generate(prompts_for(2, 16, next(salt)), 4)  # warm-up
     decode = {}
-    for rows in decode_rows:
-        one = min(generate(prompts_for(rows, decode_context, next(salt)), 1) for _ in range(repeats))
-        many = min(generate(prompts_for(rows, decode_context, next(salt)), 33) for _ in range(repeats))
-        decode[str(rows)] = {"step_ms": 1e3 * (many - one) / 32}
+    for context in decode_contexts:
+        for rows in decode_rows:
+            one = min(generate(prompts_for(rows, context, next(salt)), 1) for _ in range(repeats))
+            many = min(generate(prompts_for(rows, context, next(salt)), 33) for _ in range(repeats))
+            key = str(rows) if context == decode_contexts[0] else f"{rows}@{context}"
+            decode[key] = {"step_ms": 1e3 * (many - one) / 32}
     prefill = {}
     for length in prefill_lens:
         seconds = min(generate(prompts_for(1, length, next(salt)), 1) for _ in range(repeats))

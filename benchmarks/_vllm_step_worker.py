@@ -19,8 +19,9 @@ def main(spec_path: str, result_path: str) -> None:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     spec = json.loads(Path(spec_path).read_text())
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=spec["eager"], gpu_memory_utilization=0.3,
-              kv_cache_memory_bytes=spec["kv_cache_memory_bytes"], max_num_seqs=64, max_model_len=2048, seed=0)
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], enforce_eager=spec["eager"], gpu_memory_utilization=0.3,
+              kv_cache_memory_bytes=spec["kv_cache_memory_bytes"], max_num_seqs=64,
+              max_model_len=spec["max_model_len"], seed=0)
 
     def generate(prompts, max_tokens):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -29,7 +30,8 @@ def main(spec_path: str, result_path: str) -> None:
         llm.generate(inputs, params, use_tqdm=False)
         return time.perf_counter() - start
 
-    result = measure(generate, spec["decode_rows"], spec["prefill_lens"], spec["repeats"], spec["decode_context"])
+    result = measure(generate, spec["decode_rows"], spec["prefill_lens"], spec["repeats"], spec["decode_contexts"])
+    result["dtype"] = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     Path(result_path).write_text(json.dumps(result))
 
 

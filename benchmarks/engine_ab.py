@@ -60,7 +60,7 @@ def run(args, features: tuple[str, ...]) -> dict:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - start
 
-    result = measure(generate, [1, 8, 32], [512], args.repeats, 256)
+    result = measure(generate, [1, 8, 32], [512], args.repeats, [256])
     return result
 
 

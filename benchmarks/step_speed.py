@@ -37,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="default")
     parser.add_argument("--decode-rows", default="1,8,32")
     parser.add_argument("--prefill-lens", default="128,512,1024")
-    parser.add_argument("--decode-context", type=int, default=256)
+    parser.add_argument("--decode-contexts", default="256", help="comma-separated context lengths of the decodes")
+    parser.add_argument("--dtype", default="float32", help="both engines' --dtype ('auto': each its own default)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--name", default="step_speed", help="file name of the results")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     parser.add_argument("--skip-vllm", action="store_true")
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_aptserve(args) -> dict:
     from aptserve import LLM, SamplingParams
 
-    llm = LLM(model=args.model, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64, max_model_len=2048)
+    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64,
+              max_model_len=args.max_model_len)
 
     def generate(prompts, max_tokens):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -57,19 +61,19 @@ def run_aptserve(args) -> dict:
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - start
 
-    return measure(generate, *figures_args(args))
+    return {**measure(generate, *figures_args(args)), "dtype": llm.engine.config.dtype}
 
 
-def figures_args(args) -> tuple[list[int], list[int], int, int]:
+def figures_args(args) -> tuple[list[int], list[int], int, list[int]]:
     return ([int(r) for r in args.decode_rows.split(",")], [int(n) for n in args.prefill_lens.split(",")],
-            args.repeats, args.decode_context)
+            args.repeats, [int(c) for c in args.decode_contexts.split(",")])
 
 
 def run_vllm(args, model_dir: str, eager: bool) -> dict:
-    decode_rows, prefill_lens, repeats, decode_context = figures_args(args)
+    decode_rows, prefill_lens, repeats, decode_contexts = figures_args(args)
     spec = {"model": model_dir, "kv_cache_memory_bytes": args.kv_cache_memory, "eager": eager,
             "decode_rows": decode_rows, "prefill_lens": prefill_lens, "repeats": repeats,
-            "decode_context": decode_context}
+            "decode_contexts": decode_contexts, "dtype": args.dtype, "max_model_len": args.max_model_len}
     env = {**os.environ, **vllm_env(os.cpu_count() or 1)}
     with tempfile.TemporaryDirectory(prefix="vllm-step-") as tmp:
         spec_path, result_path, log_path = (Path(tmp) / n for n in ("spec.json", "result.json", "vllm.log"))
@@ -100,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "step_speed", "config": {**vars(args), "model_dir": model_dir}, "systems": systems,
                "load_average_after": load_average()}
     out_dir = Path(args.out_dir)
-    write_json(out_dir / "step_speed.json", payload)
+    write_json(out_dir / f"{args.name}.json", payload)
     ok = {name: r for name, r in systems.items() if "decode" in r}
     labels = [f"{name}\ndecode x{rows}" for name, r in ok.items() for rows in r["decode"]]
     values = [r["decode"][rows]["step_ms"] for r in ok.values() for rows in r["decode"]]
     labels += [f"{name}\nprefill {n}" for name, r in ok.items() for n in r["prefill"]]
     values += [r["prefill"][n]["ms"] for r in ok.values() for n in r["prefill"]]
-    bar_chart(out_dir / "step_speed.png", labels, values, title=f"decode step and prefill time (ms), {model_dir}",
+    bar_chart(out_dir / f"{args.name}.png", labels, values, title=f"decode step and prefill time (ms), {model_dir}",
               ylabel="ms (lower is better)")
     return 0 if len(ok) == len(systems) else 1
 

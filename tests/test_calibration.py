@@ -25,7 +25,7 @@ def test_alpha_is_measured_once_and_cached(tmp_path, monkeypatch):
 def test_alpha_override_and_policies_that_need_none(tmp_path, monkeypatch):
     monkeypatch.setenv("APTSERVE_CACHE_DIR", str(tmp_path))
     apt, fcfs, on, off = policy_class("apt"), policy_class("fcfs"), HybridMode.ON, HybridMode.OFF
-    assert resolve_alpha(EngineArgs(scheduler="apt", alpha=0.5), SMALL, apt, on) == 0.5
-    assert resolve_alpha(EngineArgs(scheduler="fcfs"), SMALL, fcfs, on) == 0.0
-    assert resolve_alpha(EngineArgs(scheduler="apt"), SMALL, apt, off) == 0.0
+    assert resolve_alpha(EngineArgs(scheduler="apt", alpha=0.5), SMALL, apt, on, "float32") == 0.5
+    assert resolve_alpha(EngineArgs(scheduler="fcfs"), SMALL, fcfs, on, "float32") == 0.0
+    assert resolve_alpha(EngineArgs(scheduler="apt"), SMALL, apt, off, "float32") == 0.0
     assert not (tmp_path / "alpha.json").exists()

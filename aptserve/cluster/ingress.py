@@ -104,7 +104,7 @@ class ClusterEngine:
     def __init__(self, handle, config: EngineConfig, tokenizer, on_shutdown) -> None:
         self.config, self.tokenizer = config, tokenizer
         self.input_processor = InputProcessor(config, tokenizer)
-        self.metrics = ServerMetrics(self._total_stats, self._replica_stats)
+        self.metrics = ServerMetrics(self._total_stats, config, self._replica_stats)
         self.metrics.registry.register(_RoutingCollector())
         self.draining = False
         self.dead_reason: str | None = None

@@ -80,7 +80,7 @@ def _decode_attention(q, cache, group: DecodeGroup, buffer, scale) -> torch.Tens
     flat_units = cache.view(cache.shape[0], -1)
     gathered = torch.index_select(flat_units, 0, group.block_ids, out=buffer[: len(group.block_ids)])
     # [2, B, S, kv_heads, head_dim] -> K and V as [B, kv_heads, S, head_dim] (strided views, no copy).
-    kv = gathered.view(2, num_decodes, -1, num_kv_heads, head_dim).permute(0, 1, 3, 2, 4)
+    kv = gathered.view(2, num_decodes, -1, num_kv_heads, head_dim).permute(0, 1, 3, 2, 4).to(q.dtype)
     # GQA without expanding K/V: each KV head's query group is the "query length" of its batch entry.
     q_groups = q.view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(q_groups, kv[0], kv[1], attn_mask=group.mask, scale=scale)
@@ -93,7 +93,7 @@ def _prefill_attention(q, k, v, cache, chunk: PrefillChunk, scale) -> torch.Tens
         mask, is_causal = None, True
     else:
         context_len = chunk.mask.shape[1]
-        gathered = cache.index_select(0, chunk.block_ids).view(2, -1, num_kv_heads, k.shape[2])
+        gathered = cache.index_select(0, chunk.block_ids).view(2, -1, num_kv_heads, k.shape[2]).to(q.dtype)
         k, v = gathered[0, :context_len], gathered[1, :context_len]
         mask, is_causal = chunk.mask, False
     # A batch dim of 1: torch's CPU flash kernel takes only 4-D inputs (3-D falls back to the math path, 2x slower).

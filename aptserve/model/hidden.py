@@ -34,9 +34,10 @@ class AttentionLayer(Protocol):
 
 
 def write_kv_rows(flat_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store K and V rows [N, kv_heads, head_dim] (strided views are fine) at their slots [2, N]."""
-    flat_cache.index_copy_(0, slots[0], k.flatten(1))
-    flat_cache.index_copy_(0, slots[1], v.flatten(1))
+    """Store K and V rows [N, kv_heads, head_dim] (strided views are fine) at their slots [2, N], in the cache's
+    dtype."""
+    flat_cache.index_copy_(0, slots[0], k.flatten(1).to(flat_cache.dtype))
+    flat_cache.index_copy_(0, slots[1], v.flatten(1).to(flat_cache.dtype))
 
 
 def write_hidden_rows(flat_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -44,7 +45,7 @@ def write_hidden_rows(flat_cache: torch.Tensor, x: torch.Tensor, slot_mapping: t
     kv_dim = flat_cache.shape[1]
     pad = -x.shape[1] % kv_dim
     slices = (F.pad(x, (0, pad)) if pad else x).reshape(-1, kv_dim)
-    flat_cache.index_copy_(0, slot_mapping, slices)
+    flat_cache.index_copy_(0, slot_mapping, slices.to(flat_cache.dtype))
 
 
 def gather_hidden_rows(flat_cache: torch.Tensor, slots: torch.Tensor, hidden_size: int) -> torch.Tensor:
@@ -62,9 +63,11 @@ class HiddenProjection:
     hidden_size: int
     rope: Any  # the model's positional tables at the rows' absolute positions (None for OPT)
     dst_slots: torch.Tensor  # [2, N] slots of the destination (the K rows, and the V rows)
+    compute_dtype: torch.dtype | None = None  # the projection's (None: the cache's)
 
     def run(self, src_flat: torch.Tensor, dst_flat: torch.Tensor, project_kv: ProjectKV) -> None:
-        k, v = project_kv(gather_hidden_rows(src_flat, self.hidden_slots, self.hidden_size), self.rope)
+        x = gather_hidden_rows(src_flat, self.hidden_slots, self.hidden_size)
+        k, v = project_kv(x if self.compute_dtype is None else x.to(self.compute_dtype), self.rope)
         write_kv_rows(dst_flat, self.dst_slots, k, v)
 
 

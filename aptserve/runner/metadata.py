@@ -82,9 +82,11 @@ class AttentionMetadataBuilder:
     """Builds each step's AttentionMetadata and HIDDEN -> KV conversion plan for one cache and scratch."""
 
     def __init__(self, kv_cache: torch.Tensor, scratch: torch.Tensor, hidden_size: int,
-                 rope_fn: RopeFn, paged_kernel: bool = False) -> None:
-        """`paged_kernel`: decodes attend with the kernel that reads K/V in place (model/cpu_kernels.py)."""
+                 rope_fn: RopeFn, compute_dtype: torch.dtype | None = None, paged_kernel: bool = False) -> None:
+        """`compute_dtype`: the model's (None: the cache's); `paged_kernel`: decodes attend with the kernel that
+        reads K/V in place (model/cpu_kernels.py)."""
         self.paged_kernel = paged_kernel
+        self.compute_dtype = compute_dtype or kv_cache.dtype
         self.kv_cache, self.scratch, self.rope_fn = kv_cache, scratch, rope_fn
         self.device, self.block_size, self.kv_dim = kv_cache.device, kv_cache.shape[2], kv_cache.shape[3]
         self.hidden_size = hidden_size
@@ -169,7 +171,7 @@ class AttentionMetadataBuilder:
         projection = HiddenProjection(
             hidden_slots=self._hidden_slots(tables[indices], req_of_row, positions),
             hidden_size=self.hidden_size, rope=self.rope_fn(positions.to(self.device)),
-            dst_slots=self._kv_slots(scratch_tables, req_of_row, positions),
+            dst_slots=self._kv_slots(scratch_tables, req_of_row, positions), compute_dtype=self.compute_dtype,
         )
         decodes = [j for j, i in enumerate(indices) if requests[i].num_tokens == 1]  # consecutive rows
         row_offset = int(first_row[indices[decodes[0]]]) if decodes else 0
@@ -196,7 +198,7 @@ class AttentionMetadataBuilder:
         return HiddenProjection(
             hidden_slots=self._hidden_slots(src_tables, req_of_row, positions),
             hidden_size=self.hidden_size, rope=self.rope_fn(positions.to(self.device)),
-            dst_slots=self._kv_slots(dst_tables, req_of_row, positions),
+            dst_slots=self._kv_slots(dst_tables, req_of_row, positions), compute_dtype=self.compute_dtype,
         )
 
     def _decode_groups(self, cache, tables, context_lens: list[int], row_offset: int,
@@ -221,7 +223,7 @@ class AttentionMetadataBuilder:
             return DecodeGroup(token_start, token_start + num_decodes, k_units=block_ids[:, :, 0].contiguous(),
                                v_units=block_ids[:, :, 1].contiguous(), context_lens=torch.tensor(context_lens))
         valid = torch.arange(max_blocks * self.block_size) < torch.tensor(context_lens)[:, None]
-        mask = torch.zeros(valid.shape, dtype=self.kv_cache.dtype).masked_fill_(~valid, float("-inf"))
+        mask = torch.zeros(valid.shape, dtype=self.compute_dtype).masked_fill_(~valid, float("-inf"))
         return DecodeGroup(
             token_start, token_start + num_decodes,
             block_ids=block_ids.permute(2, 0, 1).reshape(-1).to(self.device),

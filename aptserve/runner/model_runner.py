@@ -56,9 +56,10 @@ class ModelInput:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_units: int, block_size: int, dtype: str,
                  device: str, seed: int = 0, hidden_scratch_tokens: int | None = None,
-                 logprobs_mode: LogprobsMode = LogprobsMode.RAW) -> None:
+                 logprobs_mode: LogprobsMode = LogprobsMode.RAW, kv_cache_dtype: str | None = None) -> None:
         """`hidden_scratch_tokens`: tokens of K/V recomputed from hidden rows at once (one layer, reused
-        across layers); 0 when the hybrid cache is off; None: the minimum, one max_model_len context."""
+        across layers); 0 when the hybrid cache is off; None: the minimum, one max_model_len context.
+        `kv_cache_dtype`: of the cache and the scratch (None: `dtype`); rows are cast on their way in and out."""
         self.device = torch.device(device)
         if self.device.type == "cpu" and os.environ.get(NUM_THREADS_ENV):
             torch.set_num_threads(int(os.environ[NUM_THREADS_ENV]))
@@ -70,14 +71,16 @@ class ModelRunner:
                                           keep_kv_projection=num_scratch_blocks > 0)
         # Zeroed, not empty: padded rows are masked out, but NaN garbage would still poison P @ V.
         cache_shape = (model_config.num_layers, num_units, block_size, model_config.kv_dim)
-        self.kv_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        cache_dtype = torch_dtype(kv_cache_dtype or dtype)
+        self.kv_cache = torch.zeros(cache_shape, dtype=cache_dtype, device=self.device)
         # Laid out like one layer of the cache, two units (K, V) per block of recomputed rows.
         scratch_shape = (KV_UNITS_PER_BLOCK * num_scratch_blocks, block_size, model_config.kv_dim)
-        self.scratch = torch.zeros(scratch_shape, dtype=self.dtype, device=self.device)
+        self.scratch = torch.zeros(scratch_shape, dtype=cache_dtype, device=self.device)
         # Decode attention reads K/V in place where our CPU kernel is built for this machine (fp32).
-        paged_kernel = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels() is not None
+        paged_kernel = (self.device.type == "cpu" and self.dtype == cache_dtype == torch.float32
+                        and cpu_kernels() is not None)
         self.metadata_builder = AttentionMetadataBuilder(
-            self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope, paged_kernel)
+            self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope, self.dtype, paged_kernel)
         self.sampler = Sampler(seed, self.device, model_config.eos_token_ids, logprobs_mode,
                                tokenizer_path=model_config.path, vocab_size=model_config.vocab_size)
         self.decode_group_bytes = default_decode_group_bytes(self.device, paged_kernel)
@@ -86,7 +89,7 @@ class ModelRunner:
     def from_config(cls, config: EngineConfig) -> ModelRunner:
         return cls(config.model, config.cache.num_units, config.cache.block_size, config.dtype, config.device,
                    config.seed, hidden_scratch_tokens=config.cache.hidden_scratch_tokens,
-                   logprobs_mode=config.logprobs_mode)
+                   logprobs_mode=config.logprobs_mode, kv_cache_dtype=config.cache.dtype)
 
     def _num_scratch_blocks(self, hidden_scratch_tokens: int | None, block_size: int) -> int:
         minimum = min_hidden_scratch_tokens(self.model_config, block_size)

@@ -49,7 +49,7 @@ class Scheduler:
         self.hybrid_cache = config.cache.hybrid
         self.cache = CacheManager(config.cache.num_units, config.cache.block_size,
                                   config.cache.units_per_hidden_block, config.cache.enable_prefix_caching)
-        self.prefix = PrefixLookup(self.cache, f"{config.model.path}|{config.dtype}")
+        self.prefix = PrefixLookup(self.cache, f"{config.model.path}|{config.dtype}|{config.cache.dtype}")
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admissions
         self.num_prefix_hit_tokens = 0  # ... and those found there
         self._requested_conversions: dict[str, CacheKind] = {}

@@ -97,7 +97,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(self.config, tokenizer)
         self.output_processor = OutputProcessor(tokenizer)
         self.stats = core.initial_stats()  # the core's gauges after its last step; /metrics reads only this
-        self.metrics = ServerMetrics(lambda: self.stats)
+        self.metrics = ServerMetrics(lambda: self.stats, self.config)
         self.draining = False  # set on SIGTERM: new requests get 503, running ones finish
         self.dead_reason: str | None = None  # set when the engine core stopped for good
         self._streams: dict[str, RequestStream] = {}

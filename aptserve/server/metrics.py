@@ -4,9 +4,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from aptserve.config import EngineConfig
 from aptserve.core.messages import EngineStats, StepStats
 from aptserve.outputs import RequestOutput
 
@@ -25,9 +26,15 @@ STEP_PHASES = ("schedule", "prepare", "forward", "sample", "update", "output", "
 class ServerMetrics:
     """Per-request counters and latency histograms, plus the engine's gauges read at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats],
+    def __init__(self, engine_stats: Callable[[], EngineStats], config: EngineConfig,
                  replica_stats: Callable[[], dict[str, EngineStats]] | None = None) -> None:
         self.registry = CollectorRegistry()
+        # What the engine resolved its flags to (vLLM's *_config_info): one sample of value 1, the facts as labels.
+        Gauge("aptserve:engine_config_info", "The engine's resolved settings.",
+              ["model", "dtype", "kv_cache_dtype", "scheduler", "hybrid_cache", "block_size", "max_model_len"],
+              registry=self.registry).labels(
+            config.model.served_name, config.dtype, config.cache.dtype, config.scheduler.policy,
+            config.cache.hybrid.value, str(config.cache.block_size), str(config.model.max_model_len)).set(1)
         self.requests_finished = Counter(
             "aptserve:request_success", "Requests finished, by finish reason (stop, length, abort, error).",
             ["finished_reason"], registry=self.registry)
