@@ -69,6 +69,21 @@ def test_build_command_finds_the_build_the_engine_loads_and_compiles_nothing():
     assert result.stdout.splitlines() == [f"CPU kernels: up to date ({Path(kernels.__file__).parent})"]
 
 
+@needs_kernels
+def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_load():
+    """torch's build lock is a plain file: a build killed mid-way (CI's timeout, ^C) leaves it, and torch's loader then
+    waits for it forever. Ours takes a lock the kernel releases, so a leftover file is cleared, not waited on."""
+    stale_lock = Path(kernels.__file__).parent / "lock"
+    stale_lock.touch()
+    try:
+        loaded = subprocess.run([sys.executable, "-c", "from aptserve.model.cpu_kernels import cpu_kernels; "
+                                 "print(cpu_kernels() is not None)"], capture_output=True, text=True, timeout=120)
+        assert loaded.stdout.split() == ["True"], loaded.stderr
+        assert not stale_lock.exists()
+    finally:
+        stale_lock.unlink(missing_ok=True)
+
+
 def test_plain_paths_without_kernel_or_packing_match_hf(tmp_path, monkeypatch):
     """What runs where oneDNN cannot pack and the kernel cannot build (another CPU, another device)."""
     from transformers import AutoModelForCausalLM

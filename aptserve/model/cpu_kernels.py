@@ -8,6 +8,8 @@ architecture, APTSERVE_CPU_KERNELS=0) leaves the plain torch path in use; the en
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -88,6 +90,20 @@ def _missing_tool() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path):
+    """One builder at a time per build folder, by a lock the kernel drops when its holder dies. torch's own lock is
+    a plain file that a killed build leaves behind, and every later load waits on it forever; under ours, any such
+    file is a leftover and is removed."""
+    with open(build_dir.with_name(build_dir.name + ".build-lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def _load_kernels():
     """Compiles into _build_dir() unless a build of the same sources and flags is there (ninja then does nothing)."""
     from torch.utils.cpp_extension import load
@@ -96,8 +112,9 @@ def _load_kernels():
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     march = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
-    return load(name=MODULE_NAME, sources=[str(path) for path in SOURCES], extra_cflags=[*CFLAGS, *march],
-                extra_include_paths=[str(CSRC)], build_directory=str(build_dir), verbose=False)
+    with _exclusive_build(build_dir):
+        return load(name=MODULE_NAME, sources=[str(path) for path in SOURCES], extra_cflags=[*CFLAGS, *march],
+                    extra_include_paths=[str(CSRC)], build_directory=str(build_dir), verbose=False)
 
 
 def _describe(exc: Exception) -> str:
