@@ -150,12 +150,19 @@ def test_loop_errors_are_logged_at_most_once_per_interval(caplog):
 
 
 # --- authentication, docs, CORS ------------------------------------------------------------------
-def test_api_key_guards_every_v1_route():
+def test_api_key_guards_every_route_that_computes():
     with running_server(sim_engine(), api_key="sk-test") as live:
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
-            response = httpx.request(method, f"{live.base_url}{path}", json=completion(), timeout=30)
+        tokenize, detokenize = {"model": SIM, "prompt": "hello"}, {"model": SIM, "tokens": [100] * 100_000}
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", completion()),
+                                   ("POST", "/v1/chat/completions", completion()), ("POST", "/tokenize", tokenize),
+                                   ("POST", "/detokenize", detokenize), ("GET", "/no-such-route", None)):
+            response = httpx.request(method, f"{live.base_url}{path}", json=body, timeout=30)
             assert response.status_code == 401, path
             assert response.json()["error"]["code"] == "invalid_api_key"
+        authorized = {"Authorization": "Bearer sk-test"}
+        assert httpx.post(f"{live.base_url}/tokenize", json=tokenize, headers=authorized).json()["count"] > 0
+        assert httpx.post(f"{live.base_url}/detokenize", json={**detokenize, "tokens": [100]},
+                          headers=authorized).status_code == 200
         wrong = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="sk-wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
@@ -163,6 +170,7 @@ def test_api_key_guards_every_v1_route():
         assert right.completions.create(model=SIM, prompt=[5, 6], max_tokens=3).usage.completion_tokens == 3
         assert httpx.get(f"{live.base_url}/health").status_code == 200
         assert httpx.get(f"{live.base_url}/metrics").status_code == 200
+        assert httpx.get(f"{live.base_url}/openapi.json").status_code == 200
 
 
 def test_api_key_from_the_environment_can_guard_health_metrics_and_docs_can_go(monkeypatch):

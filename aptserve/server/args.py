@@ -24,8 +24,8 @@ class ServerArgs(FlagTable):
     shutdown_timeout: float = flag(30.0, "on SIGTERM, seconds to let running requests finish; then each open one "
                                    "gets an error (streams: an error event and [DONE]) and the exit status is 3",
                                    float)
-    api_key: str | None = flag(None, f"require 'Authorization: Bearer KEY' on every /v1 route (default: the "
-                               f"{API_KEY_ENV} environment variable; none: open)")
+    api_key: str | None = flag(None, f"require 'Authorization: Bearer KEY' on every route but /health, /metrics "
+                               f"and the docs (default: the {API_KEY_ENV} environment variable; none: open)")
     protect_health_and_metrics: bool = flag(False, "with --api-key, require it on /health and /metrics too",
                                             action="store_true")
     disable_docs: bool = flag(False, "serve no /docs, /redoc and /openapi.json", action="store_true")
@@ -54,5 +54,7 @@ class ServerArgs(FlagTable):
     def __post_init__(self) -> None:
         if self.api_key is None and os.environ.get(API_KEY_ENV):
             object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
         check_positive({"max_queue_len": self.max_queue_len, "max_request_body_bytes": self.max_request_body_bytes,
                         "limit_concurrency": self.limit_concurrency})

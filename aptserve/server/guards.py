@@ -81,17 +81,22 @@ async def _drain(receive) -> None:
             return
 
 
+# What an API key leaves open: the probes and the docs compute nothing for a client. Every other path (/v1,
+# /tokenize, /detokenize, and any route added later) needs the key.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 class APIKeyCheck:
     """OpenAI's 401 for a protected path without `Authorization: Bearer <api key>` (compared in constant time)."""
 
     def __init__(self, app, api_key: str, protect_health_and_metrics: bool) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
-        self.prefixes = ("/v1",) + (("/health", "/metrics") if protect_health_and_metrics else ())
+        self.open_paths = OPEN_PATHS - ({"/health", "/metrics"} if protect_health_and_metrics else set())
 
     async def __call__(self, scope, receive, send) -> None:
         if (scope["type"] == "http" and scope["method"] != "OPTIONS"  # CORS preflights carry no credentials
-                and scope["path"].startswith(self.prefixes)
+                and scope["path"] not in self.open_paths
                 and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)):
             return await send_error(send, 401, "Incorrect or missing API key: send it as 'Authorization: Bearer "
                                     "<key>'", "invalid_request_error", "invalid_api_key")
