@@ -1,4 +1,7 @@
-"""`aptserve serve | generate | bench`: vLLM's flag names where they exist."""
+"""`aptserve serve | generate | bench | sim | profile`: vLLM's flag names where they exist.
+
+Missing or wrong flags end every subcommand the same way: one line, `error: ...`, and exit status 2 (argparse's
+usage errors too), never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -46,13 +49,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve with the engine core in a process of its own (or, with --replicas N > 1, N engine replicas on Ray
     Serve behind this process's API); exits 1 if the engine dies, 3 if the drain had to cut requests."""
     from aptserve.cluster.args import ClusterArgs
+    from aptserve.engine_args import check_flags
     from aptserve.server import AsyncLLM, ServerArgs, build_server, create_app
 
-    try:
-        server_args, cluster_args = ServerArgs.from_cli_args(args), ClusterArgs.from_cli_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    server_args, cluster_args = ServerArgs.from_cli_args(args), ClusterArgs.from_cli_args(args)
     engine_args = EngineArgs.from_cli_args(args)
+    check_flags(engine_args)  # here, not after the engine-core process has started and loaded the weights
     if cluster_args.replicas > 1:
         try:
             from aptserve.cluster.ray_app import start_cluster
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BAD_FLAGS = 2  # argparse's own
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -118,9 +123,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except SystemExit as exc:  # a subcommand's own check of its flags: SystemExit("what to change")
+        if not isinstance(exc.code, str):
+            raise
+        return _bad_flags(exc.code.removeprefix("error: "))
     except AptServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _bad_flags(str(exc))
+    # What a wrong value or path fails with past the checks (a file that is not there, a value out of range).
+    except (ValueError, OSError) as exc:
+        return _bad_flags(f"{type(exc).__name__}: {exc}")
+
+
+def _bad_flags(message: str) -> int:
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line
+    return EXIT_BAD_FLAGS
 
 
 if __name__ == "__main__":

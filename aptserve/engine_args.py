@@ -85,7 +85,7 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
     """The EngineConfig for `args`. `model_config`: the geometry of a model without a folder (the
     simulator); default: read from `args.model`'s folder. `measure_alpha`: how to price the hidden cache
     when no --alpha is given (default: timed on this machine)."""
-    _check(args)
+    check_flags(args)
     if model_config is None:
         from aptserve.registry import load_model_config, resolve_model
 
@@ -119,7 +119,8 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
                         logprobs_mode=LogprobsMode(args.logprobs_mode))
 
 
-def _check(args: EngineArgs) -> None:
+def check_flags(args: EngineArgs) -> None:
+    """The flags' own checks (ValueError), needing no model: `aptserve serve` runs them before it starts anything."""
     check_positive({"block_size": args.block_size, "kv_cache_memory": args.kv_cache_memory,
                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens})
     if args.dtype not in ("auto", *DTYPE_BYTES, *DTYPE_ALIASES):

@@ -114,6 +114,8 @@ def _servers(args: argparse.Namespace) -> dict[str, str]:
 def _check_args(args: argparse.Namespace) -> None:
     if (args.rate is None) == (args.rates is None):
         raise SystemExit("give exactly one of --rate R or --rates R1,R2,...")
+    if args.rate is not None and not args.rate > 0:
+        raise SystemExit(f"--rate must be > 0, got {args.rate}")
     explicit = args.ttft_slo is not None and args.tbt_slo is not None
     if explicit == (args.slo_scale is not None):
         raise SystemExit("give either both --ttft-slo and --tbt-slo, or --slo-scale")

@@ -31,6 +31,7 @@ from aptserve.cluster.args import RoutingArgs
 from aptserve.cluster.policy import RouteRequest, make_policy
 from aptserve.config import ModelConfig
 from aptserve.engine_args import EngineArgs
+from aptserve.sched import policy_class
 from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
 from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel, SimClock
 from aptserve.sim.gpus import GPUS, gpu_spec
@@ -126,7 +127,14 @@ class Simulation:
             cost_model = load_profile(args.cost_model)
         if args.gpu:
             cost_model = RooflineCostModel(config, gpu_spec(args.gpu), args.tensor_parallel, args.dtype or "float16")
-        return cls(args, config, cost_model, load_sim_trace(args) if trace is None else trace)
+        for policy in (args.policies or args.scheduler).split(","):
+            policy_class(policy)  # an unknown name fails now, not after the policies before it ran
+        trace = load_sim_trace(args) if trace is None else trace
+        if trace and all(request.prompt_len >= config.max_model_len for request in trace):
+            raise SystemExit(f"no prompt of the trace fits {args.model}'s context of {config.max_model_len} tokens "
+                             f"(the shortest has {min(r.prompt_len for r in trace)}): lower --target-prompt-len or "
+                             "choose another --dataset or --model")
+        return cls(args, config, cost_model, trace)
 
     def run(self, policy: str, slos: dict | None, offsets_s: Sequence[float], requests=None, progress=None,
             **engine_flags) -> list[RequestRecord]:

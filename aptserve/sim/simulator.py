@@ -44,6 +44,8 @@ def simulate(engine: LLMEngine, clock: SimClock, trace: Sequence[TraceRequest],
             add_trace_request(engine, trace[next_index], next_index, start_s + send_offsets_s[next_index], records)
             next_index += 1
         if not engine.has_unfinished_requests():
+            if next_index == len(trace):  # the last requests were refused: nothing is left to run
+                break
             clock.time_s = max(clock.time_s, start_s + send_offsets_s[next_index])
             continue
         for output in engine.step():
