@@ -1,4 +1,5 @@
-"""Online serving: SLO attainment vs request rate of aptserve's and vLLM's (CPU build) OpenAI servers, side by side.
+"""Online serving: SLO attainment vs request rate of aptserve's and its peers' OpenAI servers (vLLM's CPU build;
+with --peers vllm,llamacpp also llama.cpp's llama-server), side by side.
 
 Each server runs alone (the others stopped, so none shares the cores), on the same model folder, float32, the
 same KV byte budget (aptserve --kv-cache-memory == vLLM --kv-cache-memory-bytes), max-num-seqs, max-model-len and
@@ -14,7 +15,11 @@ never serves a prompt from an earlier point. SLOs are --slo-scale x the unloaded
 vLLM gets every core for its compute threads (VLLM_CPU_OMP_THREADS_BIND=0-<n-1>, VLLM_CPU_NUM_OF_RESERVED_CPU=0)
 and its defaults otherwise (prefix caching, chunked prefill, compiled model); --vllm-eager adds a run with
 --enforce-eager, its other CPU mode, and the better of the two is the reference. aptserve runs torch with
-APTSERVE_NUM_THREADS = OMP_NUM_THREADS = --threads.
+APTSERVE_NUM_THREADS = OMP_NUM_THREADS = --threads. llama-server (benchmarks/llamacpp_env.sh) serves the same folder
+converted to GGUF, with --threads threads, max-num-seqs slots and a KV context of the same bytes, in the setup
+benchmarks/llamacpp_tuning.py found best (benchmarks/_llamacpp.py; --llamacpp-flags changes it); it is checked up
+front, and a peer that cannot run here (no CPU backend for this CPU, a model the converter does not take) is
+recorded as skipped, with its reason, and the run goes on.
 
 Writes <out-dir>/<name>.json and .png (name: serve_compare, or --name); server logs go to a temporary folder; the
 JSON keeps the lines that show each server's effective settings, and a log's tail when a server fails.
@@ -34,9 +39,12 @@ from aptserve.bench.cli import explicit_slos  # noqa: E402
 from aptserve.bench.report import plot_results  # noqa: E402
 from aptserve.bench.serving import (BenchSpec, bench_server, load_bench_trace, measure_unloaded,  # noqa: E402
                                     slos_from_unloaded, throughput_ratios, trace_stats)
+from benchmarks._llamacpp import LlamaCppPeer, parse_flags, prepare_peer, settings_record  # noqa: E402
 from benchmarks.common import RESULTS_DIR, fp32_kv_bytes_per_token, load_average, write_json  # noqa: E402
-from benchmarks.servers import (SERVED_NAME, VLLM, aptserve_command, running_server, settings_lines,  # noqa: E402
-                                vllm_command, vllm_python)
+from benchmarks.servers import (LLAMACPP, SERVED_NAME, VLLM, aptserve_command, llamacpp_command,  # noqa: E402
+                                running_server, settings_lines, vllm_command, vllm_python)
+
+PEERS = (VLLM, LLAMACPP)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "of --aptserve-schedulers)")
     parser.add_argument("--aptserve-schedulers", default="fcfs,chunked,apt-chunked",
                         help="comma-separated; NAME:FLAGS adds serve flags, e.g. chunked:--max-num-batched-tokens=256")
-    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--peers", default=VLLM,
+                        help="comma-separated peers of aptserve: vllm, llamacpp (e.g. vllm,llamacpp); empty for none")
+    parser.add_argument("--skip-vllm", action="store_true", help="drop vllm from --peers")
     parser.add_argument("--vllm-eager", action="store_true", help="also run vLLM with --enforce-eager")
     parser.add_argument("--vllm-python", default=None, help="default: the one vllm_cpu_env.sh makes")
+    parser.add_argument("--llamacpp-flags", default="",
+                        help="llama-server settings over the tuned ones, in its spelling, e.g. '--poll 0 -ub 256 "
+                             "-ctk f16 -ctv f16'; also --weights f32|bf16|f16 (the GGUF) and --cpu-backend "
+                             "auto|wheel|avx2")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "default"),
+                        help="of aptserve and vLLM alike; 'default': no flag, the defaults side by side")
     parser.add_argument("--threads", type=int, default=2, help="compute threads (cores) of each server")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--startup-timeout", type=float, default=900.0)
@@ -76,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sharegpt: independent requests; the others share prefixes (multi-turn conversations "
                              "replayed turn by turn; 4 system prompts of 512 tokens x users) for prefix caching")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.skipped_peers = []
+    return args
 
 
 def log(message: str) -> None:
@@ -87,25 +105,52 @@ def max_model_len(args) -> int:
     return args.max_prompt_len + args.max_output_len
 
 
+def peers(args) -> list[str]:
+    """--peers less --skip-vllm and the peers found unable to run here (args.skipped_peers)."""
+    names = [name for name in args.peers.split(",") if name]
+    unknown = set(names) - set(PEERS)
+    if unknown:
+        raise SystemExit(f"unknown --peers {sorted(unknown)}; known: {', '.join(PEERS)}")
+    dropped = set(args.skipped_peers) | ({VLLM} if args.skip_vllm else set())
+    return [name for name in names if name not in dropped]
+
+
+def is_peer(name: str) -> bool:
+    """vLLM and llama.cpp are measured at their own settings; only aptserve takes the SLOs on its command line."""
+    return name.startswith(PEERS)
+
+
+def served_dtype(args) -> str | None:
+    """The --dtype both aptserve and vLLM get; 'default' gives neither a flag (each server's own choice)."""
+    return None if args.dtype == "default" else args.dtype
+
+
 def server_command(args, name: str, model_dir: str, kv_bytes: int, slos: dict | None) -> tuple[list[str], dict]:
-    """vLLM's server (default or eager), or aptserve with a scheduler (and extra flags after a colon); the apt
-    policies schedule against the benchmark's SLOs, so aptserve gets them too."""
+    """vLLM's server (default or eager), llama.cpp's, or aptserve with a scheduler (and extra flags after a
+    colon); the apt policies schedule against the benchmark's SLOs, so aptserve gets them too."""
     common = (kv_bytes, args.max_num_seqs, max_model_len(args), args.port, args.threads)
     if name.startswith(VLLM):
-        return vllm_command(vllm_python(args.vllm_python), model_dir, *common, eager=name.endswith("eager"))
+        return vllm_command(vllm_python(args.vllm_python), model_dir, *common, eager=name.endswith("eager"),
+                            dtype=served_dtype(args))
+    if name == LLAMACPP:
+        peer: LlamaCppPeer = args.llamacpp_peer
+        return llamacpp_command(peer.server, str(peer.gguf), model_dir, *common,
+                                settings=parse_flags(args.llamacpp_flags), cpu_backend=peer.cpu_backend)
     scheduler, _, flags = name.removeprefix("aptserve-").partition(":")
     extra = flags.replace("=", " ").split()
     if slos:
         extra += ["--ttft-slo", str(slos["ttft_slo_s"]), "--tbt-slo", str(slos["tbt_slo_s"])]
-    return aptserve_command(args.model, *common, scheduler=scheduler, extra=extra)
+    return aptserve_command(args.model, *common, scheduler=scheduler, extra=extra, dtype=served_dtype(args))
 
 
 def server_names(args) -> list[str]:
     """The servers to measure, the SLO reference first (its unloaded latency sets the SLOs)."""
-    vllm = [] if args.skip_vllm else [VLLM] + ([f"{VLLM}-eager"] if args.vllm_eager else [])
-    names = vllm + [f"aptserve-{s}" for s in args.aptserve_schedulers.split(",")]
+    names = []
+    for peer in peers(args):
+        names += [VLLM] + ([f"{VLLM}-eager"] if args.vllm_eager else []) if peer == VLLM else [peer]
+    names += [f"aptserve-{s}" for s in args.aptserve_schedulers.split(",")]
     reference = args.slo_reference or names[0]
-    reference = reference if reference.startswith(VLLM) or reference in names else f"aptserve-{reference}"
+    reference = reference if is_peer(reference) or reference in names else f"aptserve-{reference}"
     if args.ttft_slo is None and reference not in names:
         raise SystemExit(f"--slo-reference {args.slo_reference!r} is not among the servers {names}")
     return sorted(names, key=lambda name: name != reference)
@@ -123,12 +168,13 @@ def bench_one(args, name: str, model_dir: str, kv_bytes: int, spec: BenchSpec, s
               log_dir: Path) -> tuple[dict, dict | None]:
     """Start one server, probe its unloaded latency (and set the SLOs if none yet), sweep, stop it. A failure is
     recorded in the result so the other servers still run."""
-    if slos is None and not name.startswith(VLLM):
+    if slos is None and not is_peer(name):
         slos = probe_slos(args, name, model_dir, kv_bytes, spec, log_dir)
-    argv, env = server_command(args, name, model_dir, kv_bytes, slos)
-    log(f"starting {name}: {' '.join(argv)}")
-    result = {"command": argv, "env": env, "load_average_before": load_average()}
+    result = {"load_average_before": load_average()}
     try:
+        argv, env = server_command(args, name, model_dir, kv_bytes, slos)
+        log(f"starting {name}: {' '.join(argv)}")
+        result |= {"command": argv, "env": env}
         with running_server(name, argv, env, log_dir, args.port, args.startup_timeout) as (url, startup_s):
             unloaded = measure_unloaded(url, spec)
             if slos is None:
@@ -162,13 +208,35 @@ def kv_budget(args, model_dir: str, trace) -> int:
 
 
 def reference_name(servers: dict) -> str | None:
-    """vLLM's better mode (by effective throughput under the paper's rule, then vLLM's) is the reference."""
+    """vLLM's better mode (by effective throughput under the paper's rule, then vLLM's) is the reference; without
+    vLLM, llama.cpp."""
     def score(name: str) -> tuple:
         rates = servers[name].get("effective_throughput") or {}
         return tuple((rates.get(rule) or {}).get("interpolated_rate") or 0.0 for rule in ("paper", "vllm"))
 
-    candidates = [name for name in servers if name.startswith(VLLM) and "points" in servers[name]]
-    return max(candidates, key=score, default=None)
+    for peer in PEERS:
+        candidates = [name for name in servers if name.startswith(peer) and "points" in servers[name]]
+        if candidates:
+            return max(candidates, key=score)
+    return None
+
+
+def prepare_llamacpp(args, model_dir: str) -> dict | None:
+    """Install, convert and probe llama.cpp up front (args.llamacpp_peer); when it cannot run here, drop it from
+    the peers and return its record with the one-line reason, so the JSON says why it is missing."""
+    if LLAMACPP not in peers(args):
+        return None
+    settings = parse_flags(args.llamacpp_flags)
+    record = {"settings": settings_record(settings)}
+    try:
+        peer = prepare_peer(model_dir, settings, args.port)
+    except (RuntimeError, OSError) as error:
+        args.skipped_peers.append(LLAMACPP)
+        log(f"{LLAMACPP} skipped: {error}")
+        return record | {"skipped": str(error)}
+    args.llamacpp_peer = peer
+    log(f"{LLAMACPP}: {peer.gguf}, CPU backend {peer.cpu_backend} (probes: {peer.probes})")
+    return record | {"gguf": str(peer.gguf), "cpu_backend": peer.cpu_backend, "cpu_backend_probes": peer.probes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,16 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give both --ttft-slo and --tbt-slo, or neither (then --slo-scale applies)")
     slos = None if args.ttft_slo is None else explicit_slos(args.ttft_slo, args.tbt_slo, None)
     log(f"model {model_dir}; KV {kv_bytes / 2**20:.0f} MiB; trace {trace_stats(pool)}; load {load_average()}")
-    servers = {}
+    llamacpp = prepare_llamacpp(args, model_dir)
+    servers = {LLAMACPP: llamacpp} if llamacpp and "skipped" in llamacpp else {}
     with tempfile.TemporaryDirectory(prefix="serve-compare-") as log_dir:
         for name in server_names(args):
             servers[name], slos = bench_one(args, name, model_dir, kv_bytes, spec, slos, Path(log_dir))
+            if name == LLAMACPP:
+                servers[name] = llamacpp | servers[name]
             if slos is None:
                 raise SystemExit(f"the SLO reference {name} failed: {servers[name].get('error')}")
     reference = reference_name(servers)
     payload = {
         "benchmark": "serve_compare",
-        "config": {**vars(args), "model_dir": model_dir, "max_model_len": max_model_len(args),
+        "config": {**{k: v for k, v in vars(args).items() if k != "llamacpp_peer"}, "model_dir": model_dir, "max_model_len": max_model_len(args),
                    "kv_cache_memory_bytes": kv_bytes, "api": spec.api, "ignore_eos": True,
                    "requests_per_point": args.num_requests, "fresh_requests_per_point": True},
         "trace": trace_stats(pool), "slo": slos, "servers": servers, "reference": reference,
@@ -214,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_dir = Path(args.out_dir)
     json_path = write_json(out_dir / f"{args.name}.json", payload)
-    plot_results(out_dir / f"{args.name}.png", payload)
+    # Only measured servers have curves (a skipped or failed one would empty the CDFs' common rates).
+    plot_results(out_dir / f"{args.name}.png",
+                 payload | {"servers": {name: s for name, s in servers.items() if "points" in s}})
     for name, server in servers.items():
-        log(f"{name}: effective throughput {server.get('effective_throughput', server.get('error'))}")
+        outcome = server.get("effective_throughput") or server.get("error") or f"skipped: {server.get('skipped')}"
+        log(f"{name}: effective throughput {outcome}")
     log(f"ratios over {reference}: {json.dumps(payload['ratios'])}; wrote {json_path}")
-    return 0 if all("points" in s for s in servers.values()) else 1
+    return 0 if all("points" in s or "skipped" in s for s in servers.values()) else 1
 
 
 if __name__ == "__main__":  # vLLM spawns processes; keep module import side-effect free
