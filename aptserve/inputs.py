@@ -57,10 +57,7 @@ class InputProcessor:
         """The prompt's token ids; InvalidRequestError for text that cannot fit the context or be tokenized."""
         if self.tokenizer is None:
             raise InvalidRequestError("this engine has no tokenizer; send token ids")
-        if len(prompt) > self.max_prompt_chars:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt)} characters, more than {self.model_config.max_model_len} tokens (the "
-                f"maximum context length) can hold; shorten the prompt")
+        self.check_prompt_chars(len(prompt))
         try:
             prompt.encode()  # JSON may carry lone surrogates; the tokenizer fails on them with a TypeError
         except UnicodeEncodeError as exc:
@@ -70,6 +67,20 @@ class InputProcessor:
             return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}") from exc
+
+    def check_prompt_chars(self, num_chars: int, what: str = "the prompt") -> None:
+        """InvalidRequestError for text too long for the context, before anyone tokenizes (or renders) it."""
+        if num_chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{what} has {num_chars} characters, more than {self.model_config.max_model_len} tokens (the "
+                f"maximum context length) can hold; shorten {what}")
+
+    def check_context_ids(self, token_ids, what: str) -> None:
+        """InvalidRequestError unless they are at most a context's worth of ids of this model's vocabulary."""
+        if len(token_ids) > self.model_config.max_model_len:
+            raise InvalidRequestError(f"{what} has {len(token_ids)} ids; at most {self.model_config.max_model_len} "
+                                      "(the maximum context length) are taken")
+        self.check_token_ids(token_ids, what)
 
     def _ids(self, prompt: list[int]) -> list[int]:
         token_ids = list(prompt)

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8133)
     parser.add_argument("--kv-cache-memory", default="256M")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the probes whose names contain one of these strings (and no drain)")
     return parser.parse_args(argv)
 
 
@@ -116,6 +118,62 @@ def burst(url: str) -> str:
     return str(dict(Counter(r.status_code for r in asyncio.run(run()))))
 
 
+def answer(response: httpx.Response) -> str:
+    return f"{response.status_code} {response.text[:140]} ({len(response.content)} bytes)"
+
+
+def many_messages(path: str):
+    """200,000 one-character messages (5.8 MB, under the body limit): the chat template must not render them on
+    the event loop."""
+    messages = [{"role": "user", "content": "a"}] * 200_000
+    return lambda url: answer(httpx.post(f"{url}{path}", json={"model": MODEL, "messages": messages}, timeout=300))
+
+
+def detokenize_ids(url: str) -> str:
+    return answer(httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": [100] * 1_000_000}, timeout=300))
+
+
+def echo_logprobs(url: str) -> str:
+    """A 1,001-token prompt scored (echo + 20 alternatives per token) for each of 4 choices."""
+    prompt = [1] + [100 + i % 1000 for i in range(1000)]
+    response = httpx.post(f"{url}/v1/completions", timeout=300, json=body(
+        prompt=prompt, echo=True, logprobs=20, n=4, max_tokens=1))
+    if response.status_code != 200:
+        return answer(response)
+    scored = [len(c["logprobs"]["tokens"]) for c in response.json()["choices"]]
+    return f"200, tokens with logprobs per choice {scored} ({len(response.content)} bytes)"
+
+
+def n_beyond_queue(url: str) -> str:
+    """n: 64 against --max-queue-len 32 (can never fit), then n: 32 at once (fits when alone)."""
+    return f"n 64: {post(url, body(n=64))[:120]} | then n 32: {post(url, body(n=32))[:3]}"
+
+
+def soak(num_requests: int, concurrency: int):
+    """`concurrency` clients, each sending its next request when the last one is answered: never more in flight
+    than the queue holds, so no 503 is honest."""
+    def probe(url: str) -> str:
+        async def run():
+            counts: Counter = Counter()
+            left = iter(range(num_requests))
+            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+                async def client_loop():
+                    for _ in left:
+                        counts[(await client.post(f"{url}/v1/completions", json=body())).status_code] += 1
+                await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+            return counts
+        return str(dict(asyncio.run(run())))
+    return probe
+
+
+def structured(constraint: dict, **fields):
+    """A completion under a structured-output constraint (vLLM's `structured_outputs`)."""
+    return lambda url: post(url, body(structured_outputs=constraint, **fields))
+
+
+CHOICES_5000 = [str(i) for i in range(5000)]
+
+
 PROBES = {
     "top_k 2**63 (overflows the sampler)": lambda url: post(url, body(top_k=2**63, temperature=1)),
     "max_tokens '16' (a string)": lambda url: post(url, body(max_tokens="16")),
@@ -131,6 +189,18 @@ PROBES = {
     "2,000 idle connections": idle_connections(2000),
     "70 disconnects mid-stream": disconnects,
     "burst of 200 against --max-queue-len 32": burst,
+    # The first structured request after start must not build the grammar tokenizer inside a step (run first).
+    "first structured-output request after start (regex [ab]+)": structured({"regex": "[ab]+"}),
+    "50 KB regex ((a|aa)* x 7142 + b)": structured({"regex": "(a|aa)*" * 7142 + "b"}),
+    "choice with 5,000 options": structured({"choice": CHOICES_5000}),
+    "choice with 5,000 options, n 32": structured({"choice": CHOICES_5000}, n=32),
+    "Lark grammar start: a / a: a": structured({"grammar": "start: a\na: a"}),
+    "chat with 200,000 one-character messages": many_messages("/v1/chat/completions"),
+    "/tokenize with 200,000 one-character messages": many_messages("/tokenize"),
+    "/detokenize with 1,000,000 ids": detokenize_ids,
+    "echo + logprobs 20 on a 1,001-token prompt, n 4": echo_logprobs,
+    "n 64 against --max-queue-len 32, then n 32": n_beyond_queue,
+    "soak: 2,000 requests at concurrency 32 against --max-queue-len 32": soak(2000, 32),
 }
 
 
@@ -191,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_ready(process, url, 600, log_path)
         for name, probe in PROBES.items():
+            if args.only and not any(part in name for part in args.only):
+                continue
             bystander = Bystander(url, body(max_tokens=150, ignore_eos=True))
             bystander.start()
             bystander.started.wait(60)
@@ -202,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                          "units_leaked": settle(url), "bystander_largest_gap_s": round(bystander.largest_gap_s, 3),
                          "bystander_events": bystander.num_events})
             print(json.dumps(rows[-1]), flush=True)
-        rows.append(drain(url, process))
-        print(json.dumps(rows[-1]), flush=True)
+        if not args.only:
+            rows.append(drain(url, process))
+            print(json.dumps(rows[-1]), flush=True)
     finally:
         process.kill()
         process.wait()

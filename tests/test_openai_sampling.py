@@ -227,3 +227,36 @@ def test_echo_returns_the_prompt_and_hf_teacher_forced_logprobs(live, hf):
     assert "".join(e.text for e in events) == choice.text
     assert sum((e.logprobs.token_logprobs for e in events), []) == pytest.approx(choice.logprobs.token_logprobs)
     assert client.completions.create(**{**kwargs, "logprobs": None}).choices[0].text == choice.text
+
+
+def test_n_choices_share_one_scoring_of_the_echoed_prompt(live, hf, monkeypatch):
+    import aptserve.runner.model_runner as model_runner
+
+    scored, score = set(), model_runner.prompt_logprobs
+
+    def counting(model, hidden, request, first_row):
+        scored.add(request.request_id)
+        return score(model, hidden, request, first_row)
+
+    monkeypatch.setattr(model_runner, "prompt_logprobs", counting)
+    num_prompt_tokens = len(hf[1](PROMPT).input_ids)
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0, logprobs=2, echo=True)
+    client = live.client()
+    alone = client.completions.create(**kwargs).choices[0].logprobs
+    scored.clear()
+    whole = client.completions.create(**kwargs, n=3)
+    assert len(scored) == 1  # one scoring for the three choices
+    for choice in whole.choices:
+        assert choice.text.startswith(PROMPT)
+        assert choice.logprobs.tokens[:num_prompt_tokens] == alone.tokens[:num_prompt_tokens]
+        assert choice.logprobs.token_logprobs[:num_prompt_tokens] == pytest.approx(
+            alone.token_logprobs[:num_prompt_tokens], abs=1e-5)
+    firsts = {}
+    for event in client.completions.create(**kwargs, n=3, stream=True):
+        for choice in event.choices:
+            firsts.setdefault(choice.index, choice)
+    assert sorted(firsts) == [0, 1, 2]
+    for choice in firsts.values():  # each choice's first event carries the prompt and its scores
+        assert choice.text.startswith(PROMPT)
+        assert choice.logprobs.token_logprobs[1:num_prompt_tokens] == pytest.approx(
+            alone.token_logprobs[1:num_prompt_tokens], abs=1e-5)

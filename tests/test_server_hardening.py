@@ -52,6 +52,41 @@ def test_values_the_engine_cannot_take_are_refused_at_the_door(live, fields, exp
     live.wait_idle()
 
 
+def test_chat_work_is_bounded_before_rendering_and_detokenize_takes_one_context():
+    from aptserve.server.protocol import MAX_CHAT_ITEMS
+
+    with running_server(sim_engine(num_units=128, step_s=0.03)) as live:
+        _bounded_chat_and_detokenize(live, MAX_CHAT_ITEMS)
+
+
+def _bounded_chat_and_detokenize(live, max_chat_items: int) -> None:
+    bystander = Bystander(live.base_url, completion(max_tokens=100))  # >= 3 s: through every probe
+    bystander.start()
+    assert bystander.started.wait(30)
+    many = [{"role": "user", "content": "a"}] * 200_000  # 5.8 MB: under the body limit
+    for path in ("chat/completions", "../tokenize"):
+        start = time.perf_counter()
+        response = post(live, {"model": SIM, "messages": many}, path)
+        assert response.status_code == 400 and f"at most {max_chat_items} messages" in response.text, response.text
+        assert time.perf_counter() - start < 2
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}] * max_chat_items}]
+    assert post(live, {"model": SIM, "messages": parts}, "chat/completions").status_code == 400
+    long_text = [{"role": "user", "content": "word " * 20_000}] * 10  # few messages, too much text for 128 tokens
+    for path in ("chat/completions", "../tokenize"):
+        response = post(live, {"model": SIM, "messages": long_text}, path)
+        assert response.status_code == 400 and "characters" in response.text, response.text
+    max_model_len = live.engine.config.model.max_model_len
+    too_many = httpx.post(f"{live.base_url}/detokenize", json={"model": SIM, "tokens": [100] * 1_000_000}, timeout=30)
+    assert too_many.status_code == 400 and f"at most {max_model_len}" in too_many.text
+    assert httpx.post(f"{live.base_url}/detokenize", json={"model": SIM, "tokens": [100] * max_model_len},
+                      timeout=30).status_code == 200
+    assert post(live, {"model": SIM, "messages": many[:10], "max_tokens": 2}, "chat/completions").status_code == 200
+    assert bystander.is_alive(), "the probes should have run while the bystander streamed"
+    bystander.join(60)
+    assert bystander.num_events == 100 + 1 and bystander.largest_gap_s < 0.5, bystander.largest_gap_s
+    live.wait_idle()
+
+
 def test_messages_are_checked_per_role(live):
     no_content = post(live, {"model": SIM, "messages": [{"role": "user"}]}, "chat/completions")
     assert no_content.status_code == 400 and "user message needs content" in no_content.text

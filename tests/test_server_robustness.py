@@ -131,6 +131,46 @@ def test_burst_far_above_capacity_gets_clear_503s_and_leaks_nothing():
         assert live.metric("aptserve:request_success_total", finished_reason="length") == len(ok)
 
 
+def test_n_beyond_the_queue_is_a_400_and_a_refusal_leaves_no_trace():
+    with running_server(sim_engine(num_units=128, max_num_seqs=4, step_s=0.005), max_queue_len=8) as live:
+        never = httpx.post(f"{live.base_url}/v1/completions", json=completion(n=9), timeout=30)
+        assert never.status_code == 400, never.text
+        assert "at most 8 (--max-queue-len); lower n" in never.json()["error"]["message"]
+        alone = httpx.post(f"{live.base_url}/v1/completions", json=completion(n=8), timeout=30)  # at once after it
+        assert alone.status_code == 200, alone.text
+        assert len(alone.json()["choices"]) == 8
+        live.wait_idle()
+
+
+def test_a_client_within_the_queue_length_never_gets_a_503_even_when_it_gives_up_on_requests():
+    """Concurrency = --max-queue-len, one request running at a time (so the queue is nearly full all along), and
+    every third request abandoned by its client while it waits, then sent again at once: the abandoned one must
+    not count until the core hears of it, nor a finished one until the core's next step."""
+    num_clients, num_requests = 8, 240
+    with running_server(sim_engine(num_units=128, max_num_seqs=1, step_s=0.005), max_queue_len=num_clients) as live:
+        async def run() -> list[int | str]:
+            statuses: list[int | str] = []
+            left = iter(range(num_requests))
+            async with httpx.AsyncClient(base_url=live.base_url, timeout=60) as client:
+                async def one_client() -> None:
+                    for index in left:
+                        timeout = 0.01 if index % 3 == 0 else 60  # gives up while it waits
+                        try:
+                            response = await client.post("/v1/completions", json=completion(max_tokens=2),
+                                                         timeout=timeout)
+                            statuses.append(response.status_code)
+                        except httpx.TimeoutException:
+                            statuses.append("gave up")
+                await asyncio.gather(*(one_client() for _ in range(num_clients)))
+            return statuses
+
+        statuses = asyncio.run(run())
+        assert 503 not in statuses and len(statuses) == num_requests, statuses
+        assert statuses.count(200) >= num_requests // 2 and "gave up" in statuses
+        live.wait_idle()
+        assert live.metric("aptserve:request_rejected_total") == 0
+
+
 async def _burst(base_url: str, num_requests: int) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=num_requests)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:

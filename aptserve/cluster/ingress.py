@@ -130,10 +130,14 @@ class ClusterEngine:
     def num_unfinished(self) -> int:
         return len(self.streams)
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> ClusterStream:
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Only the drain: the replicas' queues are Ray Serve's, which refuses what does not fit as it routes."""
         if self.draining:
             raise ServerDrainingError("the server is shutting down; send the request to another replica")
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                          ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> ClusterStream:
+        self.check_capacity()
         if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
             processed = await asyncio.to_thread(self.input_processor.process, prompt, params)
         else:

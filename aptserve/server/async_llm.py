@@ -20,7 +20,7 @@ from aptserve.config import EngineConfig
 from aptserve.core.engine_core import EngineCore
 from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, StepStats
 from aptserve.core.snapshot import ReplicaSnapshot
-from aptserve.errors import AptServeError, EngineOverloadedError
+from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
 from aptserve.inputs import InputProcessor
 from aptserve.output_processor import OutputProcessor
 from aptserve.outputs import RequestOutput
@@ -101,7 +101,6 @@ class AsyncLLM:
         self.draining = False  # set on SIGTERM: new requests get 503, running ones finish
         self.dead_reason: str | None = None  # set when the engine core stopped for good
         self._streams: dict[str, RequestStream] = {}
-        self._num_sent_since_stats = 0  # adds the core has not counted in `stats` yet
         self._snapshot_waiters: list[asyncio.Future[ReplicaSnapshot]] = []
         self._started = False
 
@@ -159,11 +158,11 @@ class AsyncLLM:
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> RequestStream:
         """Check, tokenize and queue a request; raises InvalidRequestError (400) or EngineOverloadedError (503)."""
-        self._check_capacity()
+        self.check_capacity()
         if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:  # the tokenizer releases the GIL
             core_request, text = await asyncio.to_thread(self._core_request, request_id, prompt, params, ttft_slo_s,
                                                          tbt_slo_s)
-            self._check_capacity()  # it may have changed meanwhile
+            self.check_capacity()  # it may have changed meanwhile
         else:
             core_request, text = self._core_request(request_id, prompt, params, ttft_slo_s, tbt_slo_s)
         stream = RequestStream(request_id, self)
@@ -171,7 +170,6 @@ class AsyncLLM:
         self.output_processor.add_request(request_id, text, core_request.prompt_token_ids,
                                           core_request.sampling_params, core_request.arrival_s)
         self.core.add_request(core_request)
-        self._num_sent_since_stats += 1
         return stream
 
     def _core_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -196,13 +194,27 @@ class AsyncLLM:
             self.core.poll_snapshot()
         return await waiter
 
-    def _check_capacity(self) -> None:
+    @property
+    def num_waiting(self) -> int:
+        """Requests added and not yet running: those this front end holds (a finished or aborted one leaves at
+        once) less those the core ran at its last step. The core's own waiting count would lag: it still holds a
+        request the front end aborted, or one that finished, until it hears of it, and a client that sends its
+        next request as soon as it has an answer would see that request counted twice."""
+        return max(0, len(self._streams) - self.stats.num_running)
+
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise unless `num_requests` (a request's n choices) can be queued now: InvalidRequestError if they
+        never could, EngineOverloadedError (503) if not now."""
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine has stopped ({self.dead_reason}); the server is going down")
         if self.draining:
             raise ServerDrainingError("the server is shutting down; send the request to another replica")
-        num_waiting = self.stats.num_waiting + self._num_sent_since_stats
-        if num_waiting >= self.max_queue_len:
+        if num_requests > self.max_queue_len:
+            raise InvalidRequestError(
+                f"n is {num_requests}, but each choice is a request and this server queues at most "
+                f"{self.max_queue_len} (--max-queue-len); lower n")
+        num_waiting = self.num_waiting
+        if num_waiting + num_requests > self.max_queue_len:
             raise EngineOverloadedError(
                 f"the server is overloaded: {num_waiting} requests are already waiting (--max-queue-len "
                 f"{self.max_queue_len}); retry later")
@@ -220,7 +232,7 @@ class AsyncLLM:
             if stream is not None:
                 stream.put(output)
         if core_outputs.stats is not None:
-            self.stats, self._num_sent_since_stats = core_outputs.stats, 0
+            self.stats = core_outputs.stats
         if core_outputs.step is not None:
             self._observe_step(core_outputs.step, time.perf_counter() - start_s)
         if core_outputs.snapshot is not None:

@@ -2,6 +2,9 @@
 prefix cache where the pool holds them), read as one stream of (choice index, output).
 
 A seeded request's choice i draws with seed + i, so the choices differ and the answer is reproducible.
+Prompt log probabilities (echo) are the model's distribution over the one prompt, the same for every choice: choice 0
+alone scores the prompt and the others are given its scores, so n choices cost one scoring, not n (each scoring is a
+[prompt, vocabulary] logits pass inside an engine step that other requests wait on).
 """
 from __future__ import annotations
 
@@ -23,22 +26,26 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 class ChoiceStreams:
-    def __init__(self, streams: list) -> None:
+    def __init__(self, streams: list, share_prompt_logprobs: bool = False) -> None:
         self.streams = streams
+        self.share_prompt_logprobs = share_prompt_logprobs  # choice 0's prompt logprobs go to every choice
 
     @classmethod
     async def add(cls, add_one: AddOne, request_id: str, params: SamplingParams, n: int) -> ChoiceStreams:
         """Queue the n requests (ids `request_id` for one choice, else `request_id-i`); if one is refused, the
         ones queued before it are aborted and the refusal is raised."""
-        streams = []
+        streams, share = [], n > 1 and params.prompt_logprobs is not None
         try:
             for index in range(n):
                 child_id = request_id if n == 1 else f"{request_id}-{index}"
-                streams.append(await add_one(child_id, choice_params(params, index)))
+                child_params = choice_params(params, index)
+                if share and index > 0:
+                    child_params = dataclasses.replace(child_params, prompt_logprobs=None)
+                streams.append(await add_one(child_id, child_params))
         except BaseException:
             cls(streams).close()
             raise
-        return cls(streams)
+        return cls(streams, share)
 
     def close(self) -> None:
         """Abort every choice that has not finished; safe to call twice."""
@@ -52,6 +59,9 @@ class ChoiceStreams:
             return
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.ensure_future(self._pump(index, stream, queue)) for index, stream in enumerate(self.streams)]
+        # Sharing: the other choices' outputs wait (in order) until choice 0's first one brings the prompt's scores.
+        held: list[tuple[int, RequestOutput]] = []
+        waiting, shared, seen = self.share_prompt_logprobs, None, set()
         try:
             num_done = 0
             while num_done < len(pumps):
@@ -60,11 +70,29 @@ class ChoiceStreams:
                     raise item
                 if item is None:
                     num_done += 1
-                else:
+                elif not self.share_prompt_logprobs:
                     yield index, item
+                elif waiting and index != 0:
+                    held.append((index, item))
+                else:
+                    if waiting:
+                        waiting, shared, held = False, item.prompt_logprobs, [(index, item), *held]
+                    else:
+                        held = [(index, item)]
+                    for index, item in held:
+                        yield index, self._with_shared(index, item, shared, seen)
+                    held = []
         finally:
             for pump in pumps:
                 pump.cancel()
+
+    @staticmethod
+    def _with_shared(index: int, output: RequestOutput, shared, seen: set[int]) -> RequestOutput:
+        """A choice's first output carries the prompt's scores (a stream's later ones do not)."""
+        if index not in seen:
+            seen.add(index)
+            output.prompt_logprobs = shared
+        return output
 
     @staticmethod
     async def _pump(index: int, stream, queue: asyncio.Queue) -> None:

@@ -45,6 +45,10 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None:
         """Stop the engine; requests still open get an error."""
 
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise unless `num_requests` (a request's n choices) can be queued now: InvalidRequestError (400) if they
+        never could, EngineOverloadedError (503) if not now."""
+
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> ResponseStream:
         """Check, tokenize and queue a request; raises InvalidRequestError (400) or EngineOverloadedError (503)."""

@@ -5,6 +5,7 @@ U+FFFD; chat's `bytes` are that text's UTF-8 bytes.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from aptserve.logprobs import TokenLogprobs
@@ -12,7 +13,14 @@ from aptserve.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionL
 
 
 def token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+    return _decode_one(tokenizer, token_id) if tokenizer is not None else str(token_id)
+
+
+# Formatting runs on the event loop, and an echoed prompt with 20 alternatives per token asks for ~20,000 texts; a
+# tokenizer call costs microseconds each, a lookup here much less. Bounded: at most a vocabulary's worth.
+@functools.lru_cache(maxsize=1 << 18)
+def _decode_one(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
 
 
 def _finite(logprob: float) -> float:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
-import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
-from aptserve.errors import InvalidRequestError
+from aptserve.errors import EngineOverloadedError
 from aptserve.outputs import RequestOutput
 from aptserve.server.async_llm import AsyncLLM
+from aptserve.server.chat_template import render_chat
 from aptserve.server.choices import ChoiceStreams
 from aptserve.server.errors import APIError, error_response
 from aptserve.server.logprobs_format import chat_logprobs
@@ -24,6 +24,7 @@ from aptserve.server.protocol import (AssistantMessage, ChatChoice, ChatCompleti
 from aptserve.server.streaming import EventStreamResponse, chat_events, completion_choice, completion_events, usage
 
 router = APIRouter()
+DISCONNECT_GRACE_S = 0.005
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 500, 503)}
 # Completions answer JSON, or with "stream": true server-sent events (one JSON object per `data:` line).
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
@@ -68,7 +69,10 @@ async def create_completion(body: CompletionRequest,
                    for index, output in enumerate(outputs)]
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage(outputs))
 
-    return await _serve(raw_request, body, "cmpl", body.prompt_input, completion_events, respond)
+    async def prompt() -> str | list[int]:
+        return body.prompt_input()
+
+    return await _serve(raw_request, body, "cmpl", prompt, completion_events, respond)
 
 
 @router.post("/v1/chat/completions", response_model=None,
@@ -87,18 +91,27 @@ async def create_chat_completion(body: ChatCompletionRequest,
                                       stop_reason=completion.stop_reason))
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(outputs))
 
-    return await _serve(raw_request, body, "chatcmpl", lambda: _chat_prompt(raw_request, body), chat_events,
-                        respond)
+    engine = raw_request.app.state.engine
+    return await _serve(raw_request, body, "chatcmpl", lambda: render_chat(engine, body.conversation()),
+                        chat_events, respond)
 
 
-async def _serve(raw_request: Request, body: SamplingRequest, id_prefix: str, prompt: Callable[[], str | list[int]],
-                 events: Callable, respond: Callable) -> Response | BaseModel:
+async def _serve(raw_request: Request, body: SamplingRequest, id_prefix: str,
+                 prompt: Callable[[], Awaitable[str | list[int]]], events: Callable,
+                 respond: Callable) -> Response | BaseModel:
     """Queue the request's n choices, then stream their events or answer once with `respond(final outputs, id,
     model)`."""
     model = served_model(raw_request, body.model)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     engine: AsyncLLM = raw_request.app.state.engine
-    text_or_ids, params = prompt(), body.to_sampling_params()
+    try:  # before any work: a request that cannot be queued costs nothing
+        engine.check_capacity(body.n)
+    except EngineOverloadedError:
+        # A client that gave up on a request and sent its next one at once: the first one's disconnect may be
+        # received but not yet processed (its abort is a few loop turns away); let it land before refusing.
+        await asyncio.sleep(DISCONNECT_GRACE_S)
+        engine.check_capacity(body.n)
+    text_or_ids, params = await prompt(), body.to_sampling_params()
 
     def add_one(child_id: str, child_params):
         return engine.add_request(child_id, text_or_ids, child_params, body.ttft_slo, body.tbt_slo)
@@ -119,21 +132,6 @@ def served_model(raw_request: Request, name: str | None) -> str:
         raise APIError(400, f"the model {name!r} does not exist; this server serves {names[0]!r}",
                        param="model", code="model_not_found")
     return names[0]
-
-
-def _chat_prompt(raw_request: Request, body: ChatCompletionRequest) -> str:
-    return render_chat(raw_request.app.state.engine.tokenizer, body.conversation())
-
-
-def render_chat(tokenizer, conversation: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The messages as the model's chat template renders them (the text of a chat request's prompt)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise InvalidRequestError("this model has no chat template; use /v1/completions")
-    try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as exc:
-        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
 
 
 async def _final_outputs(raw_request: Request, streams: ChoiceStreams) -> list[RequestOutput] | None:
