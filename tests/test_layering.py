@@ -44,11 +44,11 @@ def import_graph() -> dict[str, set[str]]:
 # (the longest prefix that names it), so a new one must be put somewhere on purpose.
 LAYERS = (
     ("foundation", ("aptserve.config", "aptserve.errors", "aptserve.paths", "aptserve.flags", "aptserve.logprobs",
-                    "aptserve.sampling", "aptserve.structured_output", "aptserve.cache.geometry")),
+                    "aptserve.sampling", "aptserve.structured_output", "aptserve.cache.geometry", "aptserve.hardware")),
     # Our decoder modules, and the model folders and configs they load from.
     ("model", ("aptserve.model", "aptserve.registry", "aptserve.checkpoints", "aptserve.calibration")),
     ("cache/sched", ("aptserve.cache", "aptserve.sched", "aptserve.request")),
-    ("runner", ("aptserve.runner", "aptserve.engine_args")),
+    ("runner", ("aptserve.runner", "aptserve.engine_args", "aptserve.grammar_compiler")),
     ("core", ("aptserve.core",)),
     ("engine/front end", ("aptserve.engine", "aptserve.llm", "aptserve.inputs", "aptserve.outputs",
                           "aptserve.output_processor", "aptserve.detokenizer")),
