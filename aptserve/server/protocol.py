@@ -13,9 +13,8 @@ from aptserve.server.structured_protocol import ResponseFormat, StructuredOutput
 
 # Choices of one request (each is a request in the engine): bounded so one request cannot fill the batch alone.
 MAX_CHOICES = 64
-# Messages and content parts of one chat request together: each costs a Python object to validate and a turn of
-# the chat template's loop (200,000 one-character messages, 5.8 MB, took seconds), so they are counted on the raw
-# JSON before either; 4,096 validate and render in about 0.1 s.
+# Messages and content parts of one chat request: each costs an object to validate and a turn of the template's loop
+# (200,000 one-character messages took seconds); counted on the raw JSON first. 4,096 take about 0.1 s.
 MAX_CHAT_ITEMS = 4096
 
 
@@ -150,8 +149,7 @@ def _count_chat_items(messages):
             num_items += sum(len(m["content"]) for m in messages
                              if isinstance(m, dict) and isinstance(m.get("content"), list))
         if num_items > MAX_CHAT_ITEMS:
-            raise ValueError(f"a request holds at most {MAX_CHAT_ITEMS} messages and content parts together, got "
-                             f"{num_items}")
+            raise ValueError(f"a request holds at most {MAX_CHAT_ITEMS} messages and content parts, got {num_items}")
     return messages
 
 
