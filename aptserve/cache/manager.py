@@ -59,6 +59,8 @@ class CacheManager:
         self._cached: dict[tuple[CacheKind, bytes], CachedBlock] = {}
         self._evictable: OrderedDict[tuple[CacheKind, bytes], CachedBlock] = OrderedDict()  # no readers, LRU first
         self._num_evictable_units = 0
+        # Units in use per kind (own units and read cached blocks), kept as they change: usage() is read every step.
+        self._num_used_units = {kind: 0 for kind in CacheKind}
         self.num_evicted_blocks = 0
         self.num_cache_changes = 0  # blocks registered or evicted: a lookup made before is still valid if unchanged
 
@@ -126,6 +128,7 @@ class CacheManager:
         if block.ref_count == 0:
             del self._evictable[block.key]
             self._num_evictable_units -= len(block.unit_ids)
+            self._num_used_units[block.key[0]] += len(block.unit_ids)
         block.ref_count += 1
 
     def _release(self, block: CachedBlock) -> None:
@@ -133,6 +136,7 @@ class CacheManager:
         if block.ref_count == 0:
             self._evictable[block.key] = block
             self._num_evictable_units += len(block.unit_ids)
+            self._num_used_units[block.key[0]] -= len(block.unit_ids)
 
     def _take(self, num_units: int, owner: str) -> list[int] | None:
         """`num_units` units from the free list, evicting unread cached blocks (least recently released first) if
@@ -168,6 +172,7 @@ class CacheManager:
         held = len(table.unit_ids) if table is not None else sum(len(block.unit_ids) for block in prefix)
         new_ids = self._take(max(0, self.num_units_for(kind, num_tokens) - held), request_id)
         assert new_ids is not None  # can_allocate counted every unit _take may use
+        self._num_used_units[kind] += len(new_ids)
         if table is None:
             table = self._tables[request_id] = RequestTable(kind)
             for block in prefix:
@@ -190,6 +195,7 @@ class CacheManager:
         new_ids = self._take(self.num_units_for(new_kind, num_tokens), request_id)
         if new_ids is None:
             return None
+        self._num_used_units[new_kind] += len(new_ids)
         old_ids = list(table.unit_ids)
         self._drop(request_id, table)
         self._tables[request_id] = RequestTable(new_kind, new_ids, [None] * (len(new_ids) // self._units_per_block[
@@ -208,6 +214,7 @@ class CacheManager:
         own = [unit for index, block in enumerate(table.blocks) if block is None
                for unit in table.unit_ids[index * upb:(index + 1) * upb]]
         self.pool.free(own, request_id)
+        self._num_used_units[table.kind] -= len(own)
         for block in reversed(table.blocks):  # the tail first: evicted before the prefix it extends
             if block is not None:
                 self._release(block)
@@ -231,6 +238,13 @@ class CacheManager:
     def usage(self) -> dict[str, int]:
         """Units in use per kind (a shared block once), `cached`: blocks nobody reads (reusable, evictable), and
         free."""
+        used = {kind.value: num for kind, num in self._num_used_units.items()}
+        used["cached"] = self._num_evictable_units
+        used["free"] = self.pool.num_free
+        return used
+
+    def _count_usage(self) -> dict[str, int]:
+        """usage() counted from the tables and blocks (check_invariants compares the two)."""
         used = {kind.value: 0 for kind in CacheKind}
         for table in self._tables.values():
             upb = self._units_per_block[table.kind]
@@ -270,3 +284,4 @@ class CacheManager:
         assert len(self._evictable) <= len(self._cached)
         assert self._num_evictable_units == sum(len(b.unit_ids) for b in self._evictable.values())
         assert own_units + cached_units + self.pool.num_free == self.pool.capacity, "owned + cached + free != capacity"
+        assert self.usage() == self._count_usage(), "the usage counts drifted from the tables"

@@ -44,12 +44,16 @@ class _Step:
 
 
 def _options(item: KnapsackItem, budget: int) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
-    """The item's (units, value) for KV and for hidden, dropping options that cannot help."""
-    kv = (item.kv_units, item.kv_value) if 0 < item.kv_units <= budget and item.kv_value >= 0 else None
+    return options(item.kv_units, item.kv_value, item.hidden_units, item.hidden_value, budget)
+
+
+def options(kv_units: int, kv_value: float, hidden_units: int | None, hidden_value: float | None, budget: int,
+            ) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
+    """An item's (units, value) for KV and for hidden, dropping options that cannot help."""
+    kv = (kv_units, kv_value) if 0 < kv_units <= budget and kv_value >= 0 else None
     hidden = None
-    if (item.hidden_units is not None and item.hidden_value is not None and 0 < item.hidden_units <= budget
-            and item.hidden_value >= 0):
-        hidden = (item.hidden_units, item.hidden_value)
+    if hidden_units is not None and hidden_value is not None and 0 < hidden_units <= budget and hidden_value >= 0:
+        hidden = (hidden_units, hidden_value)
     if kv and hidden and (hidden[0] >= kv[0] or hidden[1] >= kv[1]):
         # Hidden that is no smaller is useless; hidden worth as much as KV makes KV useless.
         return (kv, None) if hidden[0] >= kv[0] else (None, hidden)
@@ -58,6 +62,14 @@ def _options(item: KnapsackItem, budget: int) -> tuple[tuple[int, float] | None,
 
 def _gain(value: float, units: int) -> float:
     return value / units
+
+
+def first_gain(kv: tuple[int, float] | None, hidden: tuple[int, float] | None) -> float | None:
+    """Gain per unit of an item's first step in the walk, from its `options` (None: it has none); its other step,
+    if any, comes later, so an item ranks among the others by this."""
+    if hidden and (kv is None or _gain(hidden[1], hidden[0]) >= _gain(kv[1], kv[0])):
+        return _gain(hidden[1], hidden[0])
+    return _gain(kv[1], kv[0]) if kv else None
 
 
 def _steps(items: list[KnapsackItem], budget: int) -> list[_Step]:
@@ -78,7 +90,10 @@ def _steps(items: list[KnapsackItem], budget: int) -> list[_Step]:
 
 
 def solve(items, budget: int) -> dict[Hashable, CacheKind | None]:
-    """Choose CacheKind.KV, CacheKind.HIDDEN or None per item id; total units never exceed `budget`."""
+    """Choose CacheKind.KV, CacheKind.HIDDEN or None per item id; total units never exceed `budget`; the value
+    chosen is at least half the best choice among `items`. The apt policies pass at most a bounded set of waiting
+    requests (apt_candidates.py): the bound is then over those, and the same as over the whole queue whenever
+    memory stops the walk inside them."""
     items = list(items)
     choices: dict[Hashable, CacheKind | None] = {item.id: None for item in items}
     used, value = 0, 0.0

@@ -12,6 +12,7 @@ costing). Running requests keep decoding in the kind they hold (hidden ones from
 they are preempted only when the pool cannot hold their next tokens, lowest value per unit first.
 Preempting for nothing would throw away a cache that costs a whole prefill to rebuild, which is why
 this departs from the paper's decode greedy (that one may evict a running request to admit nobody).
+A long queue is not priced whole each step: apt_candidates.py hands the greedy those that rank first in its walk.
 
 `apt` (the paper's iteration): each step is a prefill or a decode iteration, whichever side has waited
 longer in total (decode if no prefill fits). `apt-chunked` (ours): every step does both,
@@ -25,9 +26,11 @@ from aptserve.cache.manager import CacheKind
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.request import Request
 from aptserve.sched.apt import KnapsackItem, solve
+from aptserve.sched.apt_candidates import MIN_CANDIDATES, ShapePrice, waiting_candidates
 from aptserve.sched.base import Scheduler
 from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
 from aptserve.sched.output import SchedulerOutput
+from aptserve.sched.waiting import ShapeBucket
 
 # Value of a request past its SLO, relative to its pending time: tiny, but ordered by waiting time.
 VIOLATOR_WEIGHT = 1e-6
@@ -63,7 +66,7 @@ class AptScheduler(Scheduler):
         num_live = self._num_live(now)
         plan = self._plan(now, num_live, upgrades=False)
         running_p = sum(now - r.last_token_s for r in self.running)
-        waiting_p = sum(now - r.last_token_s for r in self.waiting)
+        waiting_p = self._total_waiting_pending_s(now)
         if self.running and (running_p > waiting_p or not plan):
             self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, False, now)
             self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
@@ -73,7 +76,12 @@ class AptScheduler(Scheduler):
     # --- values ------------------------------------------------------------------------------
     def _num_live(self, now: float) -> int:
         """U: requests in the system not yet past their SLO."""
-        return sum(not r.is_past_slo(now) for r in (*self.waiting, *self.running))
+        return self.waiting.num_live(now) + sum(not r.is_past_slo(now) for r in self.running)
+
+    def _total_waiting_pending_s(self, now: float) -> float:
+        if len(self.waiting) <= MIN_CANDIDATES:
+            return sum(now - r.last_token_s for r in self.waiting)
+        return len(self.waiting) * now - self.waiting.sum_last_token_s  # the same sum, not added up each step
 
     def _value(self, request: Request, now: float) -> float:
         pending_s = now - request.last_token_s
@@ -98,6 +106,18 @@ class AptScheduler(Scheduler):
         return self.cache.num_new_units(request.request_id, kind, request.num_tokens,
                                         self.prefix.cached_prefix(request, kind))
 
+    def _shape_price(self, bucket: ShapeBucket, num_live: int) -> ShapePrice:
+        """(KV units, hidden units or None, hidden cost) of a waiting request of this shape with no prefix cached,
+        as _waiting_item prices it (ALL_HIDDEN: the hidden table is the one option, in the KV slot)."""
+        num_blocks = bucket.num_blocks
+        hidden_units = num_blocks * self.cache.units_per_block(CacheKind.HIDDEN)
+        if self.hybrid_cache == HybridMode.ALL_HIDDEN:
+            return hidden_units, None, 0.0
+        kv_units = num_blocks * self.cache.units_per_block(CacheKind.KV)
+        if self.hybrid_cache == HybridMode.OFF or hidden_units >= kv_units:
+            return kv_units, None, 0.0
+        return kv_units, hidden_units, num_live * self.alpha_s * num_blocks
+
     def _upgrade_item(self, request: Request, num_live: int) -> KnapsackItem:
         extra = (self.cache.num_units_for(CacheKind.KV, request.num_tokens)
                  - self.cache.num_units_for(CacheKind.HIDDEN, request.num_tokens))
@@ -108,11 +128,16 @@ class AptScheduler(Scheduler):
     def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True) -> list[PlanEntry]:
         """(item id, choice) the greedy picks against the free memory, best value per unit first."""
         # A full batch admits nobody (else a prefill iteration that admits nobody could repeat forever).
-        admissible = waiting and len(self.running) < self.config.max_num_seqs
-        items = [self._waiting_item(r, now, num_live) for r in self.waiting] if admissible else []
+        num_free_seqs = self.config.max_num_seqs - len(self.running)
+        budget = self._free_units_for_plan()
+        items = []
+        if waiting and num_free_seqs > 0:
+            candidates = waiting_candidates(self.waiting, now, max(MIN_CANDIDATES, num_free_seqs), budget,
+                                            VIOLATOR_WEIGHT, lambda bucket: self._shape_price(bucket, num_live))
+            items = [self._waiting_item(r, now, num_live) for r in candidates]
         if upgrades and self.hybrid_cache == HybridMode.ON:
             items += [self._upgrade_item(r, num_live) for r in self.running if r.cache_kind == CacheKind.HIDDEN]
-        choices = solve(items, self._free_units_for_plan())
+        choices = solve(items, budget)
         by_id = {item.id: item for item in items}
         plan = [(item_id, choice) for item_id, choice in choices.items() if choice is not None]
         plan.sort(key=lambda entry: -by_id[entry[0]].kv_value / by_id[entry[0]].kv_units)

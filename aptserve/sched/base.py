@@ -6,7 +6,6 @@ finishing what it stops, freeing cache units) lives here, so policies differ onl
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import ClassVar
 
 from aptserve.cache.manager import CachedBlock, CacheKind, CacheManager
@@ -18,6 +17,7 @@ from aptserve.sched.prefix_lookup import PrefixLookup
 from aptserve.sched.step_cost import StepCostModel, attention_work
 from aptserve.sched.stop import check_stop
 from aptserve.sched.tbt_allowance import next_gap_allowance_s
+from aptserve.sched.waiting import WaitingQueue
 
 # The smallest prompt chunk a step takes even when the step-time bound leaves no room, so prompts progress.
 MIN_CHUNK_TOKENS = 32
@@ -57,7 +57,7 @@ class Scheduler:
         self.watermark_units = int(config.cache.watermark * self.cache.num_units)
         # Predicted step time from a step's make-up; the engine core refits it from the steps it runs.
         self.step_cost = StepCostModel()
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue(config.cache.block_size)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_request_ids: list[str] = []
