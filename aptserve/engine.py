@@ -31,7 +31,7 @@ class LLMEngine:
         self.config: EngineConfig = core.config
         self.tokenizer = tokenizer
         self.core = core
-        self.input_processor = InputProcessor(self.config, tokenizer)
+        self.input_processor = InputProcessor(self.config, tokenizer, core.grammar_compiler)  # one compiler
         self.output_processor = OutputProcessor(tokenizer)
         self._request_counter = itertools.count()
         # The last step's accounting and gauges (None before the first step).

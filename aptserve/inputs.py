@@ -12,6 +12,7 @@ import dataclasses
 from aptserve.cache.geometry import cdiv, max_tokens_of_one_request, smallest_units_per_block
 from aptserve.config import EngineConfig
 from aptserve.errors import InvalidRequestError
+from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.sampling import SamplingParams
 
 # How much a tokenizer's normalizer may shorten text (Unicode composition joins up to ~3 code points into one).
@@ -26,10 +27,12 @@ class ProcessedPrompt:
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+    def __init__(self, config: EngineConfig, tokenizer=None, grammars: GrammarCompiler | None = None) -> None:
+        """`grammars`: compiles structured-output constraints to check them (None: such requests are refused)."""
         self.config = config
         self.model_config = config.model
         self.tokenizer = tokenizer
+        self.grammars = grammars
         # Once, at start-up: reading the vocabulary takes tens of milliseconds.
         self.max_prompt_chars = self._max_prompt_chars() if tokenizer is not None else 0
 
@@ -102,9 +105,9 @@ class InputProcessor:
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.check_token_ids(params.logit_bias or (), "logit_bias keys")
         if params.structured is not None:
-            if self.tokenizer is None:
+            if self.grammars is None:
                 raise InvalidRequestError("structured output needs the model's tokenizer; this engine has none")
-            params.structured.check()
+            self.grammars.compile(params.structured)  # may take seconds: the server calls process() off its loop
         asked = max(params.logprobs or 0, params.prompt_logprobs or 0)
         if asked > self.config.max_logprobs:
             raise InvalidRequestError(f"logprobs asks for {asked} alternatives per token; this server returns at "

@@ -8,7 +8,8 @@ The kinds are vLLM's `structured_outputs` choices (OpenAI's `response_format` ma
 The backend is llguidance (the constrained-decoding library vLLM and llama.cpp also use). Measured at batch 32
 (benchmarks/sampling_features.py), xgrammar fills the masks faster (0.1 vs 1.1 ms per step) but either is about 1%
 of a step there, and xgrammar pulls triton and apache-tvm-ffi into the install while llguidance needs no other
-package. This module is pure (llguidance is imported on first use); the mask and the matchers are runner/grammar.py's.
+package. This module is pure (llguidance is imported on first use); compiling against the tokenizer (and every
+check that needs it) is grammar_compiler.py's; the mask and the matchers are runner/grammar.py's.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class StructuredOutput:
         return cls("choice", json.dumps(choices))
 
     def grammar(self) -> str:
-        """The llguidance grammar (not yet checked: `check` does that)."""
+        """The llguidance grammar text (checked against the tokenizer only when compiled: grammar_compiler.py)."""
         from llguidance import LLMatcher
 
         if self.kind == "json":
@@ -54,13 +55,8 @@ class StructuredOutput:
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.spec)
         if self.kind == "choice":  # JSON string literals are Lark string literals
-            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(self.spec)))
+            # One lexeme (a terminal), not one rule per option: the lexer matches thousands of literals in one
+            # state, where the parser would hold an item per option and stop past its 2,000 items per row.
+            options = " | ".join(json.dumps(c) for c in json.loads(self.spec))
+            return LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {options}")
         return LLMatcher.grammar_from_lark(self.spec)
-
-    def check(self) -> None:
-        """Raise InvalidRequestError with the compiler's message if the constraint cannot compile."""
-        from llguidance import LLMatcher
-
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(self.grammar())
-        if is_error:
-            raise InvalidRequestError(f"the {self.kind} constraint does not compile: {messages[0]}")

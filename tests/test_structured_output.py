@@ -1,23 +1,32 @@
 """Structured output on the real default model: every answer parses and validates (jsonschema) on 50 sampled requests
 served across preemption, each kind (JSON schema, JSON object, regex, choice, Lark grammar) through the official
-client, under every scheduler policy offline, and a clear 400 for a constraint that cannot compile."""
+client, under every scheduler policy offline, and a clear 400 for a constraint that cannot compile.
+
+Issue 25: constraints are compiled at the door, against a tokenizer view built at start-up, and never inside a
+step: what llguidance refuses (a 50 KB regex, a grammar that matches nothing) is a 400 that leaks nothing, a choice
+of 5,000 options is served, a constraint is compiled once (an LRU by its text), and a grammar the engine core has
+not seen compiles in a worker while the step runs the other requests."""
 from __future__ import annotations
 
 import json
 import re
+import threading
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
 from aptserve import LLM, SamplingParams
 from aptserve.cache.geometry import bytes_per_unit
+from aptserve.core.messages import EngineCoreRequest
 from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs
 from aptserve.errors import InvalidRequestError
+from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.registry import load_model_config, resolve_model
 from aptserve.structured_output import StructuredOutput
-from tests.test_server import FRANCE, MODEL, running_server
+from tests.test_server import FRANCE, MODEL, running_server, wait_until
 
 PERSON = {
     "type": "object",
@@ -123,6 +132,110 @@ def test_structured_output_penalties_and_logprobs_under_every_policy():
 def test_kinds_are_checked_before_anything_runs():
     with pytest.raises(InvalidRequestError, match="kind"):
         StructuredOutput("yaml", "a: b")
-    with pytest.raises(InvalidRequestError, match="does not compile"):
-        StructuredOutput("regex", "[a-").check()
-    StructuredOutput("json", json.dumps(PERSON)).check()
+    compiler = GrammarCompiler.for_model(load_model_config(resolve_model(MODEL)))
+    with pytest.raises(InvalidRequestError, match="regex constraint cannot be used"):
+        compiler.compile(StructuredOutput("regex", "[a-"))
+    compiler.compile(StructuredOutput("json", json.dumps(PERSON)))
+
+
+# --- compiled at the door and off the step (issue 25) ---------------------------------------------------------
+HUGE_REGEX = "(a|aa)*" * 7142 + "b"  # 50 KB: its lexer cannot be precomputed within llguidance's limits
+CHOICES_5000 = [str(i) for i in range(5000)]
+
+
+def test_grammar_tokenizer_is_built_at_start_up_and_shared_with_the_door(tight):
+    compiler = tight.engine.core.grammar_compiler
+    assert compiler is not None and compiler.ll_tokenizer.vocab_size == tight.engine.config.model.vocab_size
+    assert tight.engine.input_processor.grammars is compiler  # one tokenizer view per process
+    assert tight.engine.executor.grammars._executor is not None  # the mask's threads too
+
+
+@pytest.mark.parametrize("structured, message", [
+    ({"regex": HUGE_REGEX}, "lexer precomputation failed"),
+    ({"grammar": "start: a\na: a"}, "matches no text"),
+])
+def test_constraints_the_compiler_refuses_are_a_400_and_leak_nothing(tight, structured, message):
+    client = tight.client(timeout=300)
+    compiles = tight.engine.core.grammar_compiler.num_compiles
+    for _ in range(2):  # the second refusal comes from the cache
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=4, n=2,
+                                      extra_body={"structured_outputs": structured})
+    assert tight.engine.core.grammar_compiler.num_compiles == compiles + 1
+    tight.wait_idle()
+    assert tight.engine.cache.num_free_units == tight.engine.cache.num_units
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text  # still serving
+
+
+def test_a_choice_of_5000_options_is_one_lexeme_and_served(tight):
+    answer = tight.client(timeout=300).completions.create(
+        model=MODEL, prompt="Pick a number:", max_tokens=8, temperature=1.0, seed=7, n=4,
+        extra_body={"structured_outputs": {"choice": CHOICES_5000}})
+    assert all(c.text in CHOICES_5000 and c.finish_reason == "stop" for c in answer.choices)
+    tight.wait_idle()
+    assert tight.engine.cache.num_free_units == tight.engine.cache.num_units
+
+
+def test_a_constraint_is_compiled_once_and_the_cache_is_bounded():
+    compiler = GrammarCompiler.for_model(load_model_config(resolve_model(MODEL)))
+    compiler.cache_size = 2
+    first = compiler.compile(StructuredOutput("regex", "[ab]+"))
+    assert compiler.compile(StructuredOutput("regex", "[ab]+")) is first and compiler.num_compiles == 1
+    for regex in ("a+", "b+", "[ab]+"):
+        compiler.compile(StructuredOutput("regex", regex))
+    assert compiler.num_compiles == 4  # "[ab]+" was evicted by the two after it
+    mine, other = (compiler.matcher(StructuredOutput("regex", "[ab]+")) for _ in range(2))
+    assert mine.consume_tokens(compiler.ll_tokenizer.tokenize_str("ab"))
+    assert mine.is_accepting() and not other.is_accepting()  # each request's matcher is its own copy
+
+
+def test_a_new_grammar_compiles_in_a_worker_while_the_step_runs_others(monkeypatch):
+    """Straight to the core, as the engine-core process gets a request: its compiler has not seen the constraint,
+    so the request waits beside the scheduler while a worker compiles it; no compile runs on the stepping thread."""
+    engine = LLMEngine.from_engine_args(EngineArgs(model=MODEL, kv_cache_memory=tight_budget(), max_num_seqs=8))
+    compiler, threads = engine.core.grammar_compiler, []
+    real_compile = compiler.compile
+    monkeypatch.setattr(compiler, "compile", lambda s: threads.append(threading.current_thread().name) or
+                        real_compile(s))
+    bystander = engine.add_request("Tell me a story.", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    engine.step()
+    params = SamplingParams(temperature=0, max_tokens=8, structured=StructuredOutput.choice(CHOICES_5000))
+    prompt_ids = engine.tokenizer("Pick a number:").input_ids
+    request = EngineCoreRequest("constrained", prompt_ids, params, engine.clock.now())
+    engine.output_processor.add_request("constrained", None, prompt_ids, params, request.arrival_s)
+    engine.core.add_request(request)
+    assert "constrained" not in engine.scheduler.requests and engine.core.stats().num_waiting == 1
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert outputs["constrained"].outputs[0].text in CHOICES_5000
+    assert len(outputs[bystander.request_id].outputs[0].token_ids) == 40
+    assert threads and all(name.startswith("aptserve-grammar") for name in threads)
+    assert engine.cache.num_free_units == engine.cache.num_units
+
+
+@pytest.mark.slow
+def test_served_in_a_process_constraints_are_checked_at_the_door_and_the_core_keeps_serving():
+    """`aptserve serve` as users run it (the core in its own process, which compiles again off the step)."""
+    from tests.test_engine_process import serving
+
+    with serving("--max-queue-len", "32") as (base_url, _):
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=300)
+        first = client.completions.create(model=MODEL, prompt="Say:", max_tokens=6,
+                                          extra_body={"structured_outputs": {"regex": "[ab]+"}})
+        assert re.fullmatch("[ab]+", first.choices[0].text)
+        for structured, message in [({"regex": HUGE_REGEX}, "lexer precomputation failed"),
+                                    ({"grammar": "start: a\na: a"}, "matches no text")]:
+            with pytest.raises(openai.BadRequestError, match=message):
+                client.completions.create(model=MODEL, prompt="hi", max_tokens=4, n=4,
+                                          extra_body={"structured_outputs": structured})
+        picked = client.completions.create(model=MODEL, prompt="Pick a number:", max_tokens=8, n=4, temperature=1.0,
+                                           extra_body={"structured_outputs": {"choice": CHOICES_5000}})
+        assert all(c.text in CHOICES_5000 for c in picked.choices)
+        wait_until(lambda: _units_used(base_url) == 0, 60, "the pool to be free")
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text
+
+
+def _units_used(base_url: str) -> float:
+    lines = httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("aptserve:cache_units_used"))

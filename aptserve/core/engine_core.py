@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from aptserve.config import EngineConfig, ModelConfig
+from aptserve.core.grammar_gate import GrammarGate
 from aptserve.core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, EngineStats, StepStats
 from aptserve.core.snapshot import ReplicaSnapshot, take_snapshot
 from aptserve.engine_args import AlphaFn, EngineArgs, resolve
@@ -23,6 +24,9 @@ from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutpu
 from aptserve.sched.step_cost import StepCostFitter, attention_work
 
 logger = logging.getLogger(__name__)
+
+# How long a step with nothing to run but grammars compiling waits for one (instead of spinning).
+GRAMMAR_WAIT_S = 0.01
 
 
 class Executor(Protocol):
@@ -48,6 +52,17 @@ class EngineCore:
         self.step_cost_fitter = StepCostFitter(self.scheduler.step_cost)
         self.num_steps = 0
         self._last_step_end_s = time.perf_counter()
+        # Structured-output requests wait here, not in a step, while their grammar compiles (executors with a
+        # GrammarBank: the ModelRunner's; the simulator's has none).
+        bank = getattr(executor, "grammars", None)
+        self.grammar_gate = GrammarGate(bank) if bank is not None and bank.compiler is not None else None
+        self._refused: list[EngineCoreOutput] = []  # requests the gate dropped, told with the next outputs
+
+    @property
+    def grammar_compiler(self):
+        """The GrammarCompiler this core runs grammars with (None without one): an engine in one process shares it
+        with its front end, so a constraint checked at the door is compiled once."""
+        return self.grammar_gate.bank.compiler if self.grammar_gate is not None else None
 
     def add_request(self, core_request: EngineCoreRequest) -> Request:
         """Queue a request the front end has checked; raises InvalidRequestError for a duplicate id."""
@@ -56,19 +71,40 @@ class EngineCore:
             request_id=core_request.request_id, prompt_token_ids=core_request.prompt_token_ids,
             sampling_params=core_request.sampling_params, arrival_s=core_request.arrival_s, ttft_slo_s=ttft_slo_s,
             tbt_slo_s=tbt_slo_s, eos_token_ids=self.config.model.eos_token_ids)
-        self.scheduler.add_request(request)
+        if self.grammar_gate is None or self.grammar_gate.admit(request):
+            self.scheduler.add_request(request)
         return request
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        if self.grammar_gate is not None:
+            self.grammar_gate.abort(request_ids)
         for request_id in request_ids:
             self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.grammar_gate) or bool(self._refused)
+
+    def _admit_compiled(self) -> None:
+        """Move the requests whose grammar has compiled to the scheduler; with nothing else to run, wait a little
+        for one first."""
+        gate = self.grammar_gate
+        if not gate:
+            return
+        if not self.scheduler.has_unfinished_requests():
+            gate.wait(GRAMMAR_WAIT_S)
+        for request in gate.ready(lambda request_id, error: self._refused.append(
+                EngineCoreOutput(request_id, [], "abort", error=f"structured output: {error}"))):
+            try:
+                self.scheduler.add_request(request)
+            except Exception as exc:  # a duplicate id: that request's refusal alone
+                gate.bank.forget([request.request_id])
+                self._refused.append(EngineCoreOutput(request.request_id, [], "abort", error=f"{exc}"))
 
     def step(self) -> EngineCoreOutputs | None:
         """One batch: schedule, execute, update (the scheduler appends tokens and finishes what they stop). None
         when nothing ran."""
+        self._admit_compiled()
+        refused, self._refused = self._refused, []
         start_s = time.perf_counter()
         sched_out = self.scheduler.schedule(self.clock.now())
         scheduled_s = time.perf_counter()
@@ -76,7 +112,7 @@ class EngineCore:
             if sched_out.finished_request_ids or sched_out.conversions:  # aborted state; cache moves
                 self.executor.execute(sched_out)
             self._last_step_end_s = time.perf_counter()
-            return None
+            return EngineCoreOutputs(self.clock.now(), refused, stats=self.stats()) if refused else None
         try:
             runner_out = self.executor.execute(sched_out)
             executed_s = time.perf_counter()
@@ -90,7 +126,7 @@ class EngineCore:
         failures = [self._fail(request_id, error) for request_id, error in runner_out.failed.items()]
         now = self.clock.now()
         sampled = self.scheduler.update_from_output(sched_out, runner_out, now)
-        outputs = [self._output(request, runner_out) for request in sampled] + failures
+        outputs = [self._output(request, runner_out) for request in sampled] + failures + refused
         self.num_steps += 1
         end_s = time.perf_counter()
         step = _step_stats(sched_out, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
@@ -169,14 +205,15 @@ class EngineCore:
 
     def fail_all(self, error: str) -> EngineCoreOutputs:
         """Abort every request (the loop hit a bug outside a batch); each one's front end gets `error`."""
-        request_ids = list(self.scheduler.requests)
+        request_ids = list(self.scheduler.requests) + (self.grammar_gate.request_ids if self.grammar_gate else [])
         self.abort_requests(request_ids)
         outputs = [EngineCoreOutput(request_id, [], "abort", error=error) for request_id in request_ids]
         return EngineCoreOutputs(self.clock.now(), outputs, stats=self.stats())
 
     def stats(self) -> EngineStats:
         scheduler, cache = self.scheduler, self.scheduler.cache
-        return EngineStats(scheduler.num_running, scheduler.num_waiting, cache.num_units, cache.usage(),
+        num_waiting = scheduler.num_waiting + len(self.grammar_gate or ())  # compiling counts as waiting
+        return EngineStats(scheduler.num_running, num_waiting, cache.num_units, cache.usage(),
                            scheduler.num_preemptions, scheduler.num_conversions, self.num_steps,
                            self.config.cache.hybrid.value, scheduler.num_prefix_query_tokens,
                            scheduler.num_prefix_hit_tokens)

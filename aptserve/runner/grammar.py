@@ -3,8 +3,9 @@ computed for all of them at once (llguidance's executor, in parallel native thre
 one batched op; the matchers advance by the sampled tokens.
 
 A matcher lives as long as its request (dropped with the sampler's generators when it finishes), so preemption and
-recompute keep its position: the tokens it has consumed are never sampled again. The tokenizer view llguidance
-needs is built on the first constrained request (about a second), not at start-up.
+recompute keep its position: the tokens it has consumed are never sampled again. Each is a copy of a grammar the
+GrammarCompiler (built at start-up with the tokenizer) compiled off the step: the engine core hands it in with
+`add` before the request reaches the scheduler (core/grammar_gate.py), so a step never compiles.
 """
 from __future__ import annotations
 
@@ -12,17 +13,27 @@ from collections.abc import Sequence
 
 import torch
 
+from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.sched.output import ScheduledRequest
 
 BITS = 32
 
 
 class GrammarBank:
-    def __init__(self, tokenizer_path: str | None, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
-        self.tokenizer_path, self.vocab_size, self.eos_token_ids = tokenizer_path, vocab_size, tuple(eos_token_ids)
-        self._tokenizer = None
+    def __init__(self, compiler: GrammarCompiler | None, vocab_size: int) -> None:
+        """`compiler`: None for a model without a tokenizer (no structured output)."""
+        self.compiler, self.vocab_size = compiler, vocab_size
         self._executor = None
+        if compiler is not None:  # its native threads start here, not in a step
+            import llguidance
+            import llguidance.torch  # noqa: F401
+
+            self._executor = llguidance.LLExecutor()
         self._matchers: dict[str, object] = {}
+
+    def add(self, request_id: str, compiled) -> None:
+        """Give a request its own matcher, a copy of its compiled grammar (GrammarCompiler.compile)."""
+        self._matchers[request_id] = compiled.deep_copy()
 
     def forget(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -55,22 +66,8 @@ class GrammarBank:
 
     def _matcher(self, row: ScheduledRequest):
         matcher = self._matchers.get(row.request_id)
-        if matcher is None:
-            import llguidance
-
-            if self._tokenizer is None:
-                import llguidance.hf
-
-                from aptserve.registry import load_tokenizer
-
-                if self.tokenizer_path is None:
-                    raise ValueError("structured output needs the model's tokenizer")
-                self._tokenizer = llguidance.hf.from_tokenizer(load_tokenizer(self.tokenizer_path),
-                                                               n_vocab=self.vocab_size,
-                                                               eos_token=list(self.eos_token_ids) or None)
-                self._executor = llguidance.LLExecutor()
-            matcher = llguidance.LLMatcher(self._tokenizer, row.sampling_params.structured.grammar())
-            if matcher.is_error():
-                raise ValueError(f"structured output does not compile: {matcher.get_error()}")
-            self._matchers[row.request_id] = matcher
+        if matcher is None:  # a core without a grammar gate (a bare runner): compile here
+            if self.compiler is None:
+                raise ValueError("structured output needs the model's tokenizer")
+            matcher = self._matchers[row.request_id] = self.compiler.matcher(row.sampling_params.structured)
         return matcher

@@ -16,6 +16,7 @@ import torch
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, min_hidden_scratch_tokens
 from aptserve.config import EngineConfig, ModelConfig
 from aptserve.errors import ConversionFailedError
+from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.logprobs import LogprobsMode
 from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.cpu_kernels import cpu_kernels
@@ -81,8 +82,12 @@ class ModelRunner:
                         and cpu_kernels() is not None)
         self.metadata_builder = AttentionMetadataBuilder(
             self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope, self.dtype, paged_kernel)
+        # Built at start-up, not on the first constrained request: the tokenizer view takes about a second.
         self.sampler = Sampler(seed, self.device, model_config.eos_token_ids, logprobs_mode,
-                               tokenizer_path=model_config.path, vocab_size=model_config.vocab_size)
+                               grammar_compiler=GrammarCompiler.for_model(model_config),
+                               vocab_size=model_config.vocab_size)
+        # The engine core hands each constrained request's compiled grammar in here (core/grammar_gate.py).
+        self.grammars = self.sampler.grammars
         self.decode_group_bytes = default_decode_group_bytes(self.device, paged_kernel)
 
     @classmethod

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.logprobs import LogprobsMode, TokenLogprobs
 from aptserve.runner.grammar import GrammarBank
 from aptserve.runner.logits_processing import apply_constraints, apply_min_p, apply_top_k_top_p
@@ -32,13 +33,13 @@ class SamplerOutput(NamedTuple):
 
 class Sampler:
     def __init__(self, seed: int = 0, device: str | torch.device = "cpu", eos_token_ids: Sequence[int] = (),
-                 logprobs_mode: LogprobsMode = LogprobsMode.RAW, tokenizer_path: str | None = None,
+                 logprobs_mode: LogprobsMode = LogprobsMode.RAW, grammar_compiler: GrammarCompiler | None = None,
                  vocab_size: int = 0) -> None:
         self.seed = seed
         self.device = torch.device(device)
         self.eos_token_ids = tuple(eos_token_ids)
         self.logprobs_mode = logprobs_mode
-        self.grammars = GrammarBank(tokenizer_path, vocab_size, eos_token_ids)
+        self.grammars = GrammarBank(grammar_compiler, vocab_size)
         self._generators: dict[str, torch.Generator] = {}
 
     def forget(self, request_ids: list[str]) -> None:

@@ -21,6 +21,7 @@ from aptserve.core.engine_core import EngineCore
 from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, StepStats
 from aptserve.core.snapshot import ReplicaSnapshot
 from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
+from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.inputs import InputProcessor
 from aptserve.output_processor import OutputProcessor
 from aptserve.outputs import RequestOutput
@@ -85,7 +86,7 @@ class RequestStream:
 
 class AsyncLLM:
     def __init__(self, core, tokenizer, max_queue_len: int = 1024, log_step_stats: bool = False,
-                 step_log: str | None = None) -> None:
+                 step_log: str | None = None, grammars: GrammarCompiler | None = None) -> None:
         self.core = core
         self.config: EngineConfig = core.config
         self.tokenizer = tokenizer
@@ -94,7 +95,9 @@ class AsyncLLM:
         # One JSON object per step (StepStats and the front end's output seconds), line-buffered so that a reader
         # sees whole lines while the server runs.
         self._step_log = open(step_log, "a", buffering=1, encoding="utf-8") if step_log else None
-        self.input_processor = InputProcessor(self.config, tokenizer)
+        self.input_processor = InputProcessor(self.config, tokenizer, grammars)
+        # Requests with a constraint pass the door here, one at a time: compiling may take seconds of CPU.
+        self._grammar_door = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aptserve-grammar")
         self.output_processor = OutputProcessor(tokenizer)
         self.stats = core.initial_stats()  # the core's gauges after its last step; /metrics reads only this
         self.metrics = ServerMetrics(lambda: self.stats, self.config)
@@ -109,7 +112,7 @@ class AsyncLLM:
         """What `aptserve serve` runs (and each cluster replica): the engine core in a process of its own, or with
         --engine-in-thread in a thread of this one; raises EngineStartError."""
         from aptserve.core.client import ProcessCore
-        from aptserve.registry import load_tokenizer, resolve_model
+        from aptserve.registry import load_model_config, load_tokenizer, resolve_model
 
         if server_args.engine_in_thread:
             from aptserve.core.engine_core import build_engine_core
@@ -118,11 +121,13 @@ class AsyncLLM:
             return cls.in_thread(core, load_tokenizer(core.config.model.path), server_args)
         model_path = resolve_model(engine_args.model)  # a known model's folder is built here, before the core reads it
         # The tokenizer (seconds of imports) loads while the core process starts and loads the weights.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aptserve-tokenizer") as pool:
+        # So is the grammar compiler of the door (its tokenizer view: ~0.5 s).
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aptserve-tokenizer") as pool:
             tokenizer = pool.submit(load_tokenizer, model_path)
+            grammars = pool.submit(lambda: GrammarCompiler.for_model(load_model_config(model_path)))
             process_core = ProcessCore.launch(engine_args, log_level=logging.getLogger().level)
             return cls(process_core, tokenizer.result(), server_args.max_queue_len, server_args.log_step_stats,
-                       server_args.step_log)
+                       server_args.step_log, grammars.result())
 
     @classmethod
     def in_thread(cls, core: EngineCore, tokenizer, server_args) -> AsyncLLM:
@@ -130,7 +135,7 @@ class AsyncLLM:
         from aptserve.core.client import ThreadCore
 
         return cls(ThreadCore(core), tokenizer, server_args.max_queue_len, server_args.log_step_stats,
-                   server_args.step_log)
+                   server_args.step_log, core.grammar_compiler)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +146,7 @@ class AsyncLLM:
         """Stop the core; requests still open get an error."""
         self.core.stop()
         await asyncio.to_thread(self.core.shutdown)
+        self._grammar_door.shutdown(wait=False, cancel_futures=True)
         self._fail_all("the server is shutting down")
         if self._step_log is not None:
             self._step_log.close()
@@ -159,9 +165,11 @@ class AsyncLLM:
                           ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> RequestStream:
         """Check, tokenize and queue a request; raises InvalidRequestError (400) or EngineOverloadedError (503)."""
         self.check_capacity()
-        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:  # the tokenizer releases the GIL
-            core_request, text = await asyncio.to_thread(self._core_request, request_id, prompt, params, ttft_slo_s,
-                                                         tbt_slo_s)
+        if params.structured is not None or isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+            # The tokenizer and the grammar compiler release the GIL.
+            door = self._grammar_door if params.structured is not None else None
+            core_request, text = await asyncio.get_running_loop().run_in_executor(
+                door, self._core_request, request_id, prompt, params, ttft_slo_s, tbt_slo_s)
             self.check_capacity()  # it may have changed meanwhile
         else:
             core_request, text = self._core_request(request_id, prompt, params, ttft_slo_s, tbt_slo_s)
