@@ -7,6 +7,7 @@ import json
 import pytest
 
 from aptserve.cli import main
+from tests.test_cli_errors import bad_flags_error
 
 ARGS = ["sim", "--model", "opt-13b", "--gpu", "a100-40gb", "--dataset", "sharegpt", "--num-requests", "60",
         "--rates", "1,4,64", "--ttft-slo", "0.25", "--tbt-slo", "0.1", "--policies", "fcfs,apt-chunked",
@@ -86,12 +87,11 @@ def test_bisect_refines_between_the_last_pass_and_the_first_failure(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--step-time-scale", "0"), ("--step-overhead-s", "-0.1"),
                                         ("--request-latency-s", "-1")])
-def test_served_path_terms_out_of_range_are_refused(flag, value, tmp_path):
-    with pytest.raises(SystemExit, match="step-time-scale"):
-        main([*ARGS, flag, value, "--out", str(tmp_path / "sim.json")])
+def test_served_path_terms_out_of_range_are_refused(flag, value, tmp_path, capsys):
+    assert "step-time-scale" in bad_flags_error([*ARGS, flag, value, "--out", str(tmp_path / "sim.json")], capsys)
 
 
-def test_a_trace_the_dataset_cannot_fill_is_a_usage_error(tmp_path):
+def test_a_trace_the_dataset_cannot_fill_is_a_usage_error(tmp_path, capsys):
     args = [a if a != "60" else "100000" for a in ARGS]
-    with pytest.raises(SystemExit, match="ShareGPT pairs pass the length filter"):
-        main([*args, "--out", str(tmp_path / "sim.json")])
+    assert "ShareGPT pairs pass the length filter" in bad_flags_error([*args, "--out", str(tmp_path / "sim.json")],
+                                                                       capsys)
