@@ -48,8 +48,9 @@ class EngineArgs(FlagTable):
     block_size: int = flag(16, "tokens per cache block", int)
     scheduler: str = flag("apt-chunked", "scheduling policy: " + "; ".join(
         f"{name}: {policy.summary}" for name, policy in sorted(POLICIES.items())), choices=tuple(sorted(POLICIES)))
-    hybrid_cache: str = flag("auto", "hidden cache: 'auto' (on where it is smaller than KV), 'off', 'on', "
-                             "'all-hidden'", choices=tuple(m.value for m in HybridMode))
+    hybrid_cache: str = flag("auto", "hidden cache: 'auto' (on where it is smaller than KV, for the policies that "
+                             "choose it: apt, apt-chunked), 'off', 'on', 'all-hidden'",
+                             choices=tuple(m.value for m in HybridMode))
     max_num_seqs: int = flag(256, "most requests in one batch", int)
     max_num_batched_tokens: int | None = flag(
         None, "most tokens per step (default: the policy's; " + ", ".join(
@@ -94,7 +95,7 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
         model_config = model_config.with_max_model_len(args.max_model_len)
     policy = policy_class(args.scheduler)
     dtype, kv_cache_dtype = resolve_dtypes(args, model_config)
-    hybrid = resolve_hybrid_cache(HybridMode(args.hybrid_cache), model_config)
+    hybrid = resolve_hybrid_cache(HybridMode(args.hybrid_cache), model_config, policy)
     cache = _cache_config(args, model_config, hybrid, kv_cache_dtype)
     fitting = max_tokens_of_one_request(cache)
     if fitting < model_config.max_model_len:
@@ -147,9 +148,15 @@ def resolve_dtypes(args: EngineArgs, model_config: ModelConfig) -> tuple[str, st
     return dtype, dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
 
 
-def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig) -> HybridMode:
-    """AUTO -> ON where the hidden cache is smaller than the KV cache (r < 1), else OFF."""
+def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig, policy: type[Scheduler]) -> HybridMode:
+    """AUTO -> ON where the hidden cache is smaller than the KV cache (r < 1) and the policy chooses cache kinds,
+    else OFF: under a policy that never chooses HIDDEN the scratch would only take memory, and a context capped by
+    what fits as hidden rows would be admitted by nobody (the engine stepped forever). ON is kept for such a policy
+    (kinds are then set by hand: LLMEngine.convert_request)."""
     ratio = model_config.hidden_kv_ratio
+    if mode == HybridMode.AUTO and not policy.prices_hidden_cache:
+        logger.info("hybrid cache off: the %s policy never chooses the hidden cache", policy.name)
+        return HybridMode.OFF
     if mode == HybridMode.AUTO:
         if ratio >= 1:
             logger.info("hybrid cache off: a hidden row (%d values) is not smaller than K+V (%d values), "

@@ -14,12 +14,15 @@ Compiling may take seconds (llguidance drops the GIL meanwhile): callers on an e
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 from collections.abc import Sequence
 
 from aptserve.errors import InvalidRequestError
 from aptserve.structured_output import StructuredOutput
+
+logger = logging.getLogger(__name__)
 
 # Compiled grammars kept (a lexer of a large grammar holds megabytes).
 CACHE_SIZE = 128
@@ -64,11 +67,17 @@ class GrammarCompiler:
 
     @classmethod
     def for_model(cls, model_config) -> GrammarCompiler | None:
-        """The compiler for a ModelConfig's tokenizer; None for a folder without one (token ids only)."""
+        """The compiler for a ModelConfig's tokenizer; None for a folder without one (token ids only) or one
+        llguidance cannot take (e.g. more tokens than the model's vocabulary): the engine serves, without
+        structured output."""
         if model_config.path is None or not any(os.path.isfile(os.path.join(model_config.path, name))
                                                 for name in TOKENIZER_FILES):
             return None
-        return cls(model_config.path, model_config.vocab_size, model_config.eos_token_ids)
+        try:
+            return cls(model_config.path, model_config.vocab_size, model_config.eos_token_ids)
+        except ValueError as exc:
+            logger.warning("structured output unavailable: llguidance cannot take this tokenizer (%s)", exc)
+            return None
 
     def cached(self, structured: StructuredOutput):
         """The compiled matcher if this constraint compiled before (InvalidRequestError if it was refused), else

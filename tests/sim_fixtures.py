@@ -4,13 +4,15 @@ from __future__ import annotations
 from aptserve.cache.geometry import bytes_per_unit, min_hidden_scratch_tokens, scratch_bytes
 from aptserve.config import HybridMode, ModelConfig
 from aptserve.engine_args import EngineArgs, resolve_hybrid_cache
+from aptserve.sched import policy_class
 
 
 def pool_bytes(model: ModelConfig, num_units: int, block_size: int, hybrid_cache: str = "off",
-               hidden_scratch_tokens: int = EngineArgs.hidden_scratch_tokens) -> int:
+               hidden_scratch_tokens: int = EngineArgs.hidden_scratch_tokens,
+               scheduler: str = EngineArgs.scheduler) -> int:
     """The --kv-cache-memory that leaves exactly `num_units` units once the recompute scratch is taken out."""
     budget = num_units * bytes_per_unit(model, block_size, "float32")
-    if resolve_hybrid_cache(HybridMode(hybrid_cache), model) != HybridMode.OFF:
+    if resolve_hybrid_cache(HybridMode(hybrid_cache), model, policy_class(scheduler)) != HybridMode.OFF:
         scratch_tokens = max(hidden_scratch_tokens, min_hidden_scratch_tokens(model, block_size))
         budget += scratch_bytes(model, scratch_tokens, "float32")
     return budget
@@ -20,4 +22,5 @@ def sim_args(model: ModelConfig, num_units: int, block_size: int, hybrid_cache: 
     """EngineArgs for `model` (fp32) whose pool holds `num_units` units; alpha 0 unless given."""
     kwargs.setdefault("alpha", 0.0)
     return EngineArgs(model="sim", block_size=block_size, hybrid_cache=hybrid_cache,
-                      kv_cache_memory=pool_bytes(model, num_units, block_size, hybrid_cache), **kwargs)
+                      kv_cache_memory=pool_bytes(model, num_units, block_size, hybrid_cache,
+                                                 scheduler=kwargs.get("scheduler", EngineArgs.scheduler)), **kwargs)

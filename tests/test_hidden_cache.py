@@ -243,7 +243,7 @@ def test_all_hidden_matches_kv(engine_case):
 
 
 def test_mixed_batch_matches_kv(engine_case):
-    engine = make_engine(engine_case.path, "auto")
+    engine = make_engine(engine_case.path, "on")
     tokens = run_engine(engine, engine_case.prompts, {0: convert(["r0", "r2"], HIDDEN)})
     assert tokens == engine_case.kv_tokens
     kinds = [[r.cache_kind for r in sorted(step, key=lambda r: r.request_id)] for step in scheduled_steps(engine)]
@@ -251,7 +251,7 @@ def test_mixed_batch_matches_kv(engine_case):
 
 
 def test_hidden_to_kv_in_place_mid_decode_matches_kv(engine_case):
-    engine = make_engine(engine_case.path, "auto")
+    engine = make_engine(engine_case.path, "on")
     actions = {0: convert(["r0", "r1", "r2"], HIDDEN), 4: convert(["r0", "r2"], KV)}
     assert run_engine(engine, engine_case.prompts, actions) == engine_case.kv_tokens
     conversions = [out.conversions for out in engine.executor.outputs if out.conversions]
@@ -262,7 +262,7 @@ def test_hidden_to_kv_in_place_mid_decode_matches_kv(engine_case):
 
 
 def test_kv_to_hidden_by_recompute_mid_decode_matches_kv(engine_case):
-    engine = make_engine(engine_case.path, "auto")
+    engine = make_engine(engine_case.path, "on")
     assert run_engine(engine, engine_case.prompts, {4: convert(["r1", "r3"], HIDDEN)}) == engine_case.kv_tokens
     preempted = [(i, out.preempted_request_ids) for i, out in enumerate(engine.executor.outputs)
                  if out.preempted_request_ids]
@@ -278,7 +278,7 @@ def test_all_hidden_under_a_tight_budget_preempts_and_matches_kv(engine_case):
 
 
 def test_chunked_prefill_of_hidden_requests_matches_kv(engine_case):
-    engine = make_engine(engine_case.path, "auto", policy="chunked", max_num_batched_tokens=16)
+    engine = make_engine(engine_case.path, "on", policy="chunked", max_num_batched_tokens=16)
     tokens = run_engine(engine, engine_case.prompts, {0: convert(["r1", "r2"], HIDDEN)})
     assert tokens == engine_case.kv_tokens
     steps = scheduled_steps(engine)

@@ -6,6 +6,7 @@ from aptserve.cache.geometry import hidden_units_per_block
 from aptserve.config import HybridMode, ModelConfig
 from aptserve.engine_args import resolve_hybrid_cache
 from aptserve.sampling import SamplingParams
+from aptserve.sched import policy_class
 from aptserve.sim.executor import CostModelExecutor
 from aptserve.sim.simulator import sim_engine
 from tests.sim_fixtures import sim_args
@@ -42,9 +43,13 @@ def drain(engine):
 
 
 def test_auto_turns_hidden_on_for_mha_and_off_for_gqa():
-    assert resolve_hybrid_cache(HybridMode.AUTO, MHA) == "on"
-    assert resolve_hybrid_cache(HybridMode.AUTO, GQA) == "off"
-    assert resolve_hybrid_cache(HybridMode.OFF, MHA) == "off"
+    apt, fcfs = policy_class("apt"), policy_class("fcfs")
+    assert resolve_hybrid_cache(HybridMode.AUTO, MHA, apt) == "on"
+    assert resolve_hybrid_cache(HybridMode.AUTO, GQA, apt) == "off"
+    assert resolve_hybrid_cache(HybridMode.OFF, MHA, apt) == "off"
+    # A policy that never chooses HIDDEN: no scratch, and contexts sized by the KV kind it admits; on by hand only.
+    assert resolve_hybrid_cache(HybridMode.AUTO, MHA, fcfs) == "off"
+    assert resolve_hybrid_cache(HybridMode.ON, MHA, fcfs) == "on"
     assert hidden_units_per_block(MHA.hidden_size, MHA.kv_dim) == 1
     assert hidden_units_per_block(GQA.hidden_size, GQA.kv_dim) == 3
 
@@ -61,6 +66,16 @@ def test_all_hidden_doubles_the_tokens_the_pool_holds_on_mha():
     assert engine.cache.usage()["hidden"] == 4 * 9 and engine.cache.usage()["kv"] == 0
     assert len(drain(engine)) == 4
     assert engine.cache.num_free_units == 40
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "chunked"])
+def test_auto_under_a_policy_that_never_chooses_hidden_sizes_contexts_by_what_it_admits(policy):
+    """Capped by what 40 units hold as hidden rows (160 tokens), a 150-token request fit, and fcfs, which admits
+    only KV, stepped forever without admitting it."""
+    engine, _ = make_engine("auto", num_units=40, policy=policy)
+    assert engine.hybrid_cache == "off" and engine.config.model.max_model_len == 80  # 40 units as KV
+    engine.add_request(list(range(3, 73)), SamplingParams(max_tokens=8), request_id="long")
+    assert len(drain(engine)) == 1 and engine.cache.num_free_units == 40
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "chunked"])
