@@ -1,13 +1,17 @@
 """A/B of the engine's CPU speed work, in one process: each change switched off on its own, the rest as shipped.
 
+- few-row kernel: decode-sized linears (<= linear.KERNEL_MAX_ROWS rows) on our C++ kernel over plain weights, vs
+  every linear on oneDNN-packed weights (what machines without the kernels run);
 - packed: oneDNN-packed (and fused, with the activations and residual adds inside the GEMMs) linears, vs the same
   fused linears on plain F.linear (what machines without oneDNN packing run);
 - paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA.
 
 Each configuration builds its own engine on the default model and is timed with step_speed's figures (decode step
-at 1, 8 and 32 rows of 256-token contexts, prefill of one 512-token prompt), min of --repeats.
+at --decode-rows rows of --decode-contexts-token contexts, prefill of one prompt of each --prefill-lens), min of
+--repeats.
 
-    .venv/bin/python benchmarks/engine_ab.py        # ~4 min
+    .venv/bin/python benchmarks/engine_ab.py        # ~6 min
+    .venv/bin/python benchmarks/engine_ab.py --configs "as shipped,oneDNN-packed linears" --prefill-lens 256,1024,2048
 """
 from __future__ import annotations
 
@@ -21,14 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks._step_speed_common import measure  # noqa: E402
 from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
 
-CONFIGS = {"as shipped": (), "plain linears": ("packed",), "gather attention": ("kernel",),
-           "neither": ("packed", "kernel")}
+CONFIGS = {"as shipped": (), "oneDNN-packed linears": ("few-rows",), "plain linears": ("few-rows", "packed"),
+           "gather attention": ("kernel",), "none of them": ("few-rows", "packed", "kernel")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--decode-rows", default="1,8,32")
+    parser.add_argument("--decode-contexts", default="256")
+    parser.add_argument("--prefill-lens", default="512")
+    parser.add_argument("--name", default="engine_ab", help="file name of the results")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
 
@@ -38,7 +47,9 @@ def switched_off(features: tuple[str, ...]):
     from aptserve.model import linear
     from aptserve.runner import model_runner
 
-    saved = linear.can_pack, model_runner.cpu_kernels
+    saved = linear.few_rows_kernel, linear.can_pack, model_runner.cpu_kernels
+    if "few-rows" in features:
+        linear.few_rows_kernel = lambda weight: None
     if "packed" in features:
         linear.can_pack = lambda weight: False
     if "kernel" in features:
@@ -46,36 +57,45 @@ def switched_off(features: tuple[str, ...]):
     try:
         yield
     finally:
-        linear.can_pack, model_runner.cpu_kernels = saved
+        linear.few_rows_kernel, linear.can_pack, model_runner.cpu_kernels = saved
 
 
 def run(args, features: tuple[str, ...]) -> dict:
     from aptserve import LLM, SamplingParams
 
     with switched_off(features):
-        llm = LLM(model=args.model, kv_cache_memory=512 << 20, max_num_seqs=64, max_model_len=2048)
+        llm = LLM(model=args.model, kv_cache_memory=512 << 20, max_num_seqs=64, max_model_len=4096)
 
     def generate(prompts, max_tokens):
         start = time.perf_counter()
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - start
 
-    result = measure(generate, [1, 8, 32], [512], args.repeats, [256])
-    return result
+    return measure(generate, _ints(args.decode_rows), _ints(args.prefill_lens), args.repeats, _ints(args.decode_contexts))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
     results = {}
-    for name, features in CONFIGS.items():
+    for name, features in configs.items():
         results[name] = run(args, features)
         print(f"{name}: {results[name]}", flush=True)
-    write_json(Path(args.out_dir) / "engine_ab.json", {"benchmark": "engine_ab", "config": vars(args),
-                                                       "switched_off": CONFIGS, "results": results})
-    labels = [f"{name}\n{what}" for name in results for what in ("decode x1", "decode x8", "decode x32", "prefill 512")]
-    values = [v for r in results.values() for v in (r["decode"]["1"]["step_ms"], r["decode"]["8"]["step_ms"],
-                                                    r["decode"]["32"]["step_ms"], r["prefill"]["512"]["ms"])]
-    bar_chart(Path(args.out_dir) / "engine_ab.png", labels, values, title="engine A/B, one process (ms, lower is "
+    write_json(Path(args.out_dir) / f"{args.name}.json", {"benchmark": "engine_ab", "config": vars(args),
+                                                       "switched_off": configs, "results": results})
+    labels, values = [], []
+    for name, result in results.items():
+        for rows, figure in result["decode"].items():
+            labels.append(f"{name}\ndecode x{rows}")
+            values.append(figure["step_ms"])
+        for length, figure in result["prefill"].items():
+            labels.append(f"{name}\nprefill {length}")
+            values.append(figure["ms"])
+    bar_chart(Path(args.out_dir) / f"{args.name}.png", labels, values, title="engine A/B, one process (ms, lower is "
               "better)", ylabel="ms")
     return 0
 
