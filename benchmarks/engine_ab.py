@@ -1,7 +1,5 @@
 """A/B of the engine's CPU speed work, in one process: each change switched off on its own, the rest as shipped.
 
-- few-row kernel: decode-sized linears (<= linear.KERNEL_MAX_ROWS rows) on our C++ kernel over plain weights, vs
-  every linear on oneDNN-packed weights (what machines without the kernels run);
 - packed: oneDNN-packed (and fused, with the activations and residual adds inside the GEMMs) linears, vs the same
   fused linears on plain F.linear (what machines without oneDNN packing run);
 - paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA.
@@ -11,7 +9,7 @@ at --decode-rows rows of --decode-contexts-token contexts, prefill of one prompt
 --repeats.
 
     .venv/bin/python benchmarks/engine_ab.py        # ~6 min
-    .venv/bin/python benchmarks/engine_ab.py --configs "as shipped,oneDNN-packed linears" --prefill-lens 256,1024,2048
+    .venv/bin/python benchmarks/engine_ab.py --configs "as shipped,plain linears" --prefill-lens 256,1024,2048
 """
 from __future__ import annotations
 
@@ -25,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks._step_speed_common import measure  # noqa: E402
 from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
 
-CONFIGS = {"as shipped": (), "oneDNN-packed linears": ("few-rows",), "plain linears": ("few-rows", "packed"),
-           "gather attention": ("kernel",), "none of them": ("few-rows", "packed", "kernel")}
+CONFIGS = {"as shipped": (), "plain linears": ("packed",), "gather attention": ("kernel",),
+           "neither": ("packed", "kernel")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,9 +45,7 @@ def switched_off(features: tuple[str, ...]):
     from aptserve.model import linear
     from aptserve.runner import model_runner
 
-    saved = linear.few_rows_kernel, linear.can_pack, model_runner.cpu_kernels
-    if "few-rows" in features:
-        linear.few_rows_kernel = lambda weight: None
+    saved = linear.can_pack, model_runner.cpu_kernels
     if "packed" in features:
         linear.can_pack = lambda weight: False
     if "kernel" in features:
@@ -57,7 +53,7 @@ def switched_off(features: tuple[str, ...]):
     try:
         yield
     finally:
-        linear.few_rows_kernel, linear.can_pack, model_runner.cpu_kernels = saved
+        linear.can_pack, model_runner.cpu_kernels = saved
 
 
 def run(args, features: tuple[str, ...]) -> dict:

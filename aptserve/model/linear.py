@@ -6,11 +6,6 @@ the widest vector units; oneDNN does, with the weight reordered once into its bl
 apply an activation (swish, relu, gelu) or an elementwise add/multiply with another tensor inside the GEMM, which
 saves the separate passes of the residual add and of SiLU-and-multiply. Where packing is not available (another
 device, a dtype oneDNN cannot pack on this CPU) the same calls run on plain F.linear.
-With few rows (decode steps) a linear is a pass over its weight, bounded by memory bandwidth; there our C++
-kernel (csrc/few_rows_linear.cpp) streams the plain weight with every row of x per weight tile, which oneDNN's
-packed kernels do not match (30 layers of SmolLM2 at 8 rows, 2 AVX2 cores: 29 ms vs 36-42 ms). Where that kernel
-is built, fp32 weights stay plain (one copy, no packed twin) and calls with more rows go to oneDNN on the plain
-weight, which at a hundred rows and more costs what the packed one does.
 The products are the same sums in another order: fp32 results agree with F.linear to rounding.
 """
 from __future__ import annotations
@@ -19,16 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aptserve.model.cpu_kernels import cpu_kernels
-
 # Rows oneDNN plans the packed layout for; measured best from 1 to 512 rows (a hint of 1 is 1.5x slower).
 PACK_BATCH_HINT = 128
 # Few-row calls on the plain path compute W @ x^T, which CPU BLAS streams better than x @ W^T.
 FEW_ROWS = 64
-# Up to this many rows the few-row kernel beats oneDNN (measured at 1-64 rows: ahead to 16, even at 24-32,
-# behind at 48 and 64).
-KERNEL_MAX_ROWS = 32
-_EPILOGUES = {"none": 0, "add": 1, "mul": 2}
 _ACTIVATIONS = {"none": lambda y: y, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
 # HF's activation names (hidden_act, OPT's activation_function) -> the ones applied inside the GEMM.
 _HF_ACTIVATIONS = {"silu": "swish", "relu": "relu", "gelu": "gelu"}
@@ -62,13 +51,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def few_rows_kernel(weight: torch.Tensor):
-    """The compiled kernels where they take this weight (fp32 on CPU), else None."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    return cpu_kernels()
-
-
 def can_pack(weight: torch.Tensor) -> bool:
     """oneDNN packs fp32 weights on any x86 CPU build, bf16 only where the CPU has bf16 instructions."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -79,10 +61,9 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names, so checkpoints load unchanged) that picks its CPU layout once."""
+    """nn.Linear (same parameters and names, so checkpoints load unchanged) that can pack its weight."""
 
     packed: torch.Tensor | None = None
-    kernels = None  # the few-row kernel's module, when the plain weight is kept for it
 
     @classmethod
     def fused(cls, parts: list[nn.Linear]) -> Linear:
@@ -96,60 +77,34 @@ class Linear(nn.Linear):
         return fused
 
     def pack(self) -> None:
-        """Choose the weight's layout once: plain for the few-row kernel where it is built, else reordered for
-        oneDNN (the plain copy dropped), else left for F.linear."""
-        if self.packed is not None or self.kernels is not None:
-            return
-        self.kernels = few_rows_kernel(self.weight)
-        if self.kernels is not None or not can_pack(self.weight):
+        """Reorder the weight for oneDNN once and drop the plain copy; nothing happens where it cannot pack."""
+        if self.packed is not None or not can_pack(self.weight):
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         """activation(x W^T + b): "none", "swish" (SiLU), "relu" or "gelu"."""
-        if self.kernels is not None and _rows(x) <= KERNEL_MAX_ROWS:
-            return _ACTIVATIONS[activation](self._few_rows(x, None, "none"))
-        if self.packed is None and self.kernels is None:
+        if self.packed is None:
             return _ACTIVATIONS[activation](linear(x, self.weight, self.bias))
-        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(), self.bias, activation, [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, activation, [], "")
 
     def forward_add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """x W^T + b + other (the residual add, inside the GEMM)."""
-        return self._binary(x, other, "add")
+        """x W^T + b + other (the residual add, inside the GEMM when packed)."""
+        if self.packed is None:
+            return linear(x, self.weight, self.bias) + other
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
 
     def forward_mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """(x W^T + b) * other (the gated MLP's multiply, inside the GEMM)."""
-        return self._binary(x, other, "mul")
-
-    def _binary(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
-        if self.kernels is not None and _rows(x) <= KERNEL_MAX_ROWS:
-            return self._few_rows(x, other, op)
-        if self.packed is None and self.kernels is None:
-            y = linear(x, self.weight, self.bias)
-            return y + other if op == "add" else y * other
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self._onednn_weight(), self.bias, op)
-
-    def _onednn_weight(self) -> torch.Tensor:
-        return self.weight if self.packed is None else self.packed
-
-    def _few_rows(self, x: torch.Tensor, other: torch.Tensor | None, op: str) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty(flat.shape[0], self.weight.shape[0], dtype=x.dtype)
-        if other is not None:
-            other = other.reshape(out.shape)
-        self.kernels.few_rows_linear(out, flat, self.weight, self.bias, other, _EPILOGUES[op])
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+        """(x W^T + b) * other (the gated MLP's multiply, inside the GEMM when packed)."""
+        if self.packed is None:
+            return linear(x, self.weight, self.bias) * other
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
 
 
 def packed_head(model: nn.Module, embed_tokens: nn.Embedding) -> Linear:
-    """The vocabulary head as a Linear in the chosen layout: the embedding matrix when tied (shared where it stays
-    plain, a packed copy otherwise, the lookup keeping the plain one), else `model.lm_head`'s weight (lm_head itself
-    is dropped)."""
+    """A packed copy of the vocabulary head: the embedding matrix when tied (the lookup keeps the plain one), else
+    `model.lm_head`'s weight (lm_head itself is dropped)."""
     weight = embed_tokens.weight if model.tie_word_embeddings else model.lm_head.weight
     with torch.device("meta"):
         head = Linear(weight.shape[1], weight.shape[0], bias=False)

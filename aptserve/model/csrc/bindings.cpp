@@ -3,10 +3,7 @@
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor cache, torch::Tensor k_units,
                             torch::Tensor v_units, torch::Tensor context_lens, double scale, int64_t num_kv_heads);
-void few_rows_linear(torch::Tensor out, torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
-                     c10::optional<torch::Tensor> other, int64_t epilogue);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged K/V cache (fp32)");
-  m.def("few_rows_linear", &few_rows_linear, "x W^T (+ bias) (+ or * other) for a few rows of x (fp32)");
 }
