@@ -22,10 +22,11 @@ needs_kernels = pytest.mark.skipif(kernels is None, reason="the CPU kernels did 
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(9, 3), (4, 4)])
-def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_heads):
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 64), (6, 2, 32), (4, 2, 128), (3, 1, 20)])
+def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_heads, head_dim):
+    """Head sizes of whole vectors (the vectorised blocks) and one that is not (20: the plain loops)."""
     generator = torch.Generator().manual_seed(num_heads)
-    head_dim, block_size, num_requests = 64, 16, 7
+    block_size, num_requests = 16, 7
     context_lens = torch.tensor([1, 15, 16, 17, 100, 250, 33])
     num_blocks = (context_lens + block_size - 1) // block_size
     max_blocks = int(num_blocks.max())

@@ -4,8 +4,33 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace aptserve {
+
+// The compiler's generic vector of the host's widest float registers (-march=native): AVX-512, AVX, else 4 lanes.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+inline float lanes_sum(Vec v) {
+  float sum = 0.f;
+  for (int i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+}
 
 // Below every real score, and finite.
 constexpr float kNoScore = -1e30f;
@@ -15,10 +40,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
-}
-
-inline void prefetch_unit(const float* unit, int64_t num_floats) {
-  for (int64_t i = 0; i < num_floats; i += 16) __builtin_prefetch(unit + i, 0, 1);
 }
 
 inline void scale_add(float* acc, const float* v, float weight, int64_t n) {
