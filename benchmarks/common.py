@@ -164,3 +164,13 @@ def bar_chart(path: str | Path, labels: list[str], values: list[float], *, title
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: str | Path, title: str) -> None:
+    """Give a finished multi-panel figure its title, lay it out, write it and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -34,7 +34,8 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
-from benchmarks.common import RESULTS_DIR, cpu_flags, load_average, wait_until_idle, write_json  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, cpu_flags, load_average, save_figure, wait_until_idle,  # noqa: E402
+                               write_json)
 
 FP32_BYTES = 4
 # (M, K, N) of C[M, N] = A[M, K] @ B[K, N], cheapest first: a dtype stops at the first shape it would take too long
@@ -480,10 +481,7 @@ def plot(path: Path, payload: dict) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 7.5), gridspec_kw={"width_ratios": [1.3, 1]})
     plot_roofline(left, payload["scenarios"], payload["peaks"])
     plot_shares(right, payload["scenarios"])
-    fig.suptitle(payload["title"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, payload["title"])
 
 
 def main(argv: list[str] | None = None) -> int:

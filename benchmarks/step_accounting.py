@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from aptserve.bench.client import run_trace  # noqa: E402
 from aptserve.bench.serving import load_bench_trace, trace_stats  # noqa: E402
-from benchmarks.common import RESULTS_DIR, load_average, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, load_average, save_figure, write_json  # noqa: E402
 from benchmarks.servers import (SERVED_NAME, VLLM, aptserve_command, running_server, scrape,  # noqa: E402
                                 settings_lines, vllm_command, vllm_python)
 
@@ -182,10 +182,7 @@ def plot(path: Path, payload: dict) -> None:
     right.set_xticks(range(len(labels)), labels, fontsize=7)
     right.set(ylabel="ms per step", title="engine step by phase (output: front end)")
     right.legend(fontsize=8)
-    fig.suptitle(payload["title"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, payload["title"])
 
 
 def main(argv: list[str] | None = None) -> int:
