@@ -119,19 +119,23 @@ def time_in_engine(kernels: dict, shapes: list[str], rounds: int) -> dict:
     executor.execute = timed_execute
     salt = iter(range(1, 1_000_000))
     samples = {shape: {name: ([], []) for name in kernels} for shape in shapes}
-    for _ in range(rounds):
-        for name, kernel in timed.items():
-            attention.cpu_kernels = lambda kernel=kernel: kernel
-            for shape in shapes:
-                rows, context = (int(part) for part in shape.split("x"))
-                steps.clear()
-                llm.generate(prompts_for(rows, context, next(salt)),
-                             SamplingParams(temperature=0, max_tokens=33, ignore_eos=True), use_tqdm=False)
-                step_ms, kernel_ms = samples[shape][name]
-                for tokens, requests, step_s, kernel_s in steps:
-                    if tokens == requests == rows:
-                        step_ms.append(1e3 * step_s)
-                        kernel_ms.append(1e3 * kernel_s)
+    loaded_kernels = attention.cpu_kernels
+    try:
+        for _ in range(rounds):
+            for name, kernel in timed.items():
+                attention.cpu_kernels = lambda kernel=kernel: kernel
+                for shape in shapes:
+                    rows, context = (int(part) for part in shape.split("x"))
+                    steps.clear()
+                    llm.generate(prompts_for(rows, context, next(salt)),
+                                 SamplingParams(temperature=0, max_tokens=33, ignore_eos=True), use_tqdm=False)
+                    step_ms, kernel_ms = samples[shape][name]
+                    for tokens, requests, step_s, kernel_s in steps:
+                        if tokens == requests == rows:
+                            step_ms.append(1e3 * step_s)
+                            kernel_ms.append(1e3 * kernel_s)
+    finally:
+        attention.cpu_kernels, executor.execute = loaded_kernels, execute
     return {shape: {name: {"step_ms": statistics.median(step), "kernel_ms": statistics.median(kernel)}
                     for name, (step, kernel) in by_kernel.items()} for shape, by_kernel in samples.items()}
 

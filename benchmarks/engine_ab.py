@@ -67,7 +67,8 @@ def run(args, features: tuple[str, ...]) -> dict:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - start
 
-    return measure(generate, _ints(args.decode_rows), _ints(args.prefill_lens), args.repeats, _ints(args.decode_contexts))
+    return measure(generate, _ints(args.decode_rows), _ints(args.prefill_lens), args.repeats,
+                   _ints(args.decode_contexts))
 
 
 def _ints(text: str) -> list[int]:

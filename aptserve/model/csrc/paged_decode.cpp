@@ -52,8 +52,10 @@ inline void prefetch_ahead(const Block& b, int64_t t) {
 void scores_any(const Block& b, float scale, float* scores) {
   for (int64_t t = 0; t < b.rows; ++t) {
     prefetch_ahead(b, t);
-    for (int64_t h = 0; h < b.num_heads; ++h)
-      scores[h * b.block_size + t] = scale * dot(b.q + h * b.head_dim, b.k_rows + t * b.kv_dim + (h / b.group) * b.head_dim, b.head_dim);
+    for (int64_t h = 0; h < b.num_heads; ++h) {
+      const float* k = b.k_rows + t * b.kv_dim + (h / b.group) * b.head_dim;
+      scores[h * b.block_size + t] = scale * dot(b.q + h * b.head_dim, k, b.head_dim);
+    }
   }
 }
 
