@@ -78,6 +78,17 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_slice(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building the whole list (a decode step's is one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= stop:
+            return []
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:stop - num_prompt]
+        if stop <= num_prompt:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - num_prompt]
+
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished

@@ -1,9 +1,12 @@
 """The real engine loop and scheduler under a simulated clock and executor: nothing lost, no over-commit."""
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aptserve.config import ModelConfig
 from aptserve.errors import InvalidRequestError
+from aptserve.request import Request
 from aptserve.sampling import SamplingParams
 from aptserve.sim.executor import CostModelExecutor
 from aptserve.sim.simulator import sim_engine
@@ -164,3 +167,11 @@ def test_a_preempted_request_resumes_from_its_own_cached_blocks(policy):
     assert engine.scheduler.num_preemptions > 0 and resumes and max(resumes) >= 16
     assert engine.scheduler.num_prefix_hit_tokens == 0  # distinct prompts: no first admission hit
     assert engine.cache.num_free_units == engine.cache.num_units
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.lists(st.integers(0, 9), max_size=12),
+       st.integers(0, 30), st.integers(0, 30))
+def test_a_request_slices_its_tokens_as_the_whole_list_would(prompt, outputs, start, stop):
+    request = Request("r", prompt, SamplingParams(), 0.0, ttft_slo_s=1.0, tbt_slo_s=0.25)
+    request.output_token_ids.extend(outputs)
+    assert request.token_ids_slice(start, stop) == request.all_token_ids[start:stop]

@@ -163,6 +163,8 @@ class CacheManager:
         table = self._tables.get(request_id)
         if table is not None and table.kind != kind:
             raise RuntimeError(f"request {request_id} holds a {table.kind.value} table; convert it first")
+        if table is not None and len(table.unit_ids) >= self.num_units_for(kind, num_tokens):
+            return True  # most decode steps: the last block has room
         if table is not None or not prefix:
             prefix = []
         if not self.can_allocate(request_id, kind, num_tokens, prefix=prefix):

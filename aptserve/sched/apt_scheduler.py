@@ -64,10 +64,11 @@ class AptScheduler(Scheduler):
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         num_live = self._num_live(now)
-        plan = self._plan(now, num_live, upgrades=False)
         running_p = sum(now - r.last_token_s for r in self.running)
-        waiting_p = self._total_waiting_pending_s(now)
-        if self.running and (running_p > waiting_p or not plan):
+        # The admissions are priced only where the prefill side has waited longer (else the step decodes anyway).
+        plan = [] if self.running and running_p > self._total_waiting_pending_s(now) else self._plan(
+            now, num_live, upgrades=False)
+        if self.running and not plan:
             self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, False, now)
             self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         else:

@@ -190,7 +190,7 @@ class Scheduler:
     def _schedule_tokens(self, out: SchedulerOutput, request: Request, num_tokens: int) -> None:
         """Add `num_tokens` of the request's uncomputed tokens to the batch (units already allocated)."""
         start = request.num_computed_tokens
-        token_ids = request.all_token_ids[start:start + num_tokens]
+        token_ids = request.token_ids_slice(start, start + num_tokens)
         params, sample = request.sampling_params, start + num_tokens == request.num_tokens
         reads_outputs = sample and (params.has_penalties or params.min_tokens > 0)
         reads_prompt = ((sample and params.repetition_penalty != 1)
@@ -239,7 +239,7 @@ class Scheduler:
         prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         scheduled: list[Request] = []
         for request in decodes + prefills:
-            if budget == 0 or request not in self.running:
+            if budget == 0 or request.status != RequestStatus.RUNNING:
                 continue  # out of budget, or preempted to make room for an earlier request
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new > 1:

@@ -7,7 +7,7 @@ queue) until the slot fits.
 """
 from __future__ import annotations
 
-from aptserve.request import Request
+from aptserve.request import Request, RequestStatus
 from aptserve.sched.base import Scheduler
 from aptserve.sched.output import SchedulerOutput
 
@@ -38,7 +38,7 @@ class FcfsScheduler(Scheduler):
     def _schedule_decodes(self, out: SchedulerOutput, now: float) -> None:
         decodes: list[Request] = []
         for request in list(self.running):
-            if request not in self.running:
+            if request.status != RequestStatus.RUNNING:
                 continue  # preempted to make room for an older request
             # One more slot: rows for every token up to and including the one fed this step.
             if self._allocate_or_preempt(request, request.num_tokens, decodes, out, now):
