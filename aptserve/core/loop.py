@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from aptserve.core.engine_core import EngineCore
+from aptserve.core.heap import HeapTrimmer
 from aptserve.core.messages import AbortRequests, AddRequest, CoreInput, EngineCoreOutputs, PollSnapshot, Shutdown
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class EngineLoop:
     def __init__(self, core: EngineCore, emit: Emit) -> None:
         self.core = core
         self.emit = emit
+        self.heap = HeapTrimmer()
 
     def run(self, receive: Receive, keep_going: Callable[[], bool] = lambda: True) -> None:
         """Serve until a Shutdown message, or until keep_going() is False (e.g. the front end is gone)."""
@@ -44,6 +46,8 @@ class EngineLoop:
                     return
                 if self.core.has_unfinished_requests():
                     self.step()
+                    self.heap.stepped()
+                self.heap.maybe_trim(idle=not self.core.has_unfinished_requests())
         finally:
             self.core.abort_requests(list(self.core.scheduler.requests))
 

@@ -61,15 +61,17 @@ class AptScheduler(Scheduler):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.alpha_s = self.config.alpha_s
+        self._min_block_units = min(self.cache.units_per_block(kind) for kind in CacheKind)
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        num_live = self._num_live(now)
+        num_live, budget = self._num_live(now), self._free_units_for_plan()
         running_p = sum(now - r.last_token_s for r in self.running)
         # The admissions are priced only where the prefill side has waited longer (else the step decodes anyway).
         plan = [] if self.running and running_p > self._total_waiting_pending_s(now) else self._plan(
-            now, num_live, upgrades=False)
+            now, num_live, upgrades=False, budget=budget)
         if self.running and not plan:
-            self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False), out, 0, False, now)
+            self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False, budget=budget), out, 0, False,
+                             now)
             self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         else:
             self._apply_plan(plan, out, self.config.max_num_batched_tokens, False, now)
@@ -126,13 +128,16 @@ class AptScheduler(Scheduler):
         return KnapsackItem(Upgrade(request.request_id), extra, saved)
 
     # --- the plan ----------------------------------------------------------------------------
-    def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True) -> list[PlanEntry]:
-        """(item id, choice) the greedy picks against the free memory, best value per unit first."""
+    def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True,
+              budget: int | None = None) -> list[PlanEntry]:
+        """(item id, choice) the greedy picks against the free memory (`budget`: _free_units_for_plan's, if the
+        caller has it), best value per unit first."""
         # A full batch admits nobody (else a prefill iteration that admits nobody could repeat forever).
         num_free_seqs = self.config.max_num_seqs - len(self.running)
-        budget = self._free_units_for_plan()
+        budget = self._free_units_for_plan() if budget is None else budget
         items = []
-        if waiting and num_free_seqs > 0:
+        # Every admission takes at least a block's units (its last token is never cached), so below that none fits.
+        if waiting and num_free_seqs > 0 and budget >= self._min_block_units:
             candidates = waiting_candidates(self.waiting, now, max(MIN_CANDIDATES, num_free_seqs), budget,
                                             VIOLATOR_WEIGHT, lambda bucket: self._shape_price(bucket, num_live))
             items = [self._waiting_item(r, now, num_live) for r in candidates]
