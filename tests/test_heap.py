@@ -1,9 +1,11 @@
 """The engine loop's heap trimming: when it trims, and that a trim gives freed heap pages back."""
 import ctypes
+import os
 
 import pytest
 
 from aptserve.core.heap import HeapTrimmer
+from benchmarks.soak import rss_mb
 
 
 class FakeClock:
@@ -32,11 +34,6 @@ def test_trims_when_idle_after_steps_and_periodically_under_load():
     assert heap.num_trims == 2
 
 
-def resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def test_a_trim_returns_freed_holes_of_the_heap():
     heap = HeapTrimmer()
     if not heap.available:
@@ -51,9 +48,9 @@ def test_a_trim_returns_freed_holes_of_the_heap():
         ctypes.memset(block, 1, 1 << 20)  # resident
     for block in blocks[:-1]:  # the last one pins the heap's top: the rest is a hole a plain free cannot return
         libc.free(block)
-    before = resident_mb()
+    before = rss_mb(os.getpid())
     heap.stepped()
     assert heap.maybe_trim(idle=True)
-    after = resident_mb()
+    after = rss_mb(os.getpid())
     libc.free(blocks[-1])
     assert before - after > 128, f"resident {before:.0f} -> {after:.0f} MB"

@@ -58,8 +58,8 @@ class HeapTrimmer:
         if not idle and now - self._last_s < self.every_s:
             return False
         self._trim(0)
-        elapsed_s = self.clock() - now
         self._last_s, self._stepped = self.clock(), False
+        elapsed_s = self._last_s - now
         self.num_trims, self.trim_s = self.num_trims + 1, self.trim_s + elapsed_s
         level = logging.INFO if elapsed_s > SLOW_TRIM_S else logging.DEBUG
         logger.log(level, "heap trimmed in %.1f ms (%d trims, %.2f s in all)", 1e3 * elapsed_s, self.num_trims,

@@ -66,9 +66,9 @@ class AptScheduler(Scheduler):
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
         num_live, budget = self._num_live(now), self._free_units_for_plan()
         running_p = sum(now - r.last_token_s for r in self.running)
-        # The admissions are priced only where the prefill side has waited longer (else the step decodes anyway).
-        plan = [] if self.running and running_p > self._total_waiting_pending_s(now) else self._plan(
-            now, num_live, upgrades=False, budget=budget)
+        plan = []  # admissions are priced only where the prefill side has waited longer (else the step decodes)
+        if not self.running or running_p <= self._total_waiting_pending_s(now):
+            plan = self._plan(now, num_live, upgrades=False, budget=budget)
         if self.running and not plan:
             self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False, budget=budget), out, 0, False,
                              now)
