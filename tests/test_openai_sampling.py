@@ -172,6 +172,7 @@ def test_tokenize_and_detokenize(live, hf):
     back = httpx.post(f"{live.base_url}/detokenize", json={"tokens": tokenized["tokens"]}).json()
     assert back["prompt"] == PROMPT
     for path, body in (("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": FRANCE}),
+                       ("/tokenize", {"messages": []}),
                        ("/detokenize", {"tokens": [10**9]}), ("/tokenize", {"prompt": "a", "model": "nope"})):
         response = httpx.post(f"{live.base_url}{path}", json=body)
         assert response.status_code == 400 and response.json()["error"]["message"], (path, body)

@@ -153,11 +153,12 @@ def _count_chat_items(messages):
     return messages
 
 
-ChatMessages = Annotated[list[ChatMessage], BeforeValidator(_count_chat_items)]
+# At least one message: a chat template has nothing to render from none (/v1/chat/completions and /tokenize alike).
+ChatMessages = Annotated[list[ChatMessage], BeforeValidator(_count_chat_items), Field(min_length=1)]
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: ChatMessages = Field(min_length=1)
+    messages: ChatMessages
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
