@@ -153,7 +153,6 @@ def _count_chat_items(messages):
     return messages
 
 
-# At least one message: a chat template has nothing to render from none (/v1/chat/completions and /tokenize alike).
 ChatMessages = Annotated[list[ChatMessage], BeforeValidator(_count_chat_items), Field(min_length=1)]
 
 
