@@ -106,8 +106,10 @@ def test_sharegpt_is_deterministic_per_seed(tokenizer, sharegpt_pairs):
 
 
 def test_sharegpt_says_when_too_few_pairs_pass(tokenizer, sharegpt_pairs):
-    with pytest.raises(ValueError, match="pass the length filter"):
+    with pytest.raises(ValueError, match="fewer than the 50 asked for"):  # at once, nothing tokenized
         datasets.sample_sharegpt(tokenizer, 50, _rng(0), pairs=sharegpt_pairs[:20])
+    with pytest.raises(ValueError, match="only 0 of 20 ShareGPT pairs pass the length filter"):
+        datasets.sample_sharegpt(tokenizer, 15, _rng(0), pairs=sharegpt_pairs[:20], max_total_len=7)
 
 
 def test_humaneval_repeats_the_164_problems_evenly(tokenizer):

@@ -1,6 +1,6 @@
-"""Prefix caching end to end: prompts that share a long start, served with the prefix cache on and off, through
-preemption (a tight pool) and forced conversions between the two cache kinds: greedy tokens identical either way and
-identical to HF transformers in fp32, on the default model and the opt-125m shape."""
+"""Prefix caching end to end: prompts that share a long start, served with the prefix cache on (and off, through
+preemption in a tight pool and forced conversions between the two cache kinds): greedy tokens identical to HF
+transformers in fp32 either way, on the default model and the opt-125m shape."""
 import pytest
 from transformers import AutoTokenizer
 
@@ -73,10 +73,10 @@ def test_prefix_caching_on_and_off_both_match_hf(shared_case, setup):
                                    hidden_scratch_tokens=SCRATCH_TOKENS)}[setup]
     convert = setup == "tight-hybrid"
     cached, cached_tokens = serve(model, prompts, convert, **kwargs)
-    uncached, uncached_tokens = serve(model, prompts, convert, enable_prefix_caching=False, **kwargs)
-    assert cached_tokens == uncached_tokens == expected
+    assert cached_tokens == expected
     assert cached.scheduler.num_prefix_hit_tokens >= 64 * 5  # most requests skipped the system prompt's blocks
-    assert uncached.scheduler.num_prefix_hit_tokens == 0
-    if setup == "tight-hybrid":
+    if setup == "tight-hybrid":  # with the cache off too (the other setups are HF parity tests of their own)
         assert cached.scheduler.num_preemptions > 0 and cached.scheduler.num_conversions > 0
         assert cached.cache.num_evicted_blocks > 0
+        uncached, uncached_tokens = serve(model, prompts, convert, enable_prefix_caching=False, **kwargs)
+        assert uncached_tokens == expected and uncached.scheduler.num_prefix_hit_tokens == 0

@@ -128,6 +128,9 @@ def sample_sharegpt(tokenizer: Any, num_requests: int, rng: np.random.Generator,
     max_output_len.
     """
     pairs = read_sharegpt_pairs() if pairs is None else pairs
+    if num_requests > len(pairs):  # said at once, not after tokenizing every pair
+        raise ValueError(f"only {len(pairs)} ShareGPT pairs, fewer than the {num_requests} asked for, can pass the "
+                         "length filter")
     trace = []
     for index in rng.permutation(len(pairs)):  # tokenize lazily: only as many pairs as the sample needs
         prompt, reply = pairs[index]
