@@ -51,6 +51,7 @@ def test_waiting_queue_keeps_deque_order_and_counts_live_requests():
             (queue.appendleft if front else queue.append)(request)
             reference.insert(0, request) if front else reference.append(request)
         assert list(queue) == reference and len(queue) == len(reference)
+        assert not reference or queue[0] is reference[0]
         assert queue.num_live(now) == sum(not r.is_past_slo(now) for r in reference)
         assert queue.sum_last_token_s == pytest.approx(sum(r.last_token_s for r in reference))
     assert all(r in queue for r in reference)

@@ -8,6 +8,7 @@ from aptserve.config import ModelConfig
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request
 from aptserve.sampling import SamplingParams
+from aptserve.sched.chunk_size import SCORED_PROMPT_TOKENS_PER_STEP
 from aptserve.sim.executor import CostModelExecutor
 from aptserve.sim.simulator import sim_engine
 from tests.sim_fixtures import sim_args
@@ -61,6 +62,42 @@ def test_tiny_pool_loses_nothing_and_preempts(policy, seed):
         assert output.outputs[0].finish_reason == "length"
     assert engine.scheduler.num_preemptions > 0
     assert engine.cache.num_free_units == engine.cache.num_units
+
+
+@pytest.mark.parametrize("policy", ["chunked", "apt-chunked"])
+def test_a_step_with_no_room_for_another_chunk_admits_nobody(policy):
+    # A tight TBT SLO leaves later chunks no time (their cap is 0): a request admitted then would hold a batch
+    # slot with no token scheduled.
+    args = sim_args(MODEL, 400, block_size=4, scheduler=policy, max_num_seqs=16, max_num_batched_tokens=512,
+                    tbt_slo=0.02)
+    engine, clock = sim_engine(args, MODEL)
+    scheduler, schedule, num_tokens = engine.scheduler, engine.scheduler.schedule, []
+    scheduler.schedule = lambda now: (out := schedule(now), num_tokens.extend(r.num_tokens for r in out.scheduled))[0]
+    rng = np.random.default_rng(1)
+    for i in range(120):
+        engine.add_request(list(range(3, 3 + int(rng.integers(16, 300)))),
+                           SamplingParams(max_tokens=int(rng.integers(2, 100))), request_id=str(i),
+                           arrival_s=i * 0.02)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert num_tokens and min(num_tokens) >= 1
+
+
+@pytest.mark.parametrize("policy", ["chunked", "apt-chunked"])
+def test_prompt_scoring_is_spread_over_steps(policy):
+    # Four 400-token prompts scored for their logprobs beside a decoding request: no step scores more than
+    # SCORED_PROMPT_TOKENS_PER_STEP of them, and all four are scored in full.
+    engine, clock = make_engine(num_units=2000, policy=policy, budget=512)
+    scheduler, schedule, per_step = engine.scheduler, engine.scheduler.schedule, []
+    scheduler.schedule = lambda now: (out := schedule(now), per_step.append(
+        sum(r.num_tokens for r in out.scheduled if r.sampling_params.prompt_logprobs is not None)))[0]
+    engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=100), request_id="bystander")
+    engine.step()
+    for i in range(4):
+        engine.add_request(list(range(3, 403)), SamplingParams(max_tokens=1, prompt_logprobs=2), request_id=str(i))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert max(per_step) == SCORED_PROMPT_TOKENS_PER_STEP and sum(per_step) == 4 * 400
 
 
 @pytest.mark.parametrize("policy", POLICIES)

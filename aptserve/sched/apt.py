@@ -23,7 +23,9 @@ from aptserve.cache.manager import CacheKind
 KV, HIDDEN = CacheKind.KV, CacheKind.HIDDEN
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: items and steps are built per waiting candidate every step, and a frozen dataclass's __init__ costs
+# about three times as much (each field set through object.__setattr__).
+@dataclass(slots=True)
 class KnapsackItem:
     id: Hashable
     kv_units: int
@@ -32,7 +34,7 @@ class KnapsackItem:
     hidden_value: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Step:
     gain_per_unit: float
     order: int  # tie-break: input order, then hidden before its own upgrade

@@ -36,14 +36,15 @@ from aptserve.sched.waiting import ShapeBucket
 VIOLATOR_WEIGHT = 1e-6
 
 
-@dataclass(frozen=True, slots=True)
+# Hashable (plan keys) but not frozen: one is built per waiting candidate every step (see apt.KnapsackItem).
+@dataclass(slots=True, unsafe_hash=True)
 class Admit:
     """Knapsack item id: admit a waiting request (as KV or hidden)."""
 
     request_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Upgrade:
     """Knapsack item id: convert a running hidden request to KV in place."""
 
@@ -92,11 +93,13 @@ class AptScheduler(Scheduler):
 
     def _waiting_item(self, request: Request, now: float, num_live: int) -> KnapsackItem:
         value, item_id = self._value(request, now), Admit(request.request_id)
-        kv_units = self._admission_units(request, CacheKind.KV)
-        hidden_units = self._admission_units(request, CacheKind.HIDDEN)
         if self.hybrid_cache == HybridMode.ALL_HIDDEN:  # one option, the hidden table, in the item's KV slot
-            return KnapsackItem(item_id, hidden_units, value)
-        if self.hybrid_cache == HybridMode.OFF or hidden_units >= kv_units or request.is_past_slo(now):
+            return KnapsackItem(item_id, self._admission_units(request, CacheKind.HIDDEN), value)
+        kv_units = self._admission_units(request, CacheKind.KV)
+        if self.hybrid_cache == HybridMode.OFF or request.is_past_slo(now):  # KV only: no hidden option
+            return KnapsackItem(item_id, kv_units, value)
+        hidden_units = self._admission_units(request, CacheKind.HIDDEN)
+        if hidden_units >= kv_units:
             return KnapsackItem(item_id, kv_units, value)
         hidden_value = value - num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
         return KnapsackItem(item_id, kv_units, value, hidden_units, hidden_value)
@@ -104,8 +107,6 @@ class AptScheduler(Scheduler):
     def _admission_units(self, request: Request, kind: CacheKind) -> int:
         """Units admitting the request as `kind` takes from the free memory: blocks of its prefix that are cached
         and read by others already cost nothing."""
-        if kind == CacheKind.HIDDEN and self.hybrid_cache == HybridMode.OFF:
-            return self.cache.num_units_for(kind, request.num_tokens)
         return self.cache.num_new_units(request.request_id, kind, request.num_tokens,
                                         self.prefix.cached_prefix(request, kind))
 
@@ -173,9 +174,10 @@ class AptScheduler(Scheduler):
         num_new = request.num_tokens - request.num_computed_tokens
         if chunked:
             num_new = min(num_new, budget, self._chunk_cap(out, request, now))
-        # Whole prompts only when not chunked (a smaller one further down may still fit); or memory is short.
-        if (not chunked and out.scheduled and num_new > budget) or not self._start(out, request, kind, prefix,
-                                                                                    num_new):
+        # Not admitted: with no token this step (the step's time is spent), a whole prompt that does not fit the
+        # budget when not chunked (a smaller one further down may still fit), or memory that is short.
+        if (num_new <= 0 or (not chunked and out.scheduled and num_new > budget)
+                or not self._start(out, request, kind, prefix, num_new)):
             request.num_computed_tokens = 0
             return budget
         return max(0, budget - num_new)

@@ -5,7 +5,6 @@ finishing what it stops, freeing cache units) lives here, so policies differ onl
 """
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 from aptserve.cache.manager import CachedBlock, CacheKind, CacheManager
@@ -13,14 +12,12 @@ from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
 from aptserve.sched.output import CacheConversion, RunnerOutput, ScheduledRequest, SchedulerOutput
+from aptserve.sched.chunk_size import chunk_cap
 from aptserve.sched.prefix_lookup import PrefixLookup
-from aptserve.sched.step_cost import StepCostModel, attention_work
+from aptserve.sched.step_cost import StepCostModel
 from aptserve.sched.stop import check_stop
-from aptserve.sched.tbt_allowance import next_gap_allowance_s
 from aptserve.sched.waiting import WaitingQueue
 
-# The smallest prompt chunk a step takes even when the step-time bound leaves no room, so prompts progress.
-MIN_CHUNK_TOKENS = 32
 # Every policy class that names itself, by name (filled as the sched package imports its modules).
 POLICIES: dict[str, type[Scheduler]] = {}
 
@@ -252,22 +249,8 @@ class Scheduler:
         return budget
 
     def _chunk_cap(self, out: SchedulerOutput, request: Request, now: float) -> int:
-        """Most prompt tokens `request` may add to this step besides the token budget. With step_tbt_fraction
-        set and requests decoding: as many as keep the step's predicted time within that share of the longest
-        gap every decoding request can still take without missing its P99 TBT SLO (the step's first chunk gets at
-        least MIN_CHUNK_TOKENS, so prompts always progress)."""
-        fraction = self.config.step_tbt_fraction
-        decoding = [r for r in self.running if r.output_token_ids and r is not request]
-        if fraction <= 0 or not decoding:
-            return request.num_tokens
-        num_tokens = sum(r.num_tokens for r in out.scheduled)
-        work = sum(attention_work(r.start_pos, r.num_tokens) for r in out.scheduled)
-        target_s = next_gap_allowance_s(decoding, self.step_cost.predict(num_tokens, work), now)
-        if math.isinf(target_s):
-            return request.num_tokens
-        fits = self.step_cost.max_extra_tokens(fraction * target_s, num_tokens, work, request.num_computed_tokens)
-        has_chunk = any(r.num_tokens > 1 for r in out.scheduled)
-        return fits if has_chunk else max(MIN_CHUNK_TOKENS, fits)
+        """Most prompt tokens `request` may add to this step besides the token budget (chunk_size.py)."""
+        return chunk_cap(out, request, self.running, self.step_cost, self.config.step_tbt_fraction, now)
 
     def _admit(self, request: Request) -> None:
         """Waiting -> running; the caller has allocated its `request.cache_kind` table."""

@@ -34,7 +34,7 @@ class ChunkedScheduler(Scheduler):
             request.num_computed_tokens = len(prefix) * self.cache.block_size  # the chunk comes after the hit
             num_new = min(request.num_tokens - request.num_computed_tokens, budget, self._chunk_cap(out, request, now))
             reserve = self.watermark_units if self.running else 0
-            if not self._start(out, request, request.cache_kind, prefix, num_new, reserve):
+            if num_new <= 0 or not self._start(out, request, request.cache_kind, prefix, num_new, reserve):
                 request.num_computed_tokens = 0
                 break
             budget -= num_new

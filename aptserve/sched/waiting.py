@@ -1,5 +1,6 @@
-"""The waiting queue: a deque's operations (append, appendleft, remove, [0], iteration in queue order), plus an index
-by shape that lets the apt greedy find its best candidates without pricing every waiting request each step.
+"""The waiting queue: a deque's operations (append, appendleft, remove, [0], iteration in queue order), remove in
+constant time, plus an index by shape that lets the apt greedy find its best candidates without pricing every
+waiting request each step.
 
 A waiting request's value is a function of `now` alone through its pending time: its tokens, last token time and SLO
 do not change while it waits. Requests of one shape (the same number of blocks and the same SLO) therefore keep one
@@ -10,7 +11,6 @@ head instead of every request, and counts the requests past their SLO by bisecti
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Iterator
 
 from aptserve.cache.geometry import cdiv
@@ -44,7 +44,10 @@ class ShapeBucket:
 class WaitingQueue:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self._queue: deque[Request] = deque()
+        # The queue in two insertion-ordered dicts by request id: those put at the front (newest first) and those
+        # put at the back (oldest first), so a request leaves from the middle in constant time.
+        self._front_part: dict[str, Request] = {}
+        self._back_part: dict[str, Request] = {}
         # Queue order as numbers: append takes one above the back, appendleft one below the front, so sorting by
         # them gives the deque's order (ties between equal gains break by it, as the greedy's input order).
         self._order: dict[str, tuple[int, Shape]] = {}
@@ -55,32 +58,39 @@ class WaitingQueue:
     # --- the deque's operations ----------------------------------------------------------------
     def append(self, request: Request) -> None:
         self._back += 1
-        self._queue.append(request)
+        self._back_part[request.request_id] = request
         self._index(request, self._back)
 
     def appendleft(self, request: Request) -> None:
         self._front -= 1
-        self._queue.appendleft(request)
+        self._front_part[request.request_id] = request
         self._index(request, self._front)
 
     def remove(self, request: Request) -> None:
         order, shape = self._order.pop(request.request_id)
-        self._queue.remove(request)
+        del (self._front_part if order < 0 else self._back_part)[request.request_id]
         bucket = self.buckets[shape]
         entries = bucket.entries
         entries.pop(bisect.bisect_left(entries, (request.last_token_s, order), key=lambda e: (e[0], e[1])))
         if not entries:
             del self.buckets[shape]
-        self.sum_last_token_s = self.sum_last_token_s - request.last_token_s if self._queue else 0.0
+        self.sum_last_token_s = self.sum_last_token_s - request.last_token_s if self._order else 0.0
 
     def __getitem__(self, index: int) -> Request:
-        return self._queue[index]
+        if index != 0:
+            raise IndexError("the waiting queue is read at its front only")
+        if self._front_part:
+            return self._front_part[next(reversed(self._front_part))]
+        if self._back_part:
+            return next(iter(self._back_part.values()))
+        raise IndexError("the waiting queue is empty")
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._order)
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(self._queue)
+        yield from reversed(self._front_part.values())
+        yield from self._back_part.values()
 
     def __contains__(self, request: Request) -> bool:
         return request.request_id in self._order  # ids are unique among the scheduler's requests
