@@ -61,6 +61,12 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     # The stop token id that finished it (a stop_token_ids member; None for EOS, a length stop or an abort).
     stop_token_id: int | None = None
+    # Prompt plus output tokens, counted as outputs are appended (the scheduler reads it several times per request
+    # every step; output_token_ids grows only through append_output_token).
+    num_tokens: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -69,10 +75,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -109,6 +111,7 @@ class Request:
             self.num_slow_gaps += gap_s > self.tbt_slo_s
             self.max_gap_s = max(self.max_gap_s, gap_s)
         self.output_token_ids.append(token_id)
+        self.num_tokens += 1
         self.token_times_s.append(now)
 
     def keep_prompt_logprobs(self, position: int, scored: list[TokenLogprobs]) -> None:

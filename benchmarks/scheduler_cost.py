@@ -105,11 +105,11 @@ def compare_plans(scheduler, now: float) -> dict:
 
     num_live = scheduler._num_live(now)
     bounded = scheduler._plan(now, num_live, upgrades=True)
-    saved, apt_scheduler.MIN_CANDIDATES = apt_scheduler.MIN_CANDIDATES, 1 << 30
+    saved, apt_scheduler.waiting_candidates = apt_scheduler.waiting_candidates, lambda queue, *_: list(queue)
     try:
         full = scheduler._plan(now, num_live, upgrades=True)
     finally:
-        apt_scheduler.MIN_CANDIDATES = saved
+        apt_scheduler.waiting_candidates = saved
     num_free_seqs = scheduler.config.max_num_seqs - scheduler.num_running
 
     def applicable(plan):

@@ -71,11 +71,11 @@ def long_queue_engine(policy: str, num_units: int, num_waiting: int, seed: int, 
 
 def full_plan(scheduler, now):
     """The plan with every waiting request priced: the implementation before the bound."""
-    saved, apt_scheduler.MIN_CANDIDATES = apt_scheduler.MIN_CANDIDATES, 1 << 30
+    saved, apt_scheduler.waiting_candidates = apt_scheduler.waiting_candidates, lambda queue, *_: list(queue)
     try:
         return scheduler._plan(now, scheduler._num_live(now), upgrades=True)
     finally:
-        apt_scheduler.MIN_CANDIDATES = saved
+        apt_scheduler.waiting_candidates = saved
 
 
 @pytest.mark.parametrize("hybrid", ["on", "off", "all-hidden"])

@@ -210,5 +210,7 @@ def test_a_preempted_request_resumes_from_its_own_cached_blocks(policy):
        st.integers(0, 30), st.integers(0, 30))
 def test_a_request_slices_its_tokens_as_the_whole_list_would(prompt, outputs, start, stop):
     request = Request("r", prompt, SamplingParams(), 0.0, ttft_slo_s=1.0, tbt_slo_s=0.25)
-    request.output_token_ids.extend(outputs)
+    for token_id in outputs:
+        request.append_output_token(token_id, 1.0)
+    assert request.num_tokens == len(prompt) + len(outputs)
     assert request.token_ids_slice(start, stop) == request.all_token_ids[start:stop]

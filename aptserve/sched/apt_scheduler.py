@@ -65,14 +65,13 @@ class AptScheduler(Scheduler):
         self._min_block_units = min(self.cache.units_per_block(kind) for kind in CacheKind)
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        num_live, budget = self._num_live(now), self._free_units_for_plan()
+        budget = self._free_units_for_plan()
         running_p = sum(now - r.last_token_s for r in self.running)
         plan = []  # admissions are priced only where the prefill side has waited longer (else the step decodes)
         if not self.running or running_p <= self._total_waiting_pending_s(now):
-            plan = self._plan(now, num_live, upgrades=False, budget=budget)
+            plan = self._plan(now, None, upgrades=False, budget=budget)
         if self.running and not plan:
-            self._apply_plan(self._plan(now, num_live, upgrades=True, waiting=False, budget=budget), out, 0, False,
-                             now)
+            self._apply_plan(self._plan(now, None, upgrades=True, waiting=False, budget=budget), out, 0, False, now)
             self._schedule_running_chunks(out, self.config.max_num_batched_tokens, now)
         else:
             self._apply_plan(plan, out, self.config.max_num_batched_tokens, False, now)
@@ -80,7 +79,7 @@ class AptScheduler(Scheduler):
     # --- values ------------------------------------------------------------------------------
     def _num_live(self, now: float) -> int:
         """U: requests in the system not yet past their SLO."""
-        return self.waiting.num_live(now) + sum(not r.is_past_slo(now) for r in self.running)
+        return self.waiting.num_live(now) + len(self.running) - sum(r.is_past_slo(now) for r in self.running)
 
     def _total_waiting_pending_s(self, now: float) -> float:
         if len(self.waiting) <= MIN_CANDIDATES:
@@ -129,21 +128,26 @@ class AptScheduler(Scheduler):
         return KnapsackItem(Upgrade(request.request_id), extra, saved)
 
     # --- the plan ----------------------------------------------------------------------------
-    def _plan(self, now: float, num_live: int, upgrades: bool, waiting: bool = True,
+    def _plan(self, now: float, num_live: int | None, upgrades: bool, waiting: bool = True,
               budget: int | None = None) -> list[PlanEntry]:
         """(item id, choice) the greedy picks against the free memory (`budget`: _free_units_for_plan's, if the
-        caller has it), best value per unit first."""
+        caller has it), best value per unit first. `num_live`: U, counted here if None and anything is priced."""
         # A full batch admits nobody (else a prefill iteration that admits nobody could repeat forever).
         num_free_seqs = self.config.max_num_seqs - len(self.running)
         budget = self._free_units_for_plan() if budget is None else budget
         items = []
-        # Every admission takes at least a block's units (its last token is never cached), so below that none fits.
+        # Every admission takes at least a block's units (its last token is never cached): below that none fits,
+        # and the walk stops by the (budget // those + 1)-th admission, so no candidate ranked later can matter.
         if waiting and num_free_seqs > 0 and budget >= self._min_block_units:
-            candidates = waiting_candidates(self.waiting, now, max(MIN_CANDIDATES, num_free_seqs), budget,
-                                            VIOLATOR_WEIGHT, lambda bucket: self._shape_price(bucket, num_live))
+            limit = min(max(MIN_CANDIDATES, num_free_seqs), budget // self._min_block_units + 1)
+            num_live = self._num_live(now) if num_live is None else num_live
+            candidates = waiting_candidates(self.waiting, now, limit, budget, VIOLATOR_WEIGHT,
+                                            lambda bucket: self._shape_price(bucket, num_live))
             items = [self._waiting_item(r, now, num_live) for r in candidates]
-        if upgrades and self.hybrid_cache == HybridMode.ON:
-            items += [self._upgrade_item(r, num_live) for r in self.running if r.cache_kind == CacheKind.HIDDEN]
+        hidden = [r for r in self.running if r.cache_kind == CacheKind.HIDDEN] if upgrades and budget > 0 else []
+        if hidden and self.hybrid_cache == HybridMode.ON:  # an upgrade takes units: none fits a budget of 0
+            num_live = self._num_live(now) if num_live is None else num_live
+            items += [self._upgrade_item(r, num_live) for r in hidden]
         choices = solve(items, budget)
         by_id = {item.id: item for item in items}
         plan = [(item_id, choice) for item_id, choice in choices.items() if choice is not None]
@@ -152,7 +156,9 @@ class AptScheduler(Scheduler):
 
     def _free_units_for_plan(self) -> int:
         """Free units less the rows running requests need next step and the admission watermark."""
-        growth = sum(self.cache.num_new_units(r.request_id, r.cache_kind, r.num_tokens) for r in self.running)
+        num_new_units, growth = self.cache.num_new_units, 0
+        for request in self.running:  # a loop, not a generator: this runs every step over the whole batch
+            growth += num_new_units(request.request_id, request.cache_kind, request.num_tokens)
         reserve = self.watermark_units if self.running else 0
         return max(0, self.cache.num_free_units - growth - reserve)
 
@@ -197,7 +203,7 @@ class AptChunkedScheduler(AptScheduler):
     default_step_tbt_fraction = 0.8
 
     def _schedule(self, now: float, out: SchedulerOutput) -> None:
-        plan = self._plan(now, self._num_live(now), upgrades=True)
+        plan = self._plan(now, None, upgrades=True)
         upgrades = [entry for entry in plan if isinstance(entry[0], Upgrade)]
         self._apply_plan(upgrades, out, 0, True, now)
         num_preempted = len(out.preempted_request_ids)

@@ -232,13 +232,12 @@ class Scheduler:
     def _schedule_running_chunks(self, out: SchedulerOutput, budget: int, now: float) -> int:
         """Running requests into the token budget: decodes first (one token each), then the rest of
         part-way prompts in chunks; returns the budget left. Memory pressure preempts the newest."""
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        num_left = [(r, r.num_tokens - r.num_computed_tokens) for r in self.running]
         scheduled: list[Request] = []
-        for request in decodes + prefills:
+        for request, num_uncomputed in [e for e in num_left if e[1] == 1] + [e for e in num_left if e[1] > 1]:
             if budget == 0 or request.status != RequestStatus.RUNNING:
                 continue  # out of budget, or preempted to make room for an earlier request
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(num_uncomputed, budget)
             if num_new > 1:
                 num_new = min(num_new, self._chunk_cap(out, request, now))
             if num_new and self._allocate_or_preempt(request, request.num_computed_tokens + num_new, scheduled,

@@ -22,23 +22,22 @@ Shape = tuple[int, float]  # (blocks, SLO seconds that applies while it waits)
 class ShapeBucket:
     """The waiting requests of one shape, oldest first: entries (last_token_s, queue order, request)."""
 
-    __slots__ = ("num_blocks", "slo_s", "entries")
+    __slots__ = ("num_blocks", "slo_s", "entries", "_past_at")
 
     def __init__(self, num_blocks: int, slo_s: float) -> None:
         self.num_blocks, self.slo_s = num_blocks, slo_s
         self.entries: list[tuple[float, int, Request]] = []
+        self._past_at: tuple[float, int] | None = None  # (now, count): a step asks twice at one `now`
 
     def num_past_slo(self, now: float) -> int:
-        """How many of them are past their SLO at `now` (the same test as Request.is_past_slo)."""
-        entries, slo_s = self.entries, self.slo_s
-        lo, hi = 0, len(entries)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if now - entries[mid][0] > slo_s:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        """How many of them are past their SLO at `now` (the same test as Request.is_past_slo: `now - t > slo`
+        is `t - now < -slo` exactly, since a floating-point difference negates exactly)."""
+        if self._past_at is None or self._past_at[0] != now:
+            self._past_at = now, bisect.bisect_left(self.entries, -self.slo_s, key=lambda e: e[0] - now)
+        return self._past_at[1]
+
+    def changed(self) -> None:
+        self._past_at = None
 
 
 class WaitingQueue:
@@ -72,6 +71,7 @@ class WaitingQueue:
         bucket = self.buckets[shape]
         entries = bucket.entries
         entries.pop(bisect.bisect_left(entries, (request.last_token_s, order), key=lambda e: (e[0], e[1])))
+        bucket.changed()
         if not entries:
             del self.buckets[shape]
         self.sum_last_token_s = self.sum_last_token_s - request.last_token_s if self._order else 0.0
@@ -111,4 +111,5 @@ class WaitingQueue:
         if bucket is None:
             bucket = self.buckets[shape] = ShapeBucket(*shape)
         bisect.insort(bucket.entries, (request.last_token_s, order, request), key=lambda e: (e[0], e[1]))
+        bucket.changed()
         self.sum_last_token_s += request.last_token_s
