@@ -37,7 +37,10 @@ def waiting_candidates(queue: WaitingQueue, now: float, limit: int, budget: int,
     heads: list[tuple[float, int, int, int, bool]] = []  # (-gain, queue order, bucket number, index, past SLO)
     parts: list[tuple[ShapeBucket, ShapePrice, int]] = []
     for bucket in queue.buckets.values():
-        price, num_past = shape_price(bucket), bucket.num_past_slo(now)
+        price = shape_price(bucket)
+        if min(price[0], price[1] or price[0]) > budget:  # no option of this shape fits: none is pushed
+            continue
+        num_past = bucket.num_past_slo(now)
         parts.append((bucket, price, num_past))
         for past, index in ((True, 0), (False, num_past)):
             if index < (num_past if past else len(bucket.entries)):
