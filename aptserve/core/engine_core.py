@@ -113,6 +113,7 @@ class EngineCore:
                 self.executor.execute(sched_out)
             self._last_step_end_s = time.perf_counter()
             return EngineCoreOutputs(self.clock.now(), refused, stats=self.stats()) if refused else None
+        num_tokens = sched_out.total_num_scheduled_tokens
         try:
             runner_out = self.executor.execute(sched_out)
             executed_s = time.perf_counter()
@@ -122,22 +123,22 @@ class EngineCore:
             runner_out = self._isolate_failures(sched_out, exc)
             executed_s = time.perf_counter()
         else:  # a step re-run in parts says nothing about the cost of one step
-            self._learn_step_cost(sched_out, runner_out)
+            self._learn_step_cost(sched_out, num_tokens, runner_out)
         failures = [self._fail(request_id, error) for request_id, error in runner_out.failed.items()]
         now = self.clock.now()
         sampled = self.scheduler.update_from_output(sched_out, runner_out, now)
         outputs = [self._output(request, runner_out) for request in sampled] + failures + refused
         self.num_steps += 1
         end_s = time.perf_counter()
-        step = _step_stats(sched_out, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
+        step = _step_stats(sched_out, num_tokens, runner_out, start_s - self._last_step_end_s, scheduled_s - start_s,
                            executed_s - scheduled_s, end_s - executed_s)
         self._last_step_end_s = end_s
         return EngineCoreOutputs(now, outputs, step, self.stats())
 
-    def _learn_step_cost(self, sched_out: SchedulerOutput, runner_out: RunnerOutput) -> None:
+    def _learn_step_cost(self, sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerOutput) -> None:
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in sched_out.scheduled)
         seconds = runner_out.prepare_s + runner_out.forward_s + runner_out.sample_s
-        self.step_cost_fitter.observe(sched_out.total_num_scheduled_tokens, work, seconds)
+        self.step_cost_fitter.observe(num_tokens, work, seconds)
         self.scheduler.step_cost = self.step_cost_fitter.model
 
     def _output(self, request: Request, runner_out: RunnerOutput) -> EngineCoreOutput:
@@ -223,13 +224,13 @@ class EngineCore:
         return take_snapshot(self.scheduler, self.config, replica_id, taken_s)
 
 
-def _step_stats(sched_out: SchedulerOutput, runner_out: RunnerOutput, gap_s: float, schedule_s: float,
-                execute_s: float, update_s: float) -> StepStats:
+def _step_stats(sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerOutput, gap_s: float,
+                schedule_s: float, execute_s: float, update_s: float) -> StepStats:
     num_decode = sum(1 for r in sched_out.scheduled if r.num_tokens == 1)
     # Executors that do not time their phases (the simulator's) count the whole call as forward time.
     forward_s = runner_out.forward_s or max(0.0, execute_s - runner_out.prepare_s - runner_out.sample_s)
     return StepStats(sched_out.step_id, len(sched_out.scheduled), num_decode,
-                     sched_out.total_num_scheduled_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
+                     num_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
                      runner_out.sample_s, update_s, max(0.0, gap_s), sched_out.num_context_tokens,
                      sched_out.num_recompute_tokens)
 
