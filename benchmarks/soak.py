@@ -36,6 +36,7 @@ WORDS = ("the sea ship wind harbour light captain storm night morning island rop
          "story voyage map star compass anchor deck crew journey shore fog bell lantern tide").split()
 REGEXES = ("[ab]+", "(yes|no)", "[0-9]{1,4}", "[a-z]+ [a-z]+")
 MAX_N = 2
+SETTLE_S = 2.0  # idle time before a settled sample: the engine loop trims its heap when it falls idle
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,28 +125,42 @@ def process_tree() -> dict[str, int]:
 
 
 async def soak(url: str, pids: dict[str, int], args: argparse.Namespace) -> tuple[list[dict], Counter]:
+    """Samples RSS twice per --report-every answers: under load, and settled (the clients held back until nothing
+    is in flight, then SETTLE_S for the idle engine to trim its heap): what the processes keep, without the swing of
+    where a sample falls between trims."""
     counts: Counter = Counter()
     samples: list[dict] = []
-    done = 0
+    done = in_flight = 0
     start = time.perf_counter()
     indices = iter(range(args.num_requests))
+    sending = asyncio.Event()
+    sending.set()
 
-    def sample() -> None:
+    async def sample() -> None:
         row = {"requests": done, "elapsed_s": round(time.perf_counter() - start, 1),
                **{f"{name}_rss_mb": round(rss_mb(pid), 1) for name, pid in pids.items()}}
+        sending.clear()
+        while in_flight:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(SETTLE_S)
+        row.update({f"{name}_settled_rss_mb": round(rss_mb(pid), 1) for name, pid in pids.items()})
+        sending.set()
         samples.append(row)
         print(row, dict(counts), flush=True)
 
-    sample()
+    await sample()
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as client:
         async def client_loop() -> None:
-            nonlocal done
+            nonlocal done, in_flight
             for index in indices:
+                await sending.wait()
+                in_flight += 1
                 counts[await send(client, url, index)] += 1
+                in_flight -= 1
                 done += 1
                 if done % args.report_every == 0:
-                    sample()
+                    await sample()
         await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
     return samples, counts
 
@@ -169,9 +184,12 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, key, label in ((axes[0], "http_rss_mb", "HTTP process"), (axes[1], "engine_core_rss_mb", "engine core")):
-        axis.plot([s["requests"] for s in samples], [s[key] for s in samples], marker="o")
+    for axis, key, label in ((axes[0], "http", "HTTP process"), (axes[1], "engine_core", "engine core")):
+        for suffix, line in (("rss_mb", "under load"), ("settled_rss_mb", "settled")):
+            axis.plot([s["requests"] for s in samples], [s[f"{key}_{suffix}"] for s in samples], marker="o",
+                      label=line)
         axis.set(xlabel="requests answered", ylabel="RSS (MB)", title=label)
+        axis.legend()
         axis.grid(alpha=0.3)
     save_figure(figure, path, title)
 
@@ -187,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         metrics = scrape(url)
         units_held = sum(v for (name, _), v in metrics.items() if name == "aptserve:cache_units_used")
     log_text = (log_dir / "aptserve.log").read_text(errors="replace")
-    growth = {key: growth_per_1000(samples, f"{key}_rss_mb", args.warmup) for key in ("http", "engine_core")}
+    growth = {f"{key}{settled}": growth_per_1000(samples, f"{key}{settled}_rss_mb", args.warmup)
+              for key in ("http", "engine_core") for settled in ("", "_settled")}
     result = {"benchmark": "soak", "command": argv_, "settings": vars(args), "answers": dict(counts),
               "units_held_at_end": units_held, "rss_growth_mb_per_1000_after_warmup": growth,
               "tracebacks_in_log": log_text.count("Traceback"), "samples": samples}
     path = write_json(Path(args.out_dir) / f"{args.name}.json", result)
     plot(samples, path.with_suffix(".png"),
          f"{args.num_requests:,} requests at concurrency {args.concurrency}: RSS growth per 1,000 after "
-         f"{args.warmup:,}: HTTP {growth['http']} MB, engine core {growth['engine_core']} MB")
+         f"{args.warmup:,}, settled: HTTP {growth['http_settled']} MB, engine core {growth['engine_core_settled']} MB")
     print(f"wrote {path}: answers {dict(counts)}, growth per 1,000 {growth}, units held {units_held}")
     return 0
 
