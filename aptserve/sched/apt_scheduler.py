@@ -138,16 +138,18 @@ class AptScheduler(Scheduler):
         items = []
         # Every admission takes at least a block's units (its last token is never cached): below that none fits,
         # and the walk stops by the (budget // those + 1)-th admission, so no candidate ranked later can matter.
-        if waiting and num_free_seqs > 0 and budget >= self._min_block_units:
+        admits = waiting and num_free_seqs > 0 and budget >= self._min_block_units
+        # An upgrade takes units too: none fits a budget of 0.
+        hidden = ([r for r in self.running if r.cache_kind == CacheKind.HIDDEN]
+                  if upgrades and budget > 0 and self.hybrid_cache == HybridMode.ON else [])
+        if num_live is None and (admits or hidden):
+            num_live = self._num_live(now)
+        if admits:
             limit = min(max(MIN_CANDIDATES, num_free_seqs), budget // self._min_block_units + 1)
-            num_live = self._num_live(now) if num_live is None else num_live
             candidates = waiting_candidates(self.waiting, now, limit, budget, VIOLATOR_WEIGHT,
                                             lambda bucket: self._shape_price(bucket, num_live))
             items = [self._waiting_item(r, now, num_live) for r in candidates]
-        hidden = [r for r in self.running if r.cache_kind == CacheKind.HIDDEN] if upgrades and budget > 0 else []
-        if hidden and self.hybrid_cache == HybridMode.ON:  # an upgrade takes units: none fits a budget of 0
-            num_live = self._num_live(now) if num_live is None else num_live
-            items += [self._upgrade_item(r, num_live) for r in hidden]
+        items += [self._upgrade_item(r, num_live) for r in hidden]
         choices = solve(items, budget)
         by_id = {item.id: item for item in items}
         plan = [(item_id, choice) for item_id, choice in choices.items() if choice is not None]

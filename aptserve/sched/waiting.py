@@ -80,7 +80,7 @@ class WaitingQueue:
         if index != 0:
             raise IndexError("the waiting queue is read at its front only")
         if self._front_part:
-            return self._front_part[next(reversed(self._front_part))]
+            return next(reversed(self._front_part.values()))
         if self._back_part:
             return next(iter(self._back_part.values()))
         raise IndexError("the waiting queue is empty")
