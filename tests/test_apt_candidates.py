@@ -83,11 +83,12 @@ def test_candidates_are_the_top_of_the_walk(hybrid):
     engine, clock = long_queue_engine("apt-chunked", num_units=4000, num_waiting=300, seed=1, hybrid=hybrid)
     scheduler, now = engine.scheduler, clock.now()
     num_live, budget = scheduler._num_live(now), scheduler._free_units_for_plan()
+    time = scheduler._step_time(now)
     candidates = waiting_candidates(scheduler.waiting, now, 50, budget, apt_scheduler.VIOLATOR_WEIGHT,
-                                    lambda bucket: scheduler._shape_price(bucket, num_live))
+                                    lambda bucket: scheduler._shape_price(bucket, num_live, time))
     ranked = []  # brute force: every waiting request priced, ranked as the greedy's walk ranks first steps
     for order, request in enumerate(scheduler.waiting):
-        item = scheduler._waiting_item(request, now, num_live)
+        item = scheduler._waiting_item(request, now, num_live, time)
         gain = first_gain(*options(item.kv_units, item.kv_value, item.hidden_units, item.hidden_value, budget))
         if gain is not None:
             ranked.append((-gain, order, request))

@@ -133,3 +133,42 @@ def test_apt_policies_use_hidden_under_pressure_and_lose_nothing(policy):
     assert len(finished) == 30
     assert hidden_steps > 0, "with a tight pool and cheap recompute the greedy should pick HIDDEN"
     assert engine.cache.num_free_units == engine.cache.num_units
+
+
+@pytest.mark.parametrize("policy", ["apt", "apt-chunked"])
+def test_hidden_rows_are_never_chosen_where_their_recompute_breaks_running_requests_tbt(policy, monkeypatch):
+    """Four requests decode under a 0.1 s TBT SLO when long prompts that have waited 5 s arrive into a pool where
+    two fit only as hidden rows: each hidden one would add 0.2 s of K/V re-projection to every step. Priced by value
+    alone (the step-time check turned off) the greedy takes them hidden and the decoding requests miss their P99
+    TBT; batch-aware, it admits them as KV when memory allows and none misses."""
+    import numpy as np
+
+    from aptserve.sched import apt_scheduler
+    from aptserve.sim.executor import LinearCostModel
+
+    cost = LinearCostModel(base_s=0.01, per_token_s=0.0005, per_context_token_s=0.0, per_recompute_token_s=0.001)
+    results = {}
+    for batch_aware in (False, True):
+        if not batch_aware:
+            monkeypatch.setattr(apt_scheduler.AptScheduler, "_step_time",
+                                lambda self, now: apt_scheduler.NO_HIDDEN_TIME_LIMIT)
+        else:
+            monkeypatch.undo()
+        args = sim_args(MHA, 160, block_size=4, hybrid_cache="on", scheduler=policy, max_num_batched_tokens=256,
+                        alpha=cost.alpha_s(MHA, 4, "float32", "cpu"), tbt_slo=0.1, ttft_slo=50.0)
+        engine, clock = sim_engine(args, MHA, cost, make_executor=RecordingExecutor)
+        decoding = [engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=30, ignore_eos=True)).request_id
+                    for _ in range(4)]
+        finished = {}
+        for _ in range(10):
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        for i in range(3):
+            engine.add_request(list(range(3, 203)), SamplingParams(max_tokens=4, ignore_eos=True),
+                               arrival_s=clock.now() - 5.0)
+        finished.update(drain(engine))
+        assert len(finished) == 7 and engine.cache.num_free_units == engine.cache.num_units
+        hidden = sum(s.cache_kind == CacheKind.HIDDEN for out in engine.executor.outputs for s in out.scheduled)
+        worst_p99 = max(float(np.percentile(np.diff(finished[r].metrics.token_times_s), 99)) for r in decoding)
+        results[batch_aware] = hidden, worst_p99
+    assert results[False][0] > 0 and results[False][1] > 0.1, results
+    assert results[True][1] <= 0.1, results

@@ -2,6 +2,8 @@
 decoding requests stays within a share of their TBT SLO."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from aptserve.config import ModelConfig
 from aptserve.sampling import SamplingParams
 from aptserve.sched.step_cost import StepCostFitter, StepCostModel, attention_work, fit
+from aptserve.sched.tbt_allowance import tbt_allowance_s
 from aptserve.sim.executor import LinearCostModel
 from aptserve.sim.simulator import sim_engine
 from tests.sim_fixtures import sim_args
@@ -82,3 +85,20 @@ def test_step_tbt_fraction_keeps_every_decoding_request_within_its_p99_tbt():
                                   for r in decoding if r in finished)
     assert worst_p99[0.0] > 0.1  # two 0.9 s steps in the last 14 gaps of each
     assert worst_p99[0.8] < 0.1
+
+
+@given(num_gaps=st.integers(1, 400), num_slow=st.integers(0, 6), slow_s=st.floats(1.01, 5.0),
+       typical_s=st.floats(0.0, 0.5))
+@settings(max_examples=300, deadline=None)
+def test_the_planned_gap_stays_within_the_slo_and_keeps_the_p99_there(num_gaps, num_slow, slow_s, typical_s):
+    """A request that can still meet its P99 TBT SLO (1 s here) is never planned a gap past the SLO, and taking
+    the planned gap (its other gaps no longer) keeps its P99 within it; one planned without bound has missed it."""
+    num_slow = min(num_slow, num_gaps - 1)
+    allowance = tbt_allowance_s(num_gaps, num_slow, slow_s if num_slow else 0.0, 1.0)
+    past = [slow_s] * num_slow
+    if math.isinf(allowance):
+        assert np.percentile(past + [typical_s] * (num_gaps - num_slow), 99) > 1.0
+        return
+    assert allowance <= 1.0
+    gaps = past + [allowance] + [min(typical_s, allowance)] * (num_gaps - num_slow - 1)
+    assert np.percentile(gaps, 99) <= 1.0 + 1e-9

@@ -138,7 +138,7 @@ class EngineCore:
     def _learn_step_cost(self, sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerOutput) -> None:
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in sched_out.scheduled)
         seconds = runner_out.prepare_s + runner_out.forward_s + runner_out.sample_s
-        self.step_cost_fitter.observe(num_tokens, work, seconds)
+        self.step_cost_fitter.observe(num_tokens, work, seconds, sched_out.num_recompute_tokens)
         self.scheduler.step_cost = self.step_cost_fitter.model
 
     def _output(self, request: Request, runner_out: RunnerOutput) -> EngineCoreOutput:

@@ -95,7 +95,11 @@ def solve(items, budget: int) -> dict[Hashable, CacheKind | None]:
     """Choose CacheKind.KV, CacheKind.HIDDEN or None per item id; total units never exceed `budget`; the value
     chosen is at least half the best choice among `items`. The apt policies pass at most a bounded set of waiting
     requests (apt_candidates.py): the bound is then over those, and the same as over the whole queue whenever
-    memory stops the walk inside them."""
+    memory stops the walk inside them. Step time is a second constraint kept outside this knapsack: the policies
+    offer a hidden option only where its re-projection fits the step time, and when the chosen hidden rows do not
+    fit together they call solve again offering only those kept (apt_scheduler.StepTime). The bound is then
+    against the best choice over the options of that last call: a restriction of the two-constraint problem,
+    whose own optimum can be higher."""
     items = list(items)
     choices: dict[Hashable, CacheKind | None] = {item.id: None for item in items}
     used, value = 0, 0.0

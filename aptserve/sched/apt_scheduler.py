@@ -3,7 +3,9 @@
 Value of a request: p = now - last_token_time (since arrival before its first token). Serving it
 from the hidden cache costs every live request the K/V recompute time: hidden value =
 p - U * alpha * m, with m its blocks, U the waiting + running requests not yet past their SLO, and
-alpha the seconds to re-project one block's K/V across all layers. A request past its SLO is worth
+alpha the seconds to re-project one block's K/V across all layers. Hidden rows are offered at all only where the
+step-time model predicts they keep every decoding request within its TBT SLO and do not lower the batch's decode
+throughput (step_time.py). A request past its SLO is worth
 almost nothing (KV only), so it goes last and is the first to be preempted.
 
 One greedy (apt.solve) prices, against the free memory, both admissions of waiting requests (KV or
@@ -20,6 +22,7 @@ Sarathi-style: decodes first, never stalled, then the admitted prompts chunked i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from aptserve.cache.manager import CacheKind
@@ -30,6 +33,9 @@ from aptserve.sched.apt_candidates import MIN_CANDIDATES, ShapePrice, waiting_ca
 from aptserve.sched.base import Scheduler
 from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
 from aptserve.sched.output import SchedulerOutput
+from aptserve.sched.step_cost import attention_work
+from aptserve.sched.step_time import NO_HIDDEN_TIME_LIMIT, StepTime
+from aptserve.sched.tbt_allowance import next_gap_allowance_s
 from aptserve.sched.waiting import ShapeBucket
 
 # Value of a request past its SLO, relative to its pending time: tiny, but ordered by waiting time.
@@ -90,7 +96,7 @@ class AptScheduler(Scheduler):
         pending_s = now - request.last_token_s
         return (VIOLATOR_WEIGHT if request.is_past_slo(now) else 1.0) * pending_s
 
-    def _waiting_item(self, request: Request, now: float, num_live: int) -> KnapsackItem:
+    def _waiting_item(self, request: Request, now: float, num_live: int, time: StepTime) -> KnapsackItem:
         value, item_id = self._value(request, now), Admit(request.request_id)
         if self.hybrid_cache == HybridMode.ALL_HIDDEN:  # one option, the hidden table, in the item's KV slot
             return KnapsackItem(item_id, self._admission_units(request, CacheKind.HIDDEN), value)
@@ -98,10 +104,27 @@ class AptScheduler(Scheduler):
         if self.hybrid_cache == HybridMode.OFF or request.is_past_slo(now):  # KV only: no hidden option
             return KnapsackItem(item_id, kv_units, value)
         hidden_units = self._admission_units(request, CacheKind.HIDDEN)
-        if hidden_units >= kv_units:
+        num_blocks = self.cache.num_blocks(request.num_tokens)
+        # As _shape_price prices its shape (the request's own TBT SLO is checked with the others chosen, below).
+        if hidden_units >= kv_units or not time.offers_hidden(*self._hidden_row_s(num_blocks)):
             return KnapsackItem(item_id, kv_units, value)
-        hidden_value = value - num_live * self.alpha_s * self.cache.num_blocks(request.num_tokens)
-        return KnapsackItem(item_id, kv_units, value, hidden_units, hidden_value)
+        return KnapsackItem(item_id, kv_units, value, hidden_units, value - num_live * self.alpha_s * num_blocks)
+
+    def _hidden_row_s(self, num_blocks: int) -> tuple[float, float]:
+        """What a hidden request of `num_blocks` adds to every step it is in: its K/V re-projected, and its row
+        (a decode token reading its context)."""
+        cost = self.step_cost
+        return self.alpha_s * num_blocks, cost.per_token_s + cost.per_attention_s * num_blocks * self.cache.block_size
+
+    def _step_time(self, now: float) -> StepTime:
+        """The time the next steps have for newly hidden rows (batch-aware pricing, below)."""
+        running = self.running
+        work = sum(attention_work(r.num_computed_tokens, 1) for r in running)
+        recompute = sum(r.num_computed_tokens for r in running if r.cache_kind == CacheKind.HIDDEN)
+        decode_s = self.step_cost.predict(len(running), work, recompute)
+        decoding = [r for r in running if r.output_token_ids]
+        allowance_s = next_gap_allowance_s(decoding, now) if decoding else math.inf
+        return StepTime(self.config.step_tbt_fraction or 1.0, decode_s, allowance_s, len(running))
 
     def _admission_units(self, request: Request, kind: CacheKind) -> int:
         """Units admitting the request as `kind` takes from the free memory: blocks of its prefix that are cached
@@ -109,7 +132,7 @@ class AptScheduler(Scheduler):
         return self.cache.num_new_units(request.request_id, kind, request.num_tokens,
                                         self.prefix.cached_prefix(request, kind))
 
-    def _shape_price(self, bucket: ShapeBucket, num_live: int) -> ShapePrice:
+    def _shape_price(self, bucket: ShapeBucket, num_live: int, time: StepTime) -> ShapePrice:
         """(KV units, hidden units or None, hidden cost) of a waiting request of this shape with no prefix cached,
         as _waiting_item prices it (ALL_HIDDEN: the hidden table is the one option, in the KV slot)."""
         num_blocks = bucket.num_blocks
@@ -117,7 +140,8 @@ class AptScheduler(Scheduler):
         if self.hybrid_cache == HybridMode.ALL_HIDDEN:
             return hidden_units, None, 0.0
         kv_units = num_blocks * self.cache.units_per_block(CacheKind.KV)
-        if self.hybrid_cache == HybridMode.OFF or hidden_units >= kv_units:
+        if (self.hybrid_cache == HybridMode.OFF or hidden_units >= kv_units
+                or not time.offers_hidden(*self._hidden_row_s(num_blocks))):
             return kv_units, None, 0.0
         return kv_units, hidden_units, num_live * self.alpha_s * num_blocks
 
@@ -144,17 +168,44 @@ class AptScheduler(Scheduler):
                   if upgrades and budget > 0 and self.hybrid_cache == HybridMode.ON else [])
         if num_live is None and (admits or hidden):
             num_live = self._num_live(now)
+        time = self._step_time(now) if admits and self.hybrid_cache == HybridMode.ON else NO_HIDDEN_TIME_LIMIT
         if admits:
             limit = min(max(MIN_CANDIDATES, num_free_seqs), budget // self._min_block_units + 1)
             candidates = waiting_candidates(self.waiting, now, limit, budget, VIOLATOR_WEIGHT,
-                                            lambda bucket: self._shape_price(bucket, num_live))
-            items = [self._waiting_item(r, now, num_live) for r in candidates]
+                                            lambda bucket: self._shape_price(bucket, num_live, time))
+            items = [self._waiting_item(r, now, num_live, time) for r in candidates]
         items += [self._upgrade_item(r, num_live) for r in hidden]
         choices = solve(items, budget)
+        if time is not NO_HIDDEN_TIME_LIMIT:
+            choices = self._within_step_time(items, choices, budget, time)
         by_id = {item.id: item for item in items}
         plan = [(item_id, choice) for item_id, choice in choices.items() if choice is not None]
         plan.sort(key=lambda entry: -by_id[entry[0]].kv_value / by_id[entry[0]].kv_units)
         return plan
+
+    def _within_step_time(self, items: list[KnapsackItem], choices: dict, budget: int, time: StepTime) -> dict:
+        """The greedy's choices with no more hidden rows than the step time allows all together: the chosen
+        hidden admissions are kept in the greedy's order while their re-projection fits every limit (the batch's
+        shared one and each kept request's own) and their rows together cost no more than the step's time per
+        request each; if any is left out, the greedy runs again with the hidden option only for those kept, so
+        whatever it chooses fits."""
+        chosen = sorted((item for item in items if choices[item.id] == CacheKind.HIDDEN),
+                        key=lambda item: -item.hidden_value / item.hidden_units)
+        used_s, rows_s, limit_s, kept = 0.0, 0.0, time.shared_s, set()
+        for item in chosen:
+            request = self.requests[item.id.request_id]
+            recompute_s, row_s = self._hidden_row_s(self.cache.num_blocks(request.num_tokens))
+            if (used_s + recompute_s <= min(limit_s, time.limit_s(request))
+                    and rows_s + recompute_s + row_s <= (len(kept) + 1) * time.per_request_s):
+                used_s, rows_s = used_s + recompute_s, rows_s + recompute_s + row_s
+                limit_s = min(limit_s, time.limit_s(request))
+                kept.add(item.id)
+        if len(kept) == len(chosen):
+            return choices
+        for item in items:
+            if item.hidden_units is not None and item.id not in kept:
+                item.hidden_units = item.hidden_value = None
+        return solve(items, budget)
 
     def _free_units_for_plan(self) -> int:
         """Free units less the rows running requests need next step and the admission watermark."""

@@ -52,8 +52,9 @@ class Scheduler:
         self._requested_conversions: dict[str, CacheKind] = {}
         self.num_conversions = 0
         self.watermark_units = int(config.cache.watermark * self.cache.num_units)
-        # Predicted step time from a step's make-up; the engine core refits it from the steps it runs.
-        self.step_cost = StepCostModel()
+        # Predicted step time from a step's make-up; the engine core refits it from the steps it runs (all but
+        # the recompute price, alpha per block of hidden context).
+        self.step_cost = StepCostModel(per_recompute_token_s=config.scheduler.alpha_s / config.cache.block_size)
         self.waiting = WaitingQueue(config.cache.block_size)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from aptserve.cache.manager import CacheKind
 from aptserve.request import Request
 from aptserve.sched.output import SchedulerOutput
 from aptserve.sched.step_cost import StepCostModel, attention_work
@@ -19,9 +20,9 @@ SCORED_PROMPT_TOKENS_PER_STEP = 128
 def chunk_cap(out: SchedulerOutput, request: Request, running: list[Request], step_cost: StepCostModel,
               step_tbt_fraction: float, now: float) -> int:
     """Most prompt tokens `request` may add to the step `out` is building. With `step_tbt_fraction` set and
-    requests decoding: as many as keep the step's predicted time within that share of the longest gap every
-    decoding request can still take without missing its P99 TBT SLO (the step's first chunk gets at least
-    MIN_CHUNK_TOKENS, so prompts always progress). A prompt scored for its logprobs takes at most what the step's
+    requests decoding: as many as keep the step's predicted time within that share of the gap planned for every
+    decoding request (its TBT SLO while it can still meet it: sched/tbt_allowance.py); the step's first chunk gets
+    at least MIN_CHUNK_TOKENS, so prompts always progress. A prompt scored for its logprobs takes at most what the step's
     other scored chunks leave of SCORED_PROMPT_TOKENS_PER_STEP."""
     cap = scoring_cap(out, request)
     decoding = [r for r in running if r.output_token_ids and r is not request]
@@ -29,10 +30,13 @@ def chunk_cap(out: SchedulerOutput, request: Request, running: list[Request], st
         return cap
     num_tokens = sum(r.num_tokens for r in out.scheduled)
     work = sum(attention_work(r.start_pos, r.num_tokens) for r in out.scheduled)
-    target_s = next_gap_allowance_s(decoding, step_cost.predict(num_tokens, work), now)
+    target_s = next_gap_allowance_s(decoding, now)
     if math.isinf(target_s):
         return cap
-    fits = step_cost.max_extra_tokens(step_tbt_fraction * target_s, num_tokens, work, request.num_computed_tokens)
+    recompute = out.num_recompute_tokens + (request.num_computed_tokens if request.cache_kind == CacheKind.HIDDEN
+                                            else 0)
+    fits = step_cost.max_extra_tokens(step_tbt_fraction * target_s, num_tokens, work, request.num_computed_tokens,
+                                      recompute)
     has_chunk = any(r.num_tokens > 1 for r in out.scheduled)
     return min(cap, fits if has_chunk else max(MIN_CHUNK_TOKENS, fits))
 

@@ -3,33 +3,40 @@
 A step's time is close to linear in three things: a fixed part (launching it, streaming the weights at small
 batch), the rows it feeds (decode tokens and prompt tokens: the GEMMs) and the attention work (each fed token's
 context: the K/V it reads). The engine core records every step it runs and refits the three coefficients by least
-squares over a window of recent steps, so the estimate follows this machine, this model and its load. The
-scheduler only evaluates the fitted function: it stays pure (no clock, no tensors).
+squares over a window of recent steps, so the estimate follows this machine, this model and its load. A fourth
+part, re-projecting K/V from hidden rows, is known rather than fitted: alpha (seconds per block, measured at
+start-up) per block of hidden context; the fit sees each step's time less that part. The scheduler only evaluates
+the model: it stays pure (no clock, no tensors).
 """
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class StepCostModel:
-    """seconds = base_s + per_token_s * tokens fed + per_attention_s * attention work (context tokens read)."""
+    """seconds = base_s + per_token_s * tokens fed + per_attention_s * attention work (context tokens read)
+    + per_recompute_token_s * context tokens whose K/V are re-projected from hidden rows (alpha / block size)."""
 
     base_s: float = 0.01
     per_token_s: float = 0.001
     per_attention_s: float = 1e-7
+    per_recompute_token_s: float = 0.0
 
-    def predict(self, num_tokens: int, attention_work: float) -> float:
-        return self.base_s + self.per_token_s * num_tokens + self.per_attention_s * attention_work
+    def predict(self, num_tokens: int, attention_work: float, recompute_tokens: int = 0) -> float:
+        return (self.base_s + self.per_token_s * num_tokens + self.per_attention_s * attention_work
+                + self.per_recompute_token_s * recompute_tokens)
 
-    def max_extra_tokens(self, target_s: float, num_tokens: int, attention_work: float, context_len: int) -> int:
-        """Prompt tokens that can join a step already holding `num_tokens` and `attention_work` while it stays
-        within `target_s`, for a chunk that starts after `context_len` cached tokens."""
-        spare_s = target_s - self.predict(num_tokens, attention_work)
+    def max_extra_tokens(self, target_s: float, num_tokens: int, attention_work: float, context_len: int,
+                         recompute_tokens: int = 0) -> int:
+        """Prompt tokens that can join a step already holding `num_tokens`, `attention_work` and
+        `recompute_tokens` while it stays within `target_s`, for a chunk that starts after `context_len` cached
+        tokens."""
+        spare_s = target_s - self.predict(num_tokens, attention_work, recompute_tokens)
         if spare_s <= 0:
             return 0
         # n tokens cost n * per_token + per_attention * attention_work(context_len, n): the quadratic in n.
@@ -54,8 +61,8 @@ class StepCostFitter:
         self._rows: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._num_since_fit = 0
 
-    def observe(self, num_tokens: int, work: float, seconds: float) -> None:
-        self._rows.append((num_tokens, work, seconds))
+    def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0) -> None:
+        self._rows.append((num_tokens, work, seconds - self.model.per_recompute_token_s * recompute_tokens))
         self._num_since_fit += 1
         if self._num_since_fit >= self.refit_every and len(self._rows) >= self.min_steps:
             self._num_since_fit = 0
@@ -63,10 +70,14 @@ class StepCostFitter:
 
 
 def fit(rows: Sequence[tuple[float, float, float]], fallback: StepCostModel) -> StepCostModel:
-    """Non-negative least squares of seconds on (1, tokens, attention work); `fallback` if the data cannot say."""
+    """Non-negative least squares of seconds on (1, tokens, attention work); `fallback` if the data cannot say (its
+    recompute price is kept either way)."""
     data = np.asarray(rows, dtype=float)
     coef = nonnegative_least_squares(np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]]), data[:, 2])
-    return fallback if coef is None else StepCostModel(*map(float, coef))
+    if coef is None:
+        return fallback
+    base_s, per_token_s, per_attention_s = map(float, coef)
+    return replace(fallback, base_s=base_s, per_token_s=per_token_s, per_attention_s=per_attention_s)
 
 
 def nonnegative_least_squares(features: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
