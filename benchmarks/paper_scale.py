@@ -41,8 +41,11 @@ class Setup:
         return f"{self.model} on {self.tensor_parallel} x {self.gpu}"
 
 
-SETUPS = {s.model: s for s in (Setup("opt-13b", "a100-40gb", 1), Setup("opt-30b", "a100-80gb", 2),
-                               Setup("opt-66b", "a100-80gb", 4))}
+# The authors' setups, and larger models on fewer GPUs, where weights leave the KV cache little memory (the cells
+# where the paper says the hidden cache pays most): OPT-30B on one A100-80GB, OPT-66B on two.
+SETUPS = {"opt-13b": Setup("opt-13b", "a100-40gb", 1), "opt-30b": Setup("opt-30b", "a100-80gb", 2),
+          "opt-66b": Setup("opt-66b", "a100-80gb", 4), "opt-30b-1gpu": Setup("opt-30b", "a100-80gb", 1),
+          "opt-66b-2gpu": Setup("opt-66b", "a100-80gb", 2)}
 WORKLOAD_FLAGS = {"sharegpt": ["--max-total-len", "2048"], "humaneval": [],
                   "longbench": ["--target-prompt-len", "1900"]}
 # DistServe's (TTFT, TPOT) SLOs for the workloads it published (its artifact's plotting script); the others take the
@@ -162,13 +165,31 @@ def run_cell(cell: tuple, options: argparse.Namespace, traces: dict) -> dict:
     alpha_s = sim.cost_model.alpha_s(sim.config, args.block_size, "float16", "cuda")
     kv_bytes = engine_args(sim.args, "fcfs", sim.config, sim.cost_model, None).kv_cache_memory
     kv_bytes_per_token = KV_UNITS_PER_BLOCK * bytes_per_unit(sim.config, 1, "float16")
+    # Where the hidden cache can pay: a decode step of the requests of the mean context the KV budget holds, per
+    # request, against what one more request costs that step as hidden rows (its row and its re-projection).
+    full_batch = max(1, int(kv_bytes // kv_bytes_per_token / mean_context))
+    full_step_s = decode_step_s(sim.cost_model, full_batch, 0, int(mean_context))
+    hidden_row_s = decode_step_s(sim.cost_model, full_batch, 1, int(mean_context)) - full_step_s
     return {"setup": dataclasses.asdict(setup), "workload": workload, "cv": cv, "slo_set": slo_set,
             "slo": {k: v for k, v in slos.items() if k != "unloaded"},
             "unloaded": {k: unloaded.get(k) for k in ("median_ttft_s", "median_p99_tbt_s")},
             "kv_cache_bytes": kv_bytes, "kv_cache_tokens": kv_bytes // kv_bytes_per_token,
             "alpha_s": alpha_s, "mean_context_tokens": mean_context,
             "hidden_request_step_cost_s": alpha_s * mean_context / args.block_size,
+            "full_kv_batch": full_batch, "full_kv_step_s": full_step_s, "hidden_row_s": hidden_row_s,
             "variants": variants, "summary": summarize_cell(variants)}
+
+
+def decode_step_s(cost_model, num_kv: int, num_hidden: int, context: int) -> float:
+    """The cost model's time for a decode step of `num_kv` KV rows and `num_hidden` hidden ones at `context`."""
+    from aptserve.cache.manager import CacheKind
+    from aptserve.sampling import SamplingParams
+    from aptserve.sched.output import ScheduledRequest, SchedulerOutput
+
+    params = SamplingParams(temperature=0, max_tokens=1)
+    rows = [ScheduledRequest(str(i), [5], context - 1, CacheKind.HIDDEN if i < num_hidden else CacheKind.KV, [],
+                             True, params) for i in range(num_kv + num_hidden)]
+    return cost_model.step_time(SchedulerOutput(0, rows))
 
 
 def _rate(variant: dict) -> float | None:
@@ -240,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in pool.map(_run_in_worker, cells, [options] * len(cells)):
             results.append(result)
             s = result["summary"]
-            tqdm.write(f"{result['setup']['model']} {result['workload']} cv {result['cv']:g} {result['slo_set']}: "
+            tqdm.write(f"{Setup(**result['setup']).label} {result['workload']} cv {result['cv']:g} {result['slo_set']}: "
                        + ", ".join(f"{n} {_fmt(r)}" for n, r in s["rates"].items()))
             progress.update(1)
     from aptserve.bench.serving import trace_stats
@@ -269,8 +290,16 @@ def claims(results: list[dict]) -> dict:
             "over_best_baseline": largest("best_apt/best_baseline")}
 
 
+def hidden_verdict(cell: dict) -> str:
+    """Whether a request admitted as hidden rows raises the decode throughput of a full KV batch (batch-aware
+    pricing admits it only then: aptserve/sched/step_time.py)."""
+    share_s = cell["full_kv_step_s"] / cell["full_kv_batch"]
+    return ("can pay (they cost less than a request's share of the step)" if cell["hidden_row_s"] < share_s
+            else f"cannot pay ({cell['hidden_row_s'] / share_s:.0f}x a request's share of the step)")
+
+
 def _where(cell: dict) -> str:
-    return f"{cell['setup']['model']}, {cell['workload']}, cv {cell['cv']:g}, {cell['slo_set']} SLOs"
+    return f"{Setup(**cell['setup']).label}, {cell['workload']}, cv {cell['cv']:g}, {cell['slo_set']} SLOs"
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -283,10 +312,10 @@ def markdown(payload: dict) -> str:
              "sim` on the roofline cost model. `<r (a at 1/s)`: even the lowest rate probed "
              "failed, and the attainment at 1 req/s was a; `>=r`: none failed;"
              " a ratio is `-` where either rate is unknown.", ""]
-    for model in dict.fromkeys(r["setup"]["model"] for r in payload["cells"]):
-        cells = [r for r in payload["cells"] if r["setup"]["model"] == model]
+    for label in dict.fromkeys(Setup(**r["setup"]).label for r in payload["cells"]):
+        cells = [r for r in payload["cells"] if Setup(**r["setup"]).label == label]
         first = cells[0]
-        lines += [f"## {Setup(**first['setup']).label}", "",
+        lines += [f"## {label}", "",
                   f"KV budget {first['kv_cache_bytes'] / 2**30:.1f} GiB ({first['kv_cache_tokens']:,} tokens of K/V, "
                   f"twice that as hidden rows); the hidden cache's price alpha "
                   f"{first['alpha_s'] * 1e3:.2f} ms per block re-projected in every layer.", ""]
@@ -297,7 +326,11 @@ def markdown(payload: dict) -> str:
                              f"{r['kv_cache_tokens'] / r['mean_context_tokens']:.0f} such) adds "
                              f"{r['hidden_request_step_cost_s'] * 1e3:.1f} ms to every step it is in; "
                              f"an unloaded step takes "
-                             f"{r['unloaded']['median_p99_tbt_s'] * 1e3:.1f} ms (P99 TBT alone).")
+                             f"{r['unloaded']['median_p99_tbt_s'] * 1e3:.1f} ms (P99 TBT alone); a decode step of "
+                             f"the {r['full_kv_batch']} such requests the KV budget holds takes "
+                             f"{r['full_kv_step_s'] * 1e3:.1f} ms, {r['full_kv_step_s'] / r['full_kv_batch'] * 1e3:.2f}"
+                             f" ms per request, and one more as hidden rows adds {r['hidden_row_s'] * 1e3:.1f} ms "
+                             f"to it: hidden rows {hidden_verdict(r)}.")
         lines += ["",
                   "| workload | cv | SLOs (TTFT / TBT s) | " + " | ".join(n for n, _, _ in VARIANTS)
                   + " | best apt / fcfs | best apt / best baseline | hybrid gain (apt, apt-chunked) "
@@ -379,7 +412,8 @@ def plot(path: Path, results: list[dict]) -> None:
         ratios = [_ratio(r["summary"]["rates"][name], r["summary"]["rates"]["fcfs"]) or 0.0 for r in results]
         ax.bar(x + (i - len(VARIANTS) / 2 + 0.5) * width, ratios, width, label=name)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(x, [f"{r['setup']['model']}\n{r['workload']}\ncv {r['cv']:g}\n{r['slo_set']}" for r in results],
+    ax.set_xticks(x, [f"{r['setup']['model']} x{r['setup']['tensor_parallel']}\n{r['workload']}\ncv {r['cv']:g}\n"
+                      f"{r['slo_set']}" for r in results],
                   fontsize=6)
     ax.set_ylabel("effective throughput / fcfs")
     ax.set_yscale("log" if any((r["summary"]["best_apt/fcfs"] or 0) > 4 for r in results) else "linear")

@@ -111,10 +111,12 @@ class AptScheduler(Scheduler):
         return KnapsackItem(item_id, kv_units, value, hidden_units, value - num_live * self.alpha_s * num_blocks)
 
     def _hidden_row_s(self, num_blocks: int) -> tuple[float, float]:
-        """What a hidden request of `num_blocks` adds to every step it is in: its K/V re-projected, and its row
-        (a decode token reading its context)."""
-        cost = self.step_cost
-        return self.alpha_s * num_blocks, cost.per_token_s + cost.per_attention_s * num_blocks * self.cache.block_size
+        """What a hidden request of `num_blocks` adds to every step it is in: its K/V re-projected, and its row."""
+        return self.alpha_s * num_blocks, self._row_s(num_blocks)
+
+    def _row_s(self, num_blocks: int) -> float:
+        """A decode row's time in a step: its token and the context of `num_blocks` it reads."""
+        return self.step_cost.per_token_s + self.step_cost.per_attention_s * num_blocks * self.cache.block_size
 
     def _step_time(self, now: float) -> StepTime:
         """The time the next steps have for newly hidden rows (batch-aware pricing, below)."""
@@ -186,17 +188,20 @@ class AptScheduler(Scheduler):
     def _within_step_time(self, items: list[KnapsackItem], choices: dict, budget: int, time: StepTime) -> dict:
         """The greedy's choices with no more hidden rows than the step time allows all together: the chosen
         hidden admissions are kept in the greedy's order while their re-projection fits every limit (the batch's
-        shared one and each kept request's own) and their rows together cost no more than the step's time per
-        request each; if any is left out, the greedy runs again with the hidden option only for those kept, so
+        shared one and each kept request's own) and their rows together cost no more than a request's share of
+        the step they join each; if any is left out, the greedy runs again with the hidden option only for those kept, so
         whatever it chooses fits."""
         chosen = sorted((item for item in items if choices[item.id] == CacheKind.HIDDEN),
                         key=lambda item: -item.hidden_value / item.hidden_units)
+        kv_rows_s = [self._row_s(self.cache.num_blocks(self.requests[i.request_id].num_tokens))
+                     for i, choice in choices.items() if choice == CacheKind.KV and isinstance(i, Admit)]
+        share_s = time.share_s(sum(kv_rows_s), len(kv_rows_s))
         used_s, rows_s, limit_s, kept = 0.0, 0.0, time.shared_s, set()
         for item in chosen:
             request = self.requests[item.id.request_id]
             recompute_s, row_s = self._hidden_row_s(self.cache.num_blocks(request.num_tokens))
             if (used_s + recompute_s <= min(limit_s, time.limit_s(request))
-                    and rows_s + recompute_s + row_s <= (len(kept) + 1) * time.per_request_s):
+                    and rows_s + recompute_s + row_s <= (len(kept) + 1) * share_s):
                 used_s, rows_s = used_s + recompute_s, rows_s + recompute_s + row_s
                 limit_s = min(limit_s, time.limit_s(request))
                 kept.add(item.id)

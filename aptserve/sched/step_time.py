@@ -15,10 +15,11 @@ class StepTime:
       sched/tbt_allowance.py) and of the hidden request's own TBT SLO, with the running batch's decode (`decode_s`)
       and every hidden admission's re-projection in them, and
     - the batch's decode throughput does not fall: a request admitted hidden costs every step its own row and its
-      re-projection, which must be no more than the step's time per request now (`decode_s` / `num_running`).
-      Where a step's fixed part (the weights read once for all rows) dominates, as with few long requests in a
-      small memory, that holds; where re-projection costs more than a request's share of the step, a hidden row
-      buys memory with more compute than the request it admits is worth, and the request waits for KV."""
+      re-projection, which must be no more than a request's share of the step it joins (`share_s`: the running
+      batch's decode and the KV admissions beside it, per request; the fixed part of a step alone where nothing
+      else runs). Where a step's fixed part (the weights read once for all rows) dominates, as with few long
+      requests in a small memory, that holds; where re-projection costs more than a request's share of the step,
+      hidden rows buy memory with more compute than the requests they admit bring, and those wait for KV."""
 
     fraction: float
     decode_s: float
@@ -30,9 +31,11 @@ class StepTime:
         """Re-projection the running batch can take on in all."""
         return self.fraction * self.allowance_s - self.decode_s
 
-    @property
-    def per_request_s(self) -> float:
-        return self.decode_s / self.num_running if self.num_running else math.inf  # no batch to slow down
+    def share_s(self, kv_rows_s: float = 0.0, num_kv: int = 0) -> float:
+        """A request's share of the step, with `num_kv` KV admissions costing `kv_rows_s` in it."""
+        if math.isinf(self.allowance_s) and self.decode_s == 0:  # NO_HIDDEN_TIME_LIMIT
+            return math.inf
+        return (self.decode_s + kv_rows_s) / max(1, self.num_running + num_kv)
 
     def limit_s(self, request: Request) -> float:
         """... and with `request` decoding in the batch too."""
@@ -41,7 +44,7 @@ class StepTime:
     def offers_hidden(self, recompute_s: float, row_s: float) -> bool:
         """Whether a request whose hidden rows add `recompute_s` to each step, beside its row's `row_s`, may be
         admitted hidden at all (the step's shared time and the throughput test, on their own)."""
-        return recompute_s <= self.shared_s and recompute_s + row_s <= self.per_request_s
+        return recompute_s <= self.shared_s and recompute_s + row_s <= self.share_s()
 
 
 NO_HIDDEN_TIME_LIMIT = StepTime(1.0, 0.0, math.inf, 0)  # no limit: where no hidden option is priced
