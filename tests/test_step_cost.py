@@ -34,14 +34,30 @@ def test_fit_recovers_a_linear_step_time():
 
 
 def test_fitter_keeps_its_prior_until_it_has_seen_enough_steps():
-    prior = StepCostModel(0.5, 0.5, 0.5)
+    prior = StepCostModel(0.05, 0.005, 1e-6)
     fitter = StepCostFitter(prior, refit_every=8, min_steps=16)
     for i in range(15):
         fitter.observe(10 + i, 100.0 * i, 0.01 + 0.001 * i)
     assert fitter.model == prior
     for i in range(16):
         fitter.observe(10 + i, 100.0 * i, 0.01 + 0.001 * i)
-    assert fitter.model != prior and fitter.model.per_token_s > 0
+    assert fitter.model != prior
+    assert all(abs(fitter.model.predict(10 + i, 100.0 * i) - (0.01 + 0.001 * i)) < 1e-4 for i in range(16))
+
+
+def test_decodes_alone_keep_the_chunk_estimate_and_the_first_wrong_chunk_corrects_it():
+    """A fresh server's prior underestimates prompt chunks twofold: a stretch of decodes alone (tokens, context and
+    the fixed part all collinear) leaves its chunk estimate where it was, and the first chunk it got wrong refits
+    the model at once to that chunk's time."""
+    truth, prior = StepCostModel(0.02, 0.002, 1e-7), StepCostModel(0.01, 0.001, 1e-7)
+    fitter = StepCostFitter(prior)
+    chunk = (256, attention_work(0, 256))
+    for i in range(100):
+        fitter.observe(1, 256.0 + i, truth.predict(1, 256.0 + i))
+    assert abs(fitter.model.predict(*chunk) - prior.predict(*chunk)) < 0.01 * prior.predict(*chunk)
+    assert abs(fitter.model.predict(1, 300.0) - truth.predict(1, 300.0)) < 0.01 * truth.predict(1, 300.0)
+    fitter.observe(257, chunk[1] + 256, truth.predict(257, chunk[1] + 256))
+    assert abs(fitter.model.predict(*chunk) - truth.predict(*chunk)) < 0.02 * truth.predict(*chunk)
 
 
 @given(target=st.floats(0.001, 1.0), base=st.integers(0, 64), work=st.floats(0, 1e5), context=st.integers(0, 900))

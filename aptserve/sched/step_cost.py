@@ -51,29 +51,51 @@ def attention_work(start_pos: int, num_tokens: int) -> float:
     return num_tokens * (start_pos + (num_tokens + 1) / 2)
 
 
+# A fit is anchored to the model it replaces on a side its window does not show: no decode-sized step (at most
+# SMALL_STEP_TOKENS fed), or no prompt chunk (more): a row priced by that model at a decode of a 256-token context,
+# or at a 256-token chunk, with a weight small enough that it only settles what the window leaves open. Else a
+# stretch of decodes alone (tokens, context and the fixed part collinear) would throw the chunk estimate anywhere.
+SMALL_STEP_TOKENS = 64
+DECODE_ANCHOR, CHUNK_ANCHOR = (1, 256.0), (256, attention_work(0, 256))
+ANCHOR_WEIGHT = 0.01
+# A step this many times slower than predicted makes the fitter refit at once, so a model that underestimates prompt
+# chunks (a fresh server's prior) is corrected by the first chunk it got wrong.
+SURPRISE_FACTOR = 1.5
+
+
 class StepCostFitter:
-    """Least squares over the last `window` steps; refits every `refit_every` steps once it has `min_steps`."""
+    """Least squares over the last `window` steps (and the anchors it lacks); refits every `refit_every` steps once it has
+    `min_steps`, and at once after a step that took SURPRISE_FACTOR times its prediction."""
 
     def __init__(self, prior: StepCostModel | None = None, window: int = 512, refit_every: int = 32,
-                 min_steps: int = 48) -> None:
+                 min_steps: int = 16) -> None:
         self.model = prior or StepCostModel()
         self.window, self.refit_every, self.min_steps = window, refit_every, min_steps
         self._rows: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._num_since_fit = 0
 
     def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0) -> None:
-        self._rows.append((num_tokens, work, seconds - self.model.per_recompute_token_s * recompute_tokens))
+        seconds -= self.model.per_recompute_token_s * recompute_tokens
+        self._rows.append((num_tokens, work, seconds))
         self._num_since_fit += 1
-        if self._num_since_fit >= self.refit_every and len(self._rows) >= self.min_steps:
+        surprised = seconds > SURPRISE_FACTOR * self.model.predict(num_tokens, work)
+        if (self._num_since_fit >= self.refit_every or surprised) and len(self._rows) >= self.min_steps:
             self._num_since_fit = 0
-            self.model = fit(list(self._rows), self.model)
+            smallest, largest = min(row[0] for row in self._rows), max(row[0] for row in self._rows)
+            missing = [DECODE_ANCHOR] * (smallest > SMALL_STEP_TOKENS) + [CHUNK_ANCHOR] * (largest <= SMALL_STEP_TOKENS)
+            anchors = [(t, w, self.model.predict(t, w)) for t, w in missing]
+            self.model = fit([*self._rows, *anchors], self.model,
+                             [1.0] * len(self._rows) + [ANCHOR_WEIGHT] * len(anchors))
 
 
-def fit(rows: Sequence[tuple[float, float, float]], fallback: StepCostModel) -> StepCostModel:
-    """Non-negative least squares of seconds on (1, tokens, attention work); `fallback` if the data cannot say (its
-    recompute price is kept either way)."""
+def fit(rows: Sequence[tuple[float, float, float]], fallback: StepCostModel,
+        weights: Sequence[float] | None = None) -> StepCostModel:
+    """Non-negative least squares of seconds on (1, tokens, attention work), each row's error times its weight
+    (default 1); `fallback` if the data cannot say (its recompute price is kept either way)."""
     data = np.asarray(rows, dtype=float)
-    coef = nonnegative_least_squares(np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]]), data[:, 2])
+    scale = np.ones(len(data)) if weights is None else np.asarray(weights, dtype=float)
+    features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    coef = nonnegative_least_squares(features * scale[:, None], data[:, 2] * scale)
     if coef is None:
         return fallback
     base_s, per_token_s, per_attention_s = map(float, coef)
