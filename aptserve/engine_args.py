@@ -60,8 +60,10 @@ class EngineArgs(FlagTable):
                                        "of computing them (as vLLM; per cache kind)",
                                        action=argparse.BooleanOptionalAction)
     watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
-    hidden_scratch_tokens: int = flag(4096, "tokens of K/V recomputed from hidden rows at once (at least "
-                                      "max_model_len); its bytes come out of --kv-cache-memory", int)
+    # The least that works by default: its bytes come out of the pool, and batch-aware pricing makes hidden rows
+    # rare, so a larger scratch (recomputing several hidden requests per GEMM) would cost KV rows that are used.
+    hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; its bytes come out of "
+                                      "--kv-cache-memory (default and least: one max_model_len context)", int)
     alpha: float | None = flag(None, "seconds to re-project one block's K/V across all layers (the hidden "
                                "cache's price in the apt policies); default: measured at start-up", float)
     max_logprobs: int = flag(20, "most log probabilities one request may ask for per token (vLLM's cap; -1: the "

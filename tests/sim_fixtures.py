@@ -19,8 +19,11 @@ def pool_bytes(model: ModelConfig, num_units: int, block_size: int, hybrid_cache
 
 
 def sim_args(model: ModelConfig, num_units: int, block_size: int, hybrid_cache: str = "off", **kwargs) -> EngineArgs:
-    """EngineArgs for `model` (fp32) whose pool holds `num_units` units; alpha 0 unless given."""
+    """EngineArgs for `model` (fp32) whose pool holds `num_units` units; alpha 0 unless given. The scratch is sized
+    for the model's own max_model_len (the engine's least would follow the context it caps to the pool)."""
     kwargs.setdefault("alpha", 0.0)
+    kwargs.setdefault("hidden_scratch_tokens", min_hidden_scratch_tokens(model, block_size))
     return EngineArgs(model="sim", block_size=block_size, hybrid_cache=hybrid_cache,
                       kv_cache_memory=pool_bytes(model, num_units, block_size, hybrid_cache,
+                                                 kwargs["hidden_scratch_tokens"],
                                                  scheduler=kwargs.get("scheduler", EngineArgs.scheduler)), **kwargs)
