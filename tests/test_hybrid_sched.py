@@ -132,6 +132,8 @@ def test_apt_policies_use_hidden_under_pressure_and_lose_nothing(policy):
         hidden_steps += any(s.cache_kind == CacheKind.HIDDEN for s in executor.outputs[-1].scheduled)
     assert len(finished) == 30
     assert hidden_steps > 0, "with a tight pool and cheap recompute the greedy should pick HIDDEN"
+    admissions = engine.core.stats().admissions
+    assert admissions["hidden"] > 0 and admissions["hidden"] + admissions["kv"] >= 30
     assert engine.cache.num_free_units == engine.cache.num_units
 
 

@@ -175,14 +175,17 @@ class ClusterEngine:
     def _total_stats(self) -> EngineStats:
         replicas = list(self._replica_stats().values())
         units: dict[str, int] = {}
+        admissions: dict[str, int] = {}
         for stats in replicas:
             for kind, num_units in stats.cache_units.items():
                 units[kind] = units.get(kind, 0) + num_units
+            for kind, count in stats.admissions.items():
+                admissions[kind] = admissions.get(kind, 0) + count
         total = lambda field: sum(getattr(stats, field) for stats in replicas)  # noqa: E731
         return EngineStats(total("num_running"), total("num_waiting"), total("cache_units_total"), units,
                            total("num_preemptions"), total("num_conversions"), total("num_steps"),
                            self.config.cache.hybrid.value, total("prefix_cache_queries"),
-                           total("prefix_cache_hits"))
+                           total("prefix_cache_hits"), admissions)
 
 
 def _router():

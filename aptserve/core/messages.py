@@ -70,6 +70,7 @@ class EngineStats(msgspec.Struct, array_like=True):
     hybrid_cache: str
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at first admissions
     prefix_cache_hits: int = 0  # ... and found there
+    admissions: dict[str, int] = msgspec.field(default_factory=dict)  # admissions to the batch, by cache kind
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -51,6 +51,8 @@ class Scheduler:
         self.num_prefix_hit_tokens = 0  # ... and those found there
         self._requested_conversions: dict[str, CacheKind] = {}
         self.num_conversions = 0
+        # Requests admitted to the batch (first admissions and re-admissions after a preemption), by cache kind.
+        self.num_admissions = {kind.value: 0 for kind in CacheKind}
         self.watermark_units = int(config.cache.watermark * self.cache.num_units)
         # Predicted step time from a step's make-up; the engine core refits it from the steps it runs (all but
         # the recompute price, alpha per block of hidden context).
@@ -180,6 +182,7 @@ class Scheduler:
             self.num_prefix_hit_tokens += num_cached
         request.cache_kind = kind
         request.num_computed_tokens = num_cached
+        self.num_admissions[kind.value] += 1
         self._admit(request)
         self._schedule_tokens(out, request, num_new)
         return True

@@ -122,10 +122,16 @@ def _engine_gauges(prefix: str, stats_by_labels: dict[tuple[str, ...], EngineSta
                              labels=labels + ["kind"])
     cached = GaugeMetricFamily(prefix + "cache_units_cached", "Units of cached blocks no request reads: a prefix "
                                "hit reuses them, an allocation short of free units evicts them.", labels=labels)
+    admissions = CounterMetricFamily(prefix + "admissions", "Requests admitted to the running batch (first "
+                                     "admissions and re-admissions after a preemption), by cache kind.",
+                                     labels=labels + ["kind"])
     for label_values, stats in stats_by_labels.items():
         for kind, num_units in stats.cache_units.items():
             if kind not in ("free", "cached"):
                 used.add_metric([*label_values, kind], num_units)
         cached.add_metric(list(label_values), stats.cache_units.get("cached", 0))
+        for kind, count in stats.admissions.items():
+            admissions.add_metric([*label_values, kind], count)
     yield used
     yield cached
+    yield admissions
