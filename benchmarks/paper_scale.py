@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in pool.map(_run_in_worker, cells, [options] * len(cells)):
             results.append(result)
             s = result["summary"]
-            tqdm.write(f"{Setup(**result['setup']).label} {result['workload']} cv {result['cv']:g} {result['slo_set']}: "
-                       + ", ".join(f"{n} {_fmt(r)}" for n, r in s["rates"].items()))
+            tqdm.write(f"{_where(result)}: " + ", ".join(f"{n} {_fmt(r)}" for n, r in s["rates"].items()))
             progress.update(1)
     from aptserve.bench.serving import trace_stats
 

@@ -189,8 +189,8 @@ class AptScheduler(Scheduler):
         """The greedy's choices with no more hidden rows than the step time allows all together: the chosen
         hidden admissions are kept in the greedy's order while their re-projection fits every limit (the batch's
         shared one and each kept request's own) and their rows together cost no more than a request's share of
-        the step they join each; if any is left out, the greedy runs again with the hidden option only for those kept, so
-        whatever it chooses fits."""
+        the step they join each; if any is left out, the greedy runs again with the hidden option only for those
+        kept, so whatever it chooses fits."""
         chosen = sorted((item for item in items if choices[item.id] == CacheKind.HIDDEN),
                         key=lambda item: -item.hidden_value / item.hidden_units)
         kv_rows_s = [self._row_s(self.cache.num_blocks(self.requests[i.request_id].num_tokens))
@@ -200,10 +200,9 @@ class AptScheduler(Scheduler):
         for item in chosen:
             request = self.requests[item.id.request_id]
             recompute_s, row_s = self._hidden_row_s(self.cache.num_blocks(request.num_tokens))
-            if (used_s + recompute_s <= min(limit_s, time.limit_s(request))
-                    and rows_s + recompute_s + row_s <= (len(kept) + 1) * share_s):
-                used_s, rows_s = used_s + recompute_s, rows_s + recompute_s + row_s
-                limit_s = min(limit_s, time.limit_s(request))
+            own_limit_s = min(limit_s, time.limit_s(request))
+            if used_s + recompute_s <= own_limit_s and rows_s + recompute_s + row_s <= (len(kept) + 1) * share_s:
+                used_s, rows_s, limit_s = used_s + recompute_s, rows_s + recompute_s + row_s, own_limit_s
                 kept.add(item.id)
         if len(kept) == len(chosen):
             return choices

@@ -22,8 +22,8 @@ def chunk_cap(out: SchedulerOutput, request: Request, running: list[Request], st
     """Most prompt tokens `request` may add to the step `out` is building. With `step_tbt_fraction` set and
     requests decoding: as many as keep the step's predicted time within that share of the gap planned for every
     decoding request (its TBT SLO while it can still meet it: sched/tbt_allowance.py); the step's first chunk gets
-    at least MIN_CHUNK_TOKENS, so prompts always progress. A prompt scored for its logprobs takes at most what the step's
-    other scored chunks leave of SCORED_PROMPT_TOKENS_PER_STEP."""
+    at least MIN_CHUNK_TOKENS, so prompts always progress. A prompt scored for its logprobs takes at most what the
+    step's other scored chunks leave of SCORED_PROMPT_TOKENS_PER_STEP."""
     cap = scoring_cap(out, request)
     decoding = [r for r in running if r.output_token_ids and r is not request]
     if step_tbt_fraction <= 0 or not decoding:

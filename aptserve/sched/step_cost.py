@@ -64,8 +64,8 @@ SURPRISE_FACTOR = 1.5
 
 
 class StepCostFitter:
-    """Least squares over the last `window` steps (and the anchors it lacks); refits every `refit_every` steps once it has
-    `min_steps`, and at once after a step that took SURPRISE_FACTOR times its prediction."""
+    """Least squares over the last `window` steps (and the anchors it lacks); refits every `refit_every` steps once
+    it has `min_steps`, and at once after a step that took SURPRISE_FACTOR times its prediction."""
 
     def __init__(self, prior: StepCostModel | None = None, window: int = 512, refit_every: int = 32,
                  min_steps: int = 16) -> None:

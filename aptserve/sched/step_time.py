@@ -25,6 +25,7 @@ class StepTime:
     decode_s: float
     allowance_s: float
     num_running: int
+    unlimited: bool = False  # NO_HIDDEN_TIME_LIMIT: offers every hidden option
 
     @property
     def shared_s(self) -> float:
@@ -33,7 +34,7 @@ class StepTime:
 
     def share_s(self, kv_rows_s: float = 0.0, num_kv: int = 0) -> float:
         """A request's share of the step, with `num_kv` KV admissions costing `kv_rows_s` in it."""
-        if math.isinf(self.allowance_s) and self.decode_s == 0:  # NO_HIDDEN_TIME_LIMIT
+        if self.unlimited:
             return math.inf
         return (self.decode_s + kv_rows_s) / max(1, self.num_running + num_kv)
 
@@ -47,4 +48,4 @@ class StepTime:
         return recompute_s <= self.shared_s and recompute_s + row_s <= self.share_s()
 
 
-NO_HIDDEN_TIME_LIMIT = StepTime(1.0, 0.0, math.inf, 0)  # no limit: where no hidden option is priced
+NO_HIDDEN_TIME_LIMIT = StepTime(1.0, 0.0, math.inf, 0, unlimited=True)  # no limit: where no hidden option is priced
