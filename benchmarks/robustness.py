@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
-from aptserve.bench.bystander import Bystander  # noqa: E402
+from aptserve.bench.bystander import BystanderProcess  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 from benchmarks.servers import scrape, wait_ready  # noqa: E402
 
@@ -37,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the probes whose names contain one of these strings (and no drain)")
+    parser.add_argument("--bystander-tbt-slo", type=float, default=0.5,
+                        help="the TBT SLO (s) the bystander asks for; the server plans its steps within it")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="run each probe's client at this niceness (19: the server's processes get the CPU "
+                             "first, as with a client on another machine); the JSON's name says it when not 0")
     return parser.parse_args(argv)
 
 
@@ -159,7 +165,10 @@ def soak(num_requests: int, concurrency: int):
             async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
                 async def client_loop():
                     for _ in left:
-                        counts[(await client.post(f"{url}/v1/completions", json=body())).status_code] += 1
+                        try:
+                            counts[(await client.post(f"{url}/v1/completions", json=body())).status_code] += 1
+                        except httpx.TransportError as exc:  # counted, not hidden: the JSON shows them
+                            counts[type(exc).__name__] += 1
                 await asyncio.gather(*(client_loop() for _ in range(concurrency)))
             return counts
         return str(dict(asyncio.run(run())))
@@ -246,6 +255,29 @@ def drain(url: str, process) -> dict:
             "result": f"{clean}/10 streams ended with an error event and [DONE]; exit status {process.wait(60)}"}
 
 
+def run_probe(probe, url: str, nice: int) -> str:
+    """The probe's answer; with `nice`, from a forked child at that niceness."""
+    if not nice:
+        return probe(url)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.nice(nice)
+        try:
+            result = probe(url)
+        except Exception as exc:
+            result = f"client error: {type(exc).__name__}: {exc}"
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(result.encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        result = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     import subprocess
 
@@ -263,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, probe in PROBES.items():
             if args.only and not any(part in name for part in args.only):
                 continue
-            bystander = Bystander(url, body(max_tokens=150, ignore_eos=True))
+            bystander = BystanderProcess(url, body(max_tokens=150, ignore_eos=True, tbt_slo=args.bystander_tbt_slo))
             bystander.start()
             bystander.started.wait(60)
             start = time.perf_counter()
-            result = probe(url)
+            result = run_probe(probe, url, args.client_nice)
             seconds = time.perf_counter() - start
             bystander.join(300)
             rows.append({"probe": name, "result": result, "seconds": round(seconds, 2),
@@ -282,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         process.wait()
     log_text = log_path.read_text(errors="replace")
     summary = {"tracebacks_in_log": log_text.count("Traceback"), "log_lines": log_text.count("\n")}
-    path = write_json(Path(args.out_dir) / "robustness.json",
-                      {"benchmark": "robustness", "command": command, "probes": rows, "log": summary})
+    name = f"robustness_client_nice{args.client_nice}.json" if args.client_nice else "robustness.json"
+    path = write_json(Path(args.out_dir) / name,
+                      {"benchmark": "robustness", "command": command, "bystander_tbt_slo_s": args.bystander_tbt_slo,
+                       "client_nice": args.client_nice, "probes": rows, "log": summary})
     print(f"wrote {path}; log: {summary}")
     return 0
 

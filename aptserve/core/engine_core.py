@@ -19,7 +19,9 @@ from aptserve.core.snapshot import ReplicaSnapshot, take_snapshot
 from aptserve.engine_args import AlphaFn, EngineArgs, resolve
 from aptserve.errors import ConversionFailedError
 from aptserve.request import Request
+from aptserve.sampling import SamplingParams
 from aptserve.sched import create_scheduler
+from aptserve.sched.chunk_size import num_scored_tokens
 from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import StepCostFitter, attention_work
 
@@ -27,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 # How long a step with nothing to run but grammars compiling waits for one (instead of spinning).
 GRAMMAR_WAIT_S = 0.01
+# What a served core runs before its first request (warm_up): a prompt of each length, then decodes, one at a time.
+WARM_UP_PROMPT_LENS = (256, 32)
+WARM_UP_OUTPUT_TOKENS = 8
+WARM_UP_MAX_STEPS = 64
 
 
 class Executor(Protocol):
@@ -57,6 +63,29 @@ class EngineCore:
         bank = getattr(executor, "grammars", None)
         self.grammar_gate = GrammarGate(bank) if bank is not None and bank.compiler is not None else None
         self._refused: list[EngineCoreOutput] = []  # requests the gate dropped, told with the next outputs
+
+    def warm_up(self) -> None:
+        """Run a few real steps (prompt chunks and decodes) before serving and fit the step-time model on them, then
+        start the scheduler afresh (no counters, no cached prefixes, no requests) with that model. Without it a fresh
+        server sizes its first prompt chunks by a generic prior, 2x too large for this model on a 2-core CPU, and
+        the requests already decoding wait through them."""
+        params = SamplingParams(temperature=0.0, max_tokens=WARM_UP_OUTPUT_TOKENS, ignore_eos=True)
+        max_prompt_len = self.config.model.max_model_len - WARM_UP_OUTPUT_TOKENS
+        for index, length in enumerate(WARM_UP_PROMPT_LENS):
+            token_ids = [(7 * i + 3) % self.config.model.vocab_size for i in range(min(length, max_prompt_len))]
+            self.add_request(EngineCoreRequest(f"warm-up-{index}", token_ids, params, self.clock.now()))
+            for _ in range(WARM_UP_MAX_STEPS):  # a pool too small for the prompt never admits it
+                if not self.scheduler.has_unfinished_requests():
+                    break
+                self.step()
+            else:
+                self.abort_requests([f"warm-up-{index}"])
+        self.step()  # hands the finished ids to the executor, which forgets their state
+        self.step_cost_fitter.refit()
+        self.scheduler = create_scheduler(self.config)
+        self.scheduler.step_cost = self.step_cost_fitter.model
+        self.num_steps = 0
+        logger.info("warm-up: %s", self.step_cost_fitter.model)
 
     @property
     def grammar_compiler(self):
@@ -138,7 +167,8 @@ class EngineCore:
     def _learn_step_cost(self, sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerOutput) -> None:
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in sched_out.scheduled)
         seconds = runner_out.prepare_s + runner_out.forward_s + runner_out.sample_s
-        self.step_cost_fitter.observe(num_tokens, work, seconds, sched_out.num_recompute_tokens)
+        self.step_cost_fitter.observe(num_tokens, work, seconds, sched_out.num_recompute_tokens,
+                                      num_scored_tokens(sched_out.scheduled))
         self.scheduler.step_cost = self.step_cost_fitter.model
 
     def _output(self, request: Request, runner_out: RunnerOutput) -> EngineCoreOutput:

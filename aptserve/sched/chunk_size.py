@@ -6,14 +6,15 @@ import math
 
 from aptserve.cache.manager import CacheKind
 from aptserve.request import Request
-from aptserve.sched.output import SchedulerOutput
+from aptserve.sched.output import ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import StepCostModel, attention_work
 from aptserve.sched.tbt_allowance import next_gap_allowance_s
 
 # The smallest prompt chunk a step takes even when the step-time bound leaves no room, so prompts progress.
 MIN_CHUNK_TOKENS = 32
 # Prompt tokens a chunked step scores at most (prompt logprobs, all requests together): each costs a row of the
-# vocabulary-wide head, softmax and top-k besides its forward, which the step-time model does not see.
+# vocabulary-wide head, softmax and top-k besides its forward (the step-time model learns that price once it has
+# seen scored steps; the cap bounds the steps before).
 SCORED_PROMPT_TOKENS_PER_STEP = 128
 
 
@@ -36,15 +37,24 @@ def chunk_cap(out: SchedulerOutput, request: Request, running: list[Request], st
     recompute = out.num_recompute_tokens + (request.num_computed_tokens if request.cache_kind == CacheKind.HIDDEN
                                             else 0)
     fits = step_cost.max_extra_tokens(step_tbt_fraction * target_s, num_tokens, work, request.num_computed_tokens,
-                                      recompute)
+                                      recompute, num_scored_tokens(out.scheduled), is_scored(request))
     has_chunk = any(r.num_tokens > 1 for r in out.scheduled)
     return min(cap, fits if has_chunk else max(MIN_CHUNK_TOKENS, fits))
 
 
 def scoring_cap(out: SchedulerOutput, request: Request) -> int:
-    if request.sampling_params.prompt_logprobs is None or request.num_computed_tokens >= request.num_prompt_tokens:
+    if not is_scored(request):
         return request.num_tokens
-    scored = sum(r.num_tokens for r in out.scheduled
-                 if r.sampling_params.prompt_logprobs is not None and r.prompt_token_ids is not None
-                 and r.start_pos < len(r.prompt_token_ids))
-    return max(0, SCORED_PROMPT_TOKENS_PER_STEP - scored)
+    return max(0, SCORED_PROMPT_TOKENS_PER_STEP - num_scored_tokens(out.scheduled))
+
+
+def is_scored(request: Request) -> bool:
+    """Whether the request's next prompt tokens are scored for their logprobs."""
+    params = request.sampling_params
+    return params.prompt_logprobs is not None and request.num_computed_tokens < request.num_prompt_tokens
+
+
+def num_scored_tokens(scheduled: list[ScheduledRequest]) -> int:
+    """Prompt tokens a step's scheduled chunks score for their logprobs."""
+    return sum(r.num_tokens for r in scheduled if r.sampling_params.prompt_logprobs is not None
+               and r.prompt_token_ids is not None and r.start_pos < len(r.prompt_token_ids))

@@ -1,9 +1,10 @@
 """How long a step will take, from what it holds: fitted online from the engine's own steps.
 
-A step's time is close to linear in three things: a fixed part (launching it, streaming the weights at small
-batch), the rows it feeds (decode tokens and prompt tokens: the GEMMs) and the attention work (each fed token's
-context: the K/V it reads). The engine core records every step it runs and refits the three coefficients by least
-squares over a window of recent steps, so the estimate follows this machine, this model and its load. A fourth
+A step's time is close to linear in four things: a fixed part (launching it, streaming the weights at small
+batch), the rows it feeds (decode tokens and prompt tokens: the GEMMs), the attention work (each fed token's
+context: the K/V it reads) and the prompt tokens it scores for their logprobs (a vocabulary-wide head row, softmax
+and top-k each). The engine core records every step it runs and refits the four coefficients by least squares over
+a window of recent steps, so the estimate follows this machine, this model and its load. A fourth
 part, re-projecting K/V from hidden rows, is known rather than fitted: alpha (seconds per block, measured at
 start-up) per block of hidden context; the fit sees each step's time less that part. The scheduler only evaluates
 the model: it stays pure (no clock, no tensors).
@@ -20,27 +21,31 @@ import numpy as np
 @dataclass(frozen=True)
 class StepCostModel:
     """seconds = base_s + per_token_s * tokens fed + per_attention_s * attention work (context tokens read)
+    + per_scored_token_s * prompt tokens scored for their logprobs
     + per_recompute_token_s * context tokens whose K/V are re-projected from hidden rows (alpha / block size)."""
 
     base_s: float = 0.01
     per_token_s: float = 0.001
     per_attention_s: float = 1e-7
     per_recompute_token_s: float = 0.0
+    per_scored_token_s: float = 0.0
 
-    def predict(self, num_tokens: int, attention_work: float, recompute_tokens: int = 0) -> float:
+    def predict(self, num_tokens: int, attention_work: float, recompute_tokens: int = 0,
+                scored_tokens: int = 0) -> float:
         return (self.base_s + self.per_token_s * num_tokens + self.per_attention_s * attention_work
-                + self.per_recompute_token_s * recompute_tokens)
+                + self.per_recompute_token_s * recompute_tokens + self.per_scored_token_s * scored_tokens)
 
     def max_extra_tokens(self, target_s: float, num_tokens: int, attention_work: float, context_len: int,
-                         recompute_tokens: int = 0) -> int:
-        """Prompt tokens that can join a step already holding `num_tokens`, `attention_work` and
-        `recompute_tokens` while it stays within `target_s`, for a chunk that starts after `context_len` cached
-        tokens."""
-        spare_s = target_s - self.predict(num_tokens, attention_work, recompute_tokens)
+                         recompute_tokens: int = 0, scored_tokens: int = 0, scored_chunk: bool = False) -> int:
+        """Prompt tokens that can join a step already holding `num_tokens`, `attention_work`, `recompute_tokens`
+        and `scored_tokens` while it stays within `target_s`, for a chunk that starts after `context_len` cached
+        tokens (and is scored itself if `scored_chunk`)."""
+        spare_s = target_s - self.predict(num_tokens, attention_work, recompute_tokens, scored_tokens)
         if spare_s <= 0:
             return 0
         # n tokens cost n * per_token + per_attention * attention_work(context_len, n): the quadratic in n.
-        a, b = self.per_attention_s / 2, self.per_token_s + self.per_attention_s * (context_len + 0.5)
+        per_token_s = self.per_token_s + (self.per_scored_token_s if scored_chunk else 0.0)
+        a, b = self.per_attention_s / 2, per_token_s + self.per_attention_s * (context_len + 0.5)
         if a <= 0:
             return int(spare_s / b) if b > 0 else 1 << 30
         return int((-b + (b * b + 4 * a * spare_s) ** 0.5) / (2 * a))
@@ -71,35 +76,43 @@ class StepCostFitter:
                  min_steps: int = 16) -> None:
         self.model = prior or StepCostModel()
         self.window, self.refit_every, self.min_steps = window, refit_every, min_steps
-        self._rows: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._rows: deque[tuple[float, float, float, float]] = deque(maxlen=window)
         self._num_since_fit = 0
 
-    def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0) -> None:
+    def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0,
+                scored_tokens: int = 0) -> None:
         seconds -= self.model.per_recompute_token_s * recompute_tokens
-        self._rows.append((num_tokens, work, seconds))
+        self._rows.append((num_tokens, work, seconds, scored_tokens))
         self._num_since_fit += 1
-        surprised = seconds > SURPRISE_FACTOR * self.model.predict(num_tokens, work)
+        surprised = seconds > SURPRISE_FACTOR * self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
         if (self._num_since_fit >= self.refit_every or surprised) and len(self._rows) >= self.min_steps:
+            self.refit()
+
+    def refit(self) -> None:
+        """Fit the model on the steps seen so far (and the anchors they lack) now."""
+        if self._rows:
             self._num_since_fit = 0
             smallest, largest = min(row[0] for row in self._rows), max(row[0] for row in self._rows)
             missing = [DECODE_ANCHOR] * (smallest > SMALL_STEP_TOKENS) + [CHUNK_ANCHOR] * (largest <= SMALL_STEP_TOKENS)
-            anchors = [(t, w, self.model.predict(t, w)) for t, w in missing]
+            anchors = [(t, w, self.model.predict(t, w), 0) for t, w in missing]
             self.model = fit([*self._rows, *anchors], self.model,
                              [1.0] * len(self._rows) + [ANCHOR_WEIGHT] * len(anchors))
 
 
-def fit(rows: Sequence[tuple[float, float, float]], fallback: StepCostModel,
+def fit(rows: Sequence[tuple[float, ...]], fallback: StepCostModel,
         weights: Sequence[float] | None = None) -> StepCostModel:
-    """Non-negative least squares of seconds on (1, tokens, attention work), each row's error times its weight
-    (default 1); `fallback` if the data cannot say (its recompute price is kept either way)."""
-    data = np.asarray(rows, dtype=float)
+    """Non-negative least squares of seconds on (1, tokens, attention work, scored tokens), each row's error times
+    its weight (default 1); rows are (tokens, work, seconds[, scored tokens]). `fallback` if the data cannot say
+    (its recompute price is kept either way)."""
+    data = np.asarray([(*row, 0.0) if len(row) == 3 else row for row in rows], dtype=float)
     scale = np.ones(len(data)) if weights is None else np.asarray(weights, dtype=float)
-    features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1], data[:, 3]])
     coef = nonnegative_least_squares(features * scale[:, None], data[:, 2] * scale)
     if coef is None:
         return fallback
-    base_s, per_token_s, per_attention_s = map(float, coef)
-    return replace(fallback, base_s=base_s, per_token_s=per_token_s, per_attention_s=per_attention_s)
+    base_s, per_token_s, per_attention_s, per_scored_token_s = map(float, coef)
+    return replace(fallback, base_s=base_s, per_token_s=per_token_s, per_attention_s=per_attention_s,
+                   per_scored_token_s=per_scored_token_s)
 
 
 def nonnegative_least_squares(features: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
