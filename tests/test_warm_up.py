@@ -19,7 +19,7 @@ def warmed_core():
 
 def test_warm_up_fits_the_step_time_model_on_real_steps(warmed_core):
     core, prior = warmed_core
-    rows = core.step_cost_fitter._rows
+    rows = core.step_cost_fitter.rows
     # each prompt in one chunk (or more), then its decodes: at least the fitter's min_steps rows
     assert len(rows) >= len(WARM_UP_PROMPT_LENS) * WARM_UP_OUTPUT_TOKENS
     assert max(row[0] for row in rows) >= max(WARM_UP_PROMPT_LENS) // 2  # a real prompt chunk was timed

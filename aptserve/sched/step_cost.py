@@ -11,7 +11,6 @@ the model: it stays pure (no clock, no tensors).
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -64,7 +63,8 @@ SMALL_STEP_TOKENS = 64
 DECODE_ANCHOR, CHUNK_ANCHOR = (1, 256.0), (256, attention_work(0, 256))
 ANCHOR_WEIGHT = 0.01
 # A step this many times slower than predicted makes the fitter refit at once, so a model that underestimates prompt
-# chunks (a fresh server's prior) is corrected by the first chunk it got wrong.
+# chunks (a fresh server's prior) is corrected by the first chunk it got wrong; so does the first step that scores
+# prompt tokens while their price is still unknown (0).
 SURPRISE_FACTOR = 1.5
 
 
@@ -72,31 +72,39 @@ class StepCostFitter:
     """Least squares over the last `window` steps (and the anchors it lacks); refits every `refit_every` steps once
     it has `min_steps`, and at once after a step that took SURPRISE_FACTOR times its prediction."""
 
-    def __init__(self, prior: StepCostModel | None = None, window: int = 512, refit_every: int = 32,
+    def __init__(self, prior: StepCostModel | None = None, window: int = 512, refit_every: int = 8,
                  min_steps: int = 16) -> None:
         self.model = prior or StepCostModel()
         self.window, self.refit_every, self.min_steps = window, refit_every, min_steps
-        self._rows: deque[tuple[float, float, float, float]] = deque(maxlen=window)
-        self._num_since_fit = 0
+        self._ring = np.zeros((window, 4))  # (tokens, work, seconds, scored tokens), the oldest overwritten
+        self._num_rows = self._num_since_fit = 0
 
     def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0,
                 scored_tokens: int = 0) -> None:
         seconds -= self.model.per_recompute_token_s * recompute_tokens
-        self._rows.append((num_tokens, work, seconds, scored_tokens))
+        self._ring[self._num_rows % self.window] = (num_tokens, work, seconds, scored_tokens)
+        self._num_rows += 1
         self._num_since_fit += 1
         surprised = seconds > SURPRISE_FACTOR * self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
-        if (self._num_since_fit >= self.refit_every or surprised) and len(self._rows) >= self.min_steps:
+        unpriced = scored_tokens > 0 and self.model.per_scored_token_s == 0  # the first scored step it sees
+        if (self._num_since_fit >= self.refit_every or surprised or unpriced) and self._num_rows >= self.min_steps:
             self.refit()
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The steps in the window: (tokens, work, seconds less the known recompute, scored tokens) each."""
+        return self._ring[:min(self._num_rows, self.window)]
 
     def refit(self) -> None:
         """Fit the model on the steps seen so far (and the anchors they lack) now."""
-        if self._rows:
+        rows = self.rows
+        if len(rows):
             self._num_since_fit = 0
-            smallest, largest = min(row[0] for row in self._rows), max(row[0] for row in self._rows)
+            smallest, largest = float(rows[:, 0].min()), float(rows[:, 0].max())
             missing = [DECODE_ANCHOR] * (smallest > SMALL_STEP_TOKENS) + [CHUNK_ANCHOR] * (largest <= SMALL_STEP_TOKENS)
             anchors = [(t, w, self.model.predict(t, w), 0) for t, w in missing]
-            self.model = fit([*self._rows, *anchors], self.model,
-                             [1.0] * len(self._rows) + [ANCHOR_WEIGHT] * len(anchors))
+            data = np.vstack([rows, anchors]) if anchors else rows
+            self.model = fit(data, self.model, [1.0] * len(rows) + [ANCHOR_WEIGHT] * len(anchors))
 
 
 def fit(rows: Sequence[tuple[float, ...]], fallback: StepCostModel,
@@ -104,7 +112,9 @@ def fit(rows: Sequence[tuple[float, ...]], fallback: StepCostModel,
     """Non-negative least squares of seconds on (1, tokens, attention work, scored tokens), each row's error times
     its weight (default 1); rows are (tokens, work, seconds[, scored tokens]). `fallback` if the data cannot say
     (its recompute price is kept either way)."""
-    data = np.asarray([(*row, 0.0) if len(row) == 3 else row for row in rows], dtype=float)
+    data = np.asarray(rows, dtype=float)
+    if data.shape[1] == 3:
+        data = np.column_stack([data, np.zeros(len(data))])
     scale = np.ones(len(data)) if weights is None else np.asarray(weights, dtype=float)
     features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1], data[:, 3]])
     coef = nonnegative_least_squares(features * scale[:, None], data[:, 2] * scale)
