@@ -88,3 +88,16 @@ def test_the_feed_forward_layer_counts_the_architectures_matrices():
     ffn = opt.hidden_size * opt.intermediate_size
     gpu = gpu_spec("a100-40gb")
     assert RooflineCostModel(llama, gpu).layer_params - RooflineCostModel(opt, gpu).layer_params == ffn
+
+
+def test_a_step_of_conversions_alone_reads_the_kv_projections_not_the_whole_model():
+    cost = model()
+    conversion = CacheConversion("r", 1024, CacheKind.HIDDEN, [], CacheKind.KV, [])
+    alone_s = cost.step_time(step(conversions=(conversion,))) - cost.step_overhead_s
+    # 1,024 rows x 5,120 -> 2 x 5,120 per layer: 107 GFLOP x 40 layers at 60% of 312 TFLOP/s, about 23 ms
+    projection_s = 40 * 2 * 1024 * 5120 * 2 * 5120 / (312e12 * 0.6)
+    # plus reading the K/V projection weights (3.4 ms), not the whole layers' (20 ms) nor the head's
+    assert projection_s <= alone_s < 1.2 * projection_s
+    decode_s = cost.step_time(step((1, 512, CacheKind.KV)))
+    beside_decode_s = cost.step_time(step((1, 512, CacheKind.KV), conversions=(conversion,)))
+    assert beside_decode_s - decode_s <= alone_s  # beside a batch, the K/V weights are read anyway

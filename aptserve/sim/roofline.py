@@ -87,7 +87,9 @@ class RooflineCostModel:
         if num_tokens == 0 and not sched_out.conversions:
             return 0.0
         activation_bytes = num_tokens * (2 * m.hidden_size + self.intermediate_size) * b
-        dense_s = self._phase_s(self.layer_params * b / tp + activation_bytes, 2 * num_tokens * self.layer_params / tp)
+        # Conversions alone read only the K/V projection weights (in _recompute_s's GEMM), not the layer's.
+        weight_bytes = self.layer_params * b / tp if num_tokens else 2 * m.hidden_size * m.kv_dim * b / tp
+        dense_s = self._phase_s(weight_bytes + activation_bytes, 2 * num_tokens * self.layer_params / tp)
         attention_s = sum(self._attention_s(r.num_tokens, r.start_pos) for r in sched_out.scheduled)
         recompute_s = sum(self._recompute_s(r.start_pos) for r in sched_out.scheduled
                           if r.cache_kind == CacheKind.HIDDEN)
@@ -95,7 +97,7 @@ class RooflineCostModel:
         layer_s = dense_s + attention_s + recompute_s + self._all_reduce_s(num_tokens)
         num_sampled = sum(1 for r in sched_out.scheduled if r.sample)
         head_params = m.vocab_size * m.hidden_size
-        head_s = self._phase_s(head_params * b / tp, 2 * num_sampled * head_params / tp)
+        head_s = self._phase_s(head_params * b / tp, 2 * num_sampled * head_params / tp) if num_tokens else 0.0
         return self.step_overhead_s + m.num_layers * layer_s + head_s
 
     def alpha_s(self, model_config: ModelConfig, block_size: int, dtype: str, device: str) -> float:
