@@ -60,6 +60,8 @@ class EngineArgs(FlagTable):
                                        "of computing them (as vLLM; per cache kind)",
                                        action=argparse.BooleanOptionalAction)
     watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
+    warm_up: bool = flag(True, "a served engine runs two prompts before its first request and fits its step-time "
+                         "model on them (about 1.5 s of the start)", action=argparse.BooleanOptionalAction)
     # The least that works by default: its bytes come out of the pool, and batch-aware pricing makes hidden rows
     # rare, so a larger scratch (recomputing several hidden requests per GEMM) would cost KV rows that are used.
     hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; its bytes come out of "

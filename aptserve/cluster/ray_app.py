@@ -107,7 +107,9 @@ def start_cluster(engine_args: EngineArgs, server_args: ServerArgs, cluster_args
                                    "seed": engine_args.seed},
             request_routing_stats_period_s=cluster_args.routing_stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 4 * cluster_args.routing_stats_period_s)))
-    app = deployment.bind(engine_args, server_args, max(1, int(cpus_per_replica)))
+    # Replicas start together: each would time its warm-up against the others' and route on a model that slow,
+    # so they start from the prior and fit on the steps they serve.
+    app = deployment.bind(dataclasses.replace(engine_args, warm_up=False), server_args, max(1, int(cpus_per_replica)))
     logger.info("starting %d engine replicas (%.2g CPUs each, router %s)", cluster_args.replicas,
                 cpus_per_replica, cluster_args.router)
     handle = serve.run(app, name=APP_NAME, route_prefix=None)

@@ -27,7 +27,8 @@ def run_engine_core(args, input_address: str, output_address: str, ready_pipe, l
     parent_pid = os.getppid()
     try:
         core = build_engine_core(args)
-        core.warm_up()
+        if args.warm_up:
+            core.warm_up()
     except Exception as exc:  # the front end reports it and exits; nothing else can
         logger.debug("engine start failed", exc_info=True)
         ready_pipe.send(("error", f"{type(exc).__name__}: {exc}"))

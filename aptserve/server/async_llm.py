@@ -118,7 +118,8 @@ class AsyncLLM:
             from aptserve.core.engine_core import build_engine_core
 
             core = build_engine_core(engine_args)
-            core.warm_up()
+            if engine_args.warm_up:
+                core.warm_up()
             return cls.in_thread(core, load_tokenizer(core.config.model.path), server_args)
         model_path = resolve_model(engine_args.model)  # a known model's folder is built here, before the core reads it
         # The tokenizer (seconds of imports) loads while the core process starts and loads the weights.
