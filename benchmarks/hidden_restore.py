@@ -13,8 +13,8 @@ cost a copy back too. This benchmark prices each:
    recompute costs), median of --repeats each.
 2. In the roofline model (`sim/roofline.py`) of OPT-13B on an A100-40GB, OPT-30B on an A100-80GB and OPT-66B on two
    (fp16): the same two steps alone and beside a running batch of 32 decodes (what each adds to that step), and
-   what copying the request's state back from host memory adds at --pcie-gb-s (hidden rows: one row of hidden
-   per layer per token; KV swap: 2 x kv_dim), the copy before the projection or overlapped with it layer by
+   what copying the request's state back from host memory adds at --pcie-gb-s per GPU (hidden rows: one row of
+   hidden per layer per token, whole on every GPU; KV swap: 2 x kv_dim, split across the GPUs), the copy before the projection or overlapped with it layer by
    layer (HCache's pipeline).
 
     .venv/bin/python benchmarks/hidden_restore.py                  # ~3 min on 2 idle cores
@@ -125,7 +125,8 @@ def gpu_points(token_counts: list[int], pcie_bytes_per_s: float) -> list[dict]:
             restore_beside = roofline.step_time(SchedulerOutput(0, list(BATCH), conversions=restore_out.conversions))
             recompute_beside = roofline.step_time(SchedulerOutput(0, [*BATCH, *recompute_out.scheduled]))
             hidden_copy = num_tokens * config.hidden_size * value_bytes / pcie_bytes_per_s
-            kv_copy = num_tokens * 2 * config.kv_dim * value_bytes / pcie_bytes_per_s
+            # Each GPU copies its own KV heads over its own link; hidden rows are needed whole on every GPU.
+            kv_copy = num_tokens * 2 * config.kv_dim * value_bytes / tensor_parallel / pcie_bytes_per_s
             points.append({"model": model, "gpu": f"{tensor_parallel}x {gpu}", "tokens": num_tokens,
                            "restore_s": restore, "recompute_s": recompute,
                            "restore_beside_batch_s": restore_beside - batch_s,
