@@ -9,7 +9,9 @@ a longer step buys almost no throughput (prefill time is close to linear in the 
 still meet its SLO, its next gap is planned within the SLO, and the free gaps are a margin for what the step-time
 model mispredicts. Once a slow gap has entered the P99 with weight f, the next may take only what keeps
 g[i] + f (g[i+1] - g[i]) within the SLO. A request already past that point has missed its SLO whatever happens
-next, and constrains nothing.
+next, but its stream is still planned within the SLO: freed of any bound, two mispredicted steps (a prompt
+scored for its logprobs, say) were enough to let its next gaps run to 1.3 s, and a client sees a stalled stream,
+not a percentile.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def tbt_allowance_s(num_gaps: int, num_slow_gaps: int, max_gap_s: float, tbt_slo
         return tbt_slo_s
     if weight > 0 and num_slow_gaps == num_free + 1 and weight * max_gap_s <= tbt_slo_s:
         return (tbt_slo_s - weight * max_gap_s) / (1 - weight)  # the slowest so far enters with `weight`
-    return UNBOUNDED_S  # its P99 is already above the SLO: nothing it sees now changes that
+    return tbt_slo_s  # its P99 is already above the SLO; its stream still should not stall past it
 
 
 def next_gap_allowance_s(decoding: Sequence[Request], now: float) -> float:
