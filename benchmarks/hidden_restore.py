@@ -14,8 +14,8 @@ cost a copy back too. This benchmark prices each:
 2. In the roofline model (`sim/roofline.py`) of OPT-13B on an A100-40GB, OPT-30B on an A100-80GB and OPT-66B on two
    (fp16): the same two steps alone and beside a running batch of 32 decodes (what each adds to that step), and
    what copying the request's state back from host memory adds at --pcie-gb-s per GPU (hidden rows: one row of
-   hidden per layer per token, whole on every GPU; KV swap: 2 x kv_dim, split across the GPUs), the copy before the projection or overlapped with it layer by
-   layer (HCache's pipeline).
+   hidden per layer per token, whole on every GPU; KV swap: 2 x kv_dim, split across the GPUs), the copy before
+   the projection or overlapped with it layer by layer (HCache's pipeline).
 
     .venv/bin/python benchmarks/hidden_restore.py                  # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/hidden_restore.py --models opt-125m --tokens 128 --repeats 2 --out-dir /tmp/hr
@@ -75,6 +75,13 @@ def recompute_step(manager: CacheManager, num_tokens: int) -> SchedulerOutput:
                                                 manager.unit_ids("r"), True, GREEDY)])
 
 
+def pool(config, token_counts: list[int]):
+    """(units, a fresh CacheManager maker) for the longest request as hidden rows and as KV at once."""
+    units_per_hidden = hidden_units_per_block(config.hidden_size, config.kv_dim)
+    num_units = (2 + units_per_hidden) * -(-max(token_counts) // BLOCK_SIZE)
+    return num_units, lambda: CacheManager(num_units, BLOCK_SIZE, units_per_hidden)
+
+
 def median_s(runner: ModelRunner, make_step, repeats: int) -> float:
     runner.execute(make_step())  # warm-up
     samples = []
@@ -88,20 +95,18 @@ def median_s(runner: ModelRunner, make_step, repeats: int) -> float:
 
 def cpu_points(model: str, token_counts: list[int], repeats: int) -> list[dict]:
     config = load_model_config(resolve_model(model))
-    units_per_hidden = hidden_units_per_block(config.hidden_size, config.kv_dim)
-    num_units = (2 + units_per_hidden) * -(-max(token_counts) // BLOCK_SIZE)  # hidden and KV tables at once
+    num_units, fresh = pool(config, token_counts)
     runner = ModelRunner(config, num_units, BLOCK_SIZE, "float32", "cpu")  # the least scratch: one context
     points = []
     for num_tokens in token_counts:
-        def fresh():
-            return CacheManager(num_units, BLOCK_SIZE, units_per_hidden)
         restore = median_s(runner, lambda: restore_step(fresh(), num_tokens), repeats)
         recompute = median_s(runner, lambda: recompute_step(fresh(), num_tokens), repeats)
         points.append({"model": model, "tokens": num_tokens, "restore_s": restore, "recompute_s": recompute,
                        "restore_ms_per_token": 1e3 * restore / num_tokens,
                        "recompute_ms_per_token": 1e3 * recompute / num_tokens,
                        "recompute_over_restore": recompute / restore,
-                       "hidden_over_kv_bytes": units_per_hidden / 2, "load_average": load_average()})
+                       "hidden_over_kv_bytes": hidden_units_per_block(config.hidden_size, config.kv_dim) / 2,
+                       "load_average": load_average()})
         print(f"{model} {num_tokens:5d} tokens: restore {restore * 1e3:8.1f} ms, recompute {recompute * 1e3:8.1f} ms "
               f"({recompute / restore:.1f}x)", flush=True)
     return points
@@ -112,12 +117,9 @@ def gpu_points(token_counts: list[int], pcie_bytes_per_s: float) -> list[dict]:
     for model, gpu, tensor_parallel in GPU_SETUPS:
         config = sim_model_config(model, None)
         roofline = RooflineCostModel(config, gpu_spec(gpu), tensor_parallel)
-        units_per_hidden = hidden_units_per_block(config.hidden_size, config.kv_dim)
-        num_units = (2 + units_per_hidden) * -(-max(token_counts) // BLOCK_SIZE)
+        _, fresh = pool(config, token_counts)
         value_bytes = roofline.bytes_per_value * config.num_layers
         for num_tokens in token_counts:
-            def fresh():
-                return CacheManager(num_units, BLOCK_SIZE, units_per_hidden)
             restore_out, recompute_out = restore_step(fresh(), num_tokens), recompute_step(fresh(), num_tokens)
             restore = roofline.step_time(restore_out) - roofline.step_overhead_s
             recompute = roofline.step_time(recompute_out) - roofline.step_overhead_s

@@ -21,7 +21,6 @@ from aptserve.errors import ConversionFailedError
 from aptserve.request import Request
 from aptserve.sampling import SamplingParams
 from aptserve.sched import create_scheduler
-from aptserve.sched.chunk_size import num_scored_tokens
 from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from aptserve.sched.step_cost import StepCostFitter, attention_work
 
@@ -168,7 +167,7 @@ class EngineCore:
         work = sum(attention_work(r.start_pos, r.num_tokens) for r in sched_out.scheduled)
         seconds = runner_out.prepare_s + runner_out.forward_s + runner_out.sample_s
         self.step_cost_fitter.observe(num_tokens, work, seconds, sched_out.num_recompute_tokens,
-                                      num_scored_tokens(sched_out.scheduled))
+                                      sched_out.num_scored_tokens)
         self.scheduler.step_cost = self.step_cost_fitter.model
 
     def _output(self, request: Request, runner_out: RunnerOutput) -> EngineCoreOutput:
@@ -263,6 +262,14 @@ def _step_stats(sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerO
                      num_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
                      runner_out.sample_s, update_s, max(0.0, gap_s), sched_out.num_context_tokens,
                      sched_out.num_recompute_tokens)
+
+
+def build_served_core(args: EngineArgs) -> EngineCore:
+    """build_engine_core() for a server (its own process or thread, a replica), warmed up unless args say not."""
+    core = build_engine_core(args)
+    if args.warm_up:
+        core.warm_up()
+    return core
 
 
 def build_engine_core(args: EngineArgs, *, model_config: ModelConfig | None = None,

@@ -13,7 +13,7 @@ import os
 import msgspec
 import zmq
 
-from aptserve.core.engine_core import build_engine_core
+from aptserve.core.engine_core import build_served_core
 from aptserve.core.loop import EngineLoop
 from aptserve.core.messages import CoreInput
 
@@ -26,9 +26,7 @@ def run_engine_core(args, input_address: str, output_address: str, ready_pipe, l
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine-core]: %(message)s")
     parent_pid = os.getppid()
     try:
-        core = build_engine_core(args)
-        if args.warm_up:
-            core.warm_up()
+        core = build_served_core(args)
     except Exception as exc:  # the front end reports it and exits; nothing else can
         logger.debug("engine start failed", exc_info=True)
         ready_pipe.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -6,7 +6,7 @@ import math
 
 from aptserve.cache.manager import CacheKind
 from aptserve.request import Request
-from aptserve.sched.output import ScheduledRequest, SchedulerOutput
+from aptserve.sched.output import SchedulerOutput
 from aptserve.sched.step_cost import StepCostModel, attention_work
 from aptserve.sched.tbt_allowance import next_gap_allowance_s
 
@@ -37,7 +37,7 @@ def chunk_cap(out: SchedulerOutput, request: Request, running: list[Request], st
     recompute = out.num_recompute_tokens + (request.num_computed_tokens if request.cache_kind == CacheKind.HIDDEN
                                             else 0)
     fits = step_cost.max_extra_tokens(step_tbt_fraction * target_s, num_tokens, work, request.num_computed_tokens,
-                                      recompute, num_scored_tokens(out.scheduled), is_scored(request))
+                                      recompute, out.num_scored_tokens, is_scored(request))
     has_chunk = any(r.num_tokens > 1 for r in out.scheduled)
     return min(cap, fits if has_chunk else max(MIN_CHUNK_TOKENS, fits))
 
@@ -45,7 +45,7 @@ def chunk_cap(out: SchedulerOutput, request: Request, running: list[Request], st
 def scoring_cap(out: SchedulerOutput, request: Request) -> int:
     if not is_scored(request):
         return request.num_tokens
-    return max(0, SCORED_PROMPT_TOKENS_PER_STEP - num_scored_tokens(out.scheduled))
+    return max(0, SCORED_PROMPT_TOKENS_PER_STEP - out.num_scored_tokens)
 
 
 def is_scored(request: Request) -> bool:
@@ -53,8 +53,3 @@ def is_scored(request: Request) -> bool:
     params = request.sampling_params
     return params.prompt_logprobs is not None and request.num_computed_tokens < request.num_prompt_tokens
 
-
-def num_scored_tokens(scheduled: list[ScheduledRequest]) -> int:
-    """Prompt tokens a step's scheduled chunks score for their logprobs."""
-    return sum(r.num_tokens for r in scheduled if r.sampling_params.prompt_logprobs is not None
-               and r.prompt_token_ids is not None and r.start_pos < len(r.prompt_token_ids))

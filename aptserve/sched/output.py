@@ -87,6 +87,12 @@ class SchedulerOutput:
         return (sum(r.context_len for r in self.scheduled if r.cache_kind == CacheKind.HIDDEN)
                 + sum(c.num_tokens for c in self.conversions))
 
+    @property
+    def num_scored_tokens(self) -> int:
+        """Prompt tokens this step's chunks score for their logprobs."""
+        return sum(r.num_tokens for r in self.scheduled if r.sampling_params.prompt_logprobs is not None
+                   and r.prompt_token_ids is not None and r.start_pos < len(r.prompt_token_ids))
+
     def cost_features(self) -> list[float]:
         """What a linear step-cost model prices, in order: 1, tokens fed, context tokens, recompute tokens."""
         return [1.0, float(self.total_num_scheduled_tokens), float(self.num_context_tokens),

@@ -115,11 +115,9 @@ class AsyncLLM:
         from aptserve.registry import load_model_config, load_tokenizer, resolve_model
 
         if server_args.engine_in_thread:
-            from aptserve.core.engine_core import build_engine_core
+            from aptserve.core.engine_core import build_served_core
 
-            core = build_engine_core(engine_args)
-            if engine_args.warm_up:
-                core.warm_up()
+            core = build_served_core(engine_args)
             return cls.in_thread(core, load_tokenizer(core.config.model.path), server_args)
         model_path = resolve_model(engine_args.model)  # a known model's folder is built here, before the core reads it
         # The tokenizer (seconds of imports) loads while the core process starts and loads the weights.
