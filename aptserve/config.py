@@ -90,15 +90,18 @@ class ModelConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int
-    # Units in the pool: the byte budget less the recompute scratch, over bytes_per_unit.
+    # Units in the pool: the byte budget over bytes_per_unit.
     num_units: int
     units_per_hidden_block: int
     hybrid: HybridMode  # never AUTO once resolved
     # Fraction of units kept free when admitting new requests, so decodes do not preempt at once.
     watermark: float
     # Tokens of K/V the runner may recompute from hidden rows at once (one layer); 0 when the hybrid
-    # cache is off. Its bytes came out of the byte budget, so engines compare on equal memory.
+    # cache is off.
     hidden_scratch_tokens: int
+    # Pool units that hold that scratch, lent by the pool only while a request holds hidden rows (cache/manager.py):
+    # an engine that admits none has the whole byte budget for KV, as a KV-only one does.
+    num_scratch_units: int = 0
     # Full blocks are shared by content across requests of the same cache kind (cache/manager.py).
     enable_prefix_caching: bool = False
     # The element type of the rows the pool holds (K/V and hidden rows): the weights' dtype unless

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 
-from aptserve.cache.manager import CacheKind, CacheManager
+from aptserve.cache.manager import CacheManager
+from aptserve.cache.tables import CacheKind
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.core.engine_core import Clock, EngineCore, Executor, WallClock, build_engine_core
 from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, EngineStats

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from aptserve.cache.geometry import (KV_UNITS_PER_BLOCK, bytes_per_unit, hidden_units_per_block,
-                                     max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_bytes)
+                                     max_tokens_of_one_request, min_hidden_scratch_tokens, scratch_units)
 from aptserve.config import (DTYPE_ALIASES, DTYPE_BYTES, CacheConfig, EngineConfig, HybridMode, ModelConfig,
                              SchedulerConfig)
 from aptserve.flags import FlagTable, check_positive, flag, parse_bytes
@@ -62,10 +62,11 @@ class EngineArgs(FlagTable):
     watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
     warm_up: bool = flag(True, "a served engine runs two prompts before its first request and fits its step-time "
                          "model on them (about 1.5 s of the start)", action=argparse.BooleanOptionalAction)
-    # The least that works by default: its bytes come out of the pool, and batch-aware pricing makes hidden rows
-    # rare, so a larger scratch (recomputing several hidden requests per GEMM) would cost KV rows that are used.
-    hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; its bytes come out of "
-                                      "--kv-cache-memory (default and least: one max_model_len context)", int)
+    # The least that works by default: it borrows pool units while hidden rows are held, and batch-aware pricing
+    # makes hidden rows rare, so a larger scratch (several hidden requests per GEMM) would cost KV rows in use.
+    hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; the pool lends its "
+                                      "units while hidden rows are held (default and least: one max_model_len "
+                                      "context)", int)
     alpha: float | None = flag(None, "seconds to re-project one block's K/V across all layers (the hidden "
                                "cache's price in the apt policies); default: measured at start-up", float)
     max_logprobs: int = flag(20, "most log probabilities one request may ask for per token (vLLM's cap; -1: the "
@@ -202,19 +203,20 @@ def _max_num_batched_tokens(args: EngineArgs, policy: type[Scheduler], model_con
 
 
 def _cache_config(args: EngineArgs, model_config: ModelConfig, hybrid: HybridMode, dtype: str) -> CacheConfig:
-    """Size the pool from the byte budget, less the recompute scratch when the hidden cache may be used."""
+    """Size the pool from the byte budget; when the hidden cache may be used, the recompute scratch borrows units
+    of it while hidden rows are held."""
     scratch_tokens = 0
     if hybrid != HybridMode.OFF:  # one request's whole context must fit the scratch on its own
         scratch_tokens = max(args.hidden_scratch_tokens, min_hidden_scratch_tokens(model_config, args.block_size))
-    pool_bytes = args.kv_cache_memory - scratch_bytes(model_config, scratch_tokens, dtype)
     unit_bytes = bytes_per_unit(model_config, args.block_size, dtype)
-    num_units = max(0, pool_bytes) // unit_bytes
-    if num_units < 2:
+    num_units = max(0, args.kv_cache_memory) // unit_bytes
+    if num_units < KV_UNITS_PER_BLOCK:
         raise ValueError(f"kv_cache_memory={args.kv_cache_memory} bytes holds no KV block of this model; "
-                         f"give at least {2 * unit_bytes + args.kv_cache_memory - pool_bytes}")
+                         f"give at least {KV_UNITS_PER_BLOCK * unit_bytes}")
     logger.info("cache pool: %d units of %d tokens (%d tokens as KV, %s)", num_units, args.block_size,
                 num_units // KV_UNITS_PER_BLOCK * args.block_size, dtype)
     return CacheConfig(block_size=args.block_size, num_units=num_units,
                        units_per_hidden_block=hidden_units_per_block(model_config.hidden_size, model_config.kv_dim),
                        hybrid=hybrid, watermark=args.watermark, hidden_scratch_tokens=scratch_tokens,
+                       num_scratch_units=scratch_units(model_config, scratch_tokens, args.block_size),
                        enable_prefix_caching=args.enable_prefix_caching, dtype=dtype)

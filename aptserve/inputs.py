@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from aptserve.cache.geometry import cdiv, max_tokens_of_one_request, smallest_units_per_block
+from aptserve.cache.geometry import max_tokens_of_one_request
 from aptserve.config import EngineConfig
 from aptserve.errors import InvalidRequestError
 from aptserve.grammar_compiler import GrammarCompiler
@@ -133,9 +133,8 @@ class InputProcessor:
     def _check_fits_pool(self, max_num_tokens: int) -> None:
         """Refuse what the whole pool could never hold, in the smallest kind it may use, so that no request can
         wait forever for memory."""
-        cache = self.config.cache
-        need = cdiv(max_num_tokens, cache.block_size) * smallest_units_per_block(cache)
-        if need > cache.num_units:
+        fitting = max_tokens_of_one_request(self.config.cache)
+        if max_num_tokens > fitting:
             raise InvalidRequestError(
-                f"the request needs up to {need} cache units ({max_num_tokens} tokens) but the "
-                f"pool has {cache.num_units}; raise kv_cache_memory or lower max_tokens")
+                f"the request needs up to {max_num_tokens} tokens of cache but the pool holds at most {fitting} "
+                f"of one request; raise kv_cache_memory or lower max_tokens")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.logprobs import TokenLogprobs
 from aptserve.sampling import SamplingParams
 

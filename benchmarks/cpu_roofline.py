@@ -346,7 +346,7 @@ def build_runner(args, scenarios: list[Scenario]):
 
 def time_scenario(runner, manager, timer: PhaseTimer, scenario: Scenario, repeats: int) -> dict:
     """The fastest of `repeats` executions of the step (after two warm-ups), with its phase seconds."""
-    from aptserve.cache.manager import CacheKind
+    from aptserve.cache.tables import CacheKind
     from aptserve.sampling import SamplingParams
     from aptserve.sched.output import ScheduledRequest, SchedulerOutput
 

@@ -5,11 +5,11 @@ holding twice the tokens pays for it at saturation.
    --batch-size decodes at each context length, all-KV, all-HIDDEN and half/half, driven straight
    through the ModelRunner with hand-built SchedulerOutputs over a CacheManager (one warm-up step, then
    the median of up to --repeats steps, fewer once a point has taken --max-seconds-per-point). The
-   scratch is the engine default (EngineArgs.hidden_scratch_tokens), as the engine would reserve it.
+   scratch is the engine default (one max_model_len context), in pool units lent as the engine lends them.
 2. Saturation throughput (offline LLM API, output tokens/s): --sat-requests requests of --sat-prompt-len
    tokens and --sat-output-len outputs (greedy, ignore_eos) on a budget that holds only half of them as
    KV; FCFS with the hybrid cache off (KV only: queues and preempts), FCFS with "auto" (hidden allowed,
-   never chosen by FCFS: only the scratch reservation differs), FCFS "all-hidden" (everything fits) and
+   never chosen by FCFS: the same pool, as the scratch is lent only to hidden rows), FCFS "all-hidden" (everything fits) and
    the adaptive apt policy with "auto" (alpha measured on this CPU).
 
     APTSERVE_NUM_THREADS=1 .venv/bin/python benchmarks/hybrid_cache.py        # ~30 min on a busy 2-core box
@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from aptserve import LLM, SamplingParams  # noqa: E402
 from aptserve.cache import CacheKind, CacheManager  # noqa: E402
+from aptserve.cache.geometry import (bytes_per_unit, hidden_units_per_block, min_hidden_scratch_tokens,  # noqa: E402
+                                     scratch_units)
 from aptserve.engine_args import EngineArgs  # noqa: E402
-from aptserve.cache.geometry import bytes_per_unit, hidden_units_per_block  # noqa: E402
 from aptserve.registry import load_model_config, resolve_model  # noqa: E402
 from aptserve.runner import ModelRunner  # noqa: E402
 from aptserve.sched.output import ScheduledRequest, SchedulerOutput  # noqa: E402
@@ -75,17 +76,17 @@ def decode_batch(manager: CacheManager, context_len: int, kinds: list[CacheKind]
 
 
 def time_steps(runner: ModelRunner, scheduled: list[ScheduledRequest], repeats: int,
-               max_s: float) -> list[float]:
+               max_s: float, scratch_unit_ids: tuple[int, ...]) -> list[float]:
     """Wall time of each step after one warm-up (the same step again: nothing advances)."""
     start = time.perf_counter()
-    runner.execute(SchedulerOutput(0, scheduled))
+    runner.execute(SchedulerOutput(0, scheduled, scratch_unit_ids=scratch_unit_ids))
     warmup_s = time.perf_counter() - start
     if warmup_s > max_s:  # one-time costs are noise at this size: the warm-up is the sample
         return [warmup_s]
     samples, spent = [], 0.0
     while len(samples) < repeats and (not samples or spent < max_s):
         start = time.perf_counter()
-        runner.execute(SchedulerOutput(len(samples) + 1, scheduled))
+        runner.execute(SchedulerOutput(len(samples) + 1, scheduled, scratch_unit_ids=scratch_unit_ids))
         samples.append(time.perf_counter() - start)
         spent += samples[-1]
     return samples
@@ -95,8 +96,10 @@ def decode_latency(model: str, contexts: list[int], batch_size: int, repeats: in
                    max_s: float) -> list[dict]:
     config = load_model_config(resolve_model(model))
     units_per_hidden = hidden_units_per_block(config.hidden_size, config.kv_dim)
-    num_units = batch_size * 2 * math.ceil(max(contexts) / BLOCK_SIZE)  # all-KV at the longest context
-    scratch_tokens = EngineArgs.hidden_scratch_tokens
+    scratch_tokens = min_hidden_scratch_tokens(config, BLOCK_SIZE)
+    num_scratch_units = scratch_units(config, scratch_tokens, BLOCK_SIZE)
+    # All-KV at the longest context, and the scratch's units besides.
+    num_units = batch_size * 2 * math.ceil(max(contexts) / BLOCK_SIZE) + num_scratch_units
     flop_per_row = 2 * config.hidden_size * 2 * config.kv_dim * config.num_layers  # one row, all layers
     runner = ModelRunner(config, num_units, BLOCK_SIZE, "float32", "cpu",
                          hidden_scratch_tokens=scratch_tokens)
@@ -105,8 +108,9 @@ def decode_latency(model: str, contexts: list[int], batch_size: int, repeats: in
         for mix in MIXES:
             num_hidden = {"all-kv": 0, "all-hidden": batch_size, "half": batch_size // 2}[mix]
             kinds = [CacheKind.HIDDEN] * num_hidden + [CacheKind.KV] * (batch_size - num_hidden)
-            manager = CacheManager(num_units, BLOCK_SIZE, units_per_hidden)
-            samples = time_steps(runner, decode_batch(manager, context_len, kinds), repeats, max_s)
+            manager = CacheManager(num_units, BLOCK_SIZE, units_per_hidden, num_scratch_units=num_scratch_units)
+            samples = time_steps(runner, decode_batch(manager, context_len, kinds), repeats, max_s,
+                                 manager.scratch_unit_ids)
             points.append({"model": model, "context_len": context_len, "mix": mix,
                            "batch_size": batch_size, "num_hidden": num_hidden,
                            "median_s": statistics.median(samples),

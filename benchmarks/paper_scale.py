@@ -182,7 +182,7 @@ def run_cell(cell: tuple, options: argparse.Namespace, traces: dict) -> dict:
 
 def decode_step_s(cost_model, num_kv: int, num_hidden: int, context: int) -> float:
     """The cost model's time for a decode step of `num_kv` KV rows and `num_hidden` hidden ones at `context`."""
-    from aptserve.cache.manager import CacheKind
+    from aptserve.cache.tables import CacheKind
     from aptserve.sampling import SamplingParams
     from aptserve.sched.output import ScheduledRequest, SchedulerOutput
 

@@ -124,7 +124,7 @@ def compare_plans(scheduler, now: float) -> dict:
 
 def plan_value(scheduler, plan, now: float, num_live: int) -> float:
     """The greedy's objective for a plan: each chosen item's value in its chosen kind."""
-    from aptserve.cache.manager import CacheKind
+    from aptserve.cache.tables import CacheKind
     from aptserve.sched.apt_scheduler import Admit
 
     total = 0.0

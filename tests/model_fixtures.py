@@ -98,7 +98,8 @@ class Driver:
 
     def step(self, requests: list[DriverRequest], conversions: list[CacheConversion] | None = None) -> None:
         scheduled = self.schedule(requests)
-        output = self.runner.execute(SchedulerOutput(self.step_id, scheduled, conversions=conversions or []))
+        output = self.runner.execute(SchedulerOutput(self.step_id, scheduled, conversions=conversions or [],
+                                                     scratch_unit_ids=self.manager.scratch_unit_ids))
         assert sorted(output.sampled_token_ids) == sorted(r.request_id for r in scheduled if r.sample)
         by_id = {r.request_id: r for r in requests}
         for item in scheduled:

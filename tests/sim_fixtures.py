@@ -1,7 +1,7 @@
 """Engines on the simulator's cost-model executor, built through the same resolve() as real ones."""
 from __future__ import annotations
 
-from aptserve.cache.geometry import bytes_per_unit, min_hidden_scratch_tokens, scratch_bytes
+from aptserve.cache.geometry import bytes_per_unit, min_hidden_scratch_tokens, scratch_units
 from aptserve.config import HybridMode, ModelConfig
 from aptserve.engine_args import EngineArgs, resolve_hybrid_cache
 from aptserve.sched import policy_class
@@ -10,12 +10,12 @@ from aptserve.sched import policy_class
 def pool_bytes(model: ModelConfig, num_units: int, block_size: int, hybrid_cache: str = "off",
                hidden_scratch_tokens: int = EngineArgs.hidden_scratch_tokens,
                scheduler: str = EngineArgs.scheduler) -> int:
-    """The --kv-cache-memory that leaves exactly `num_units` units once the recompute scratch is taken out."""
-    budget = num_units * bytes_per_unit(model, block_size, "float32")
+    """The --kv-cache-memory that leaves exactly `num_units` units to requests while the recompute scratch is lent
+    its units (the pool holds those too)."""
     if resolve_hybrid_cache(HybridMode(hybrid_cache), model, policy_class(scheduler)) != HybridMode.OFF:
-        scratch_tokens = max(hidden_scratch_tokens, min_hidden_scratch_tokens(model, block_size))
-        budget += scratch_bytes(model, scratch_tokens, "float32")
-    return budget
+        num_units += scratch_units(model, max(hidden_scratch_tokens, min_hidden_scratch_tokens(model, block_size)),
+                                   block_size)
+    return num_units * bytes_per_unit(model, block_size, "float32")
 
 
 def sim_args(model: ModelConfig, num_units: int, block_size: int, hybrid_cache: str = "off", **kwargs) -> EngineArgs:

@@ -48,12 +48,33 @@ def test_free_is_idempotent_and_returns_everything():
     cache.check_invariants()
 
 
+def test_the_scratch_is_lent_with_the_first_hidden_table_and_returned_with_the_last():
+    cache = CacheManager(num_units=20, block_size=4, units_per_hidden_block=1, num_scratch_units=6)
+    assert cache.allocate("kv", CacheKind.KV, 16)  # 8 units: KV tables never borrow the scratch
+    assert cache.scratch_unit_ids == () and cache.num_scratch_units_to_take == 6
+    # 12 free: a 9-token hidden table (3 units) needs the scratch's 6 besides; 28 tokens (7 units) do not fit.
+    assert not cache.can_allocate("a", CacheKind.HIDDEN, 28) and not cache.allocate("a", CacheKind.HIDDEN, 28)
+    assert cache.num_free_units == 12 and cache.scratch_unit_ids == ()
+    assert cache.allocate("a", CacheKind.HIDDEN, 9)
+    assert len(cache.scratch_unit_ids) == 6 and cache.num_free_units == 3 and cache.num_scratch_units_to_take == 0
+    assert cache.usage() == {"kv": 8, "hidden": 3, "scratch": 6, "cached": 0, "free": 3}
+    assert cache.allocate("b", CacheKind.HIDDEN, 12)  # the scratch is lent already: 3 units
+    cache.free("a")
+    assert len(cache.scratch_unit_ids) == 6  # b still reads it
+    cache.check_invariants()
+    cache.free("kv")
+    old, new = cache.convert("b", CacheKind.KV, 12)  # the last hidden table goes: so does the scratch
+    assert cache.scratch_unit_ids == () and cache.num_free_units == 20 - len(new) == 14
+    cache.check_invariants()
+
+
 class PoolMachine(RuleBasedStateMachine):
-    """Random allocate / grow / free sequences over both kinds never leak or double-own a unit."""
+    """Random allocate / grow / free sequences over both kinds never leak or double-own a unit; the scratch's 5
+    units are lent exactly while some request holds hidden rows."""
 
     def __init__(self):
         super().__init__()
-        self.cache = CacheManager(num_units=64, block_size=4, units_per_hidden_block=1)
+        self.cache = CacheManager(num_units=64, block_size=4, units_per_hidden_block=1, num_scratch_units=5)
         self.tokens: dict[str, int] = {}
         self.next_id = 0
 
@@ -63,6 +84,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.next_id += 1
         free_before = self.cache.num_free_units
         need = self.cache.num_units_for(kind, num_tokens)
+        if kind == CacheKind.HIDDEN:
+            need += self.cache.num_scratch_units_to_take
+        assert self.cache.can_allocate(request_id, kind, num_tokens) == (need <= free_before)
         ok = self.cache.allocate(request_id, kind, num_tokens)
         assert ok == (need <= free_before)
         assert self.cache.num_free_units == free_before - (need if ok else 0)
@@ -90,7 +114,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self):
         self.cache.check_invariants()
-        owned = [u for r in self.tokens for u in self.cache.unit_ids(r)]
+        owned = [u for r in self.tokens for u in self.cache.unit_ids(r)] + list(self.cache.scratch_unit_ids)
         assert len(owned) == len(set(owned)), "a unit is owned twice"
         assert len(owned) + self.cache.num_free_units == self.cache.num_units
 
@@ -241,7 +265,7 @@ def test_a_prompt_that_extends_a_cached_one_reuses_its_blocks_and_eviction_waits
     assert cache.unit_ids("b")[:4] == cache.unit_ids("a")[:4] and cache.num_free_units == 12 - 6 - 2
     cache.free("a")
     cache.free("b")
-    assert cache.usage() == {"kv": 0, "hidden": 0, "cached": 4, "free": 8}
+    assert cache.usage() == {"kv": 0, "hidden": 0, "scratch": 0, "cached": 4, "free": 8}
     assert cache.allocate("c", CacheKind.KV, 20)  # 10 units: one cached block must go, the tail one first
     assert cache.num_evicted_blocks == 1 and cache.cached_prefix(CacheKind.KV, first_keys, 9) == prefix[:1]
     cache.check_invariants()

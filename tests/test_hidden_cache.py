@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aptserve.cache import CacheKind, CacheManager
-from aptserve.cache.geometry import bytes_per_unit, hidden_units_per_block, scratch_bytes
+from aptserve.cache.geometry import bytes_per_unit, hidden_units_per_block, scratch_units
 from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs
 from aptserve.registry import load_model_config, resolve_model
@@ -73,13 +73,14 @@ def make_runner(path: str, max_model_len: int = 48, block_size: int = 4):
     config = load_model_config(path, max_model_len=max_model_len)
     runner = ModelRunner(config, 256, block_size, "float32", "cpu", hidden_scratch_tokens=max_model_len)
     units_per_hidden_block = hidden_units_per_block(config.hidden_size, config.kv_dim)
-    return runner, CacheManager(256, block_size, units_per_hidden_block)
+    return runner, CacheManager(256, block_size, units_per_hidden_block, num_scratch_units=runner.num_scratch_units)
 
 
 def record_inputs(runner: ModelRunner, monkeypatch) -> list:
     """Every step's ModelInput, as the runner prepares it (the list fills while the run goes on)."""
     seen, prepare = [], runner.prepare_inputs
-    monkeypatch.setattr(runner, "prepare_inputs", lambda scheduled: seen.append(prepare(scheduled)) or seen[-1])
+    monkeypatch.setattr(runner, "prepare_inputs",
+                        lambda scheduled, scratch=(): seen.append(prepare(scheduled, scratch)) or seen[-1])
     return seen
 
 
@@ -105,10 +106,12 @@ def test_mixed_kinds_chunks_and_decodes_match_hf(tiny_model, monkeypatch):
 def test_conversions_read_before_the_step_reuses_their_units(tiny_model):
     path, hf_model = tiny_model
     runner, manager = make_runner(path)
-    prompts = random_prompts([13, 6, 9], TINY_VOCAB, seed=1)
+    prompts = random_prompts([13, 6, 9, 3], TINY_VOCAB, seed=1)
+    # d stays hidden, so the scratch stays lent: the units the conversions free are the pool's freest.
     requests = [DriverRequest("a", prompts[0], 8, cache_kind=HIDDEN),
                 DriverRequest("b", prompts[1], 8, cache_kind=HIDDEN),
-                DriverRequest("c", prompts[2], 8, arrival_step=3)]
+                DriverRequest("c", prompts[2], 8, arrival_step=3),
+                DriverRequest("d", prompts[3], 8, cache_kind=HIDDEN)]
     driver = Driver(runner, manager)
     for _ in range(3):
         driver.step(requests)
@@ -117,7 +120,7 @@ def test_conversions_read_before_the_step_reuses_their_units(tiny_model):
         src, dst = manager.convert(request.request_id, KV, request.num_computed)
         conversions.append(CacheConversion(request.request_id, request.num_computed, HIDDEN, src, KV, list(dst)))
         request.cache_kind = KV
-    driver.step(requests, conversions)  # b's next block and c's prompt take b's freed hidden units
+    driver.step(requests, conversions)  # b's next block and c's prompt take freed hidden units
     assert set(conversions[1].dst_unit_ids) & set(conversions[0].src_unit_ids)
     allocated_in_step = set(manager.unit_ids("b") + manager.unit_ids("c")) - set(conversions[1].dst_unit_ids)
     assert allocated_in_step & set(conversions[1].src_unit_ids)
@@ -132,8 +135,9 @@ def test_scratch_must_hold_one_context(tmp_path):
     with pytest.raises(ValueError, match="at least 48"):
         ModelRunner(config, 8, 16, "float32", "cpu", hidden_scratch_tokens=32)
     runner = ModelRunner(config, 8, 16, "float32", "cpu", hidden_scratch_tokens=100)
-    assert runner.hidden_scratch_tokens == 96 and runner.scratch_bytes == 96 * 2 * 64 * 4
-    assert ModelRunner(config, 8, 16, "float32", "cpu", hidden_scratch_tokens=0).scratch_bytes == 0
+    # 96 tokens of one layer's K/V: 12 one-layer units, in pool units of every layer.
+    assert runner.hidden_scratch_tokens == 96 and runner.num_scratch_units == -(-12 // config.num_layers)
+    assert ModelRunner(config, 8, 16, "float32", "cpu", hidden_scratch_tokens=0).num_scratch_units == 0
 
 
 # --- the whole engine on opt-125m's shape and an MHA Llama ---------------------------------------------
@@ -151,16 +155,15 @@ MAX_MODEL_LEN = 128
 
 def make_engine(path: str, hybrid_cache: str, num_units: int = 200, policy: str = "fcfs",
                 max_num_batched_tokens: int | None = None, block_size: int = 8) -> LLMEngine:
-    """An engine whose pool has `num_units` units once the builder has taken the scratch out."""
+    """An engine whose pool leaves `num_units` units to requests while the scratch is lent its units."""
     model_config = load_model_config(path, max_model_len=MAX_MODEL_LEN)
-    budget = num_units * bytes_per_unit(model_config, block_size, "float32")
-    if hybrid_cache != "off":
-        budget += scratch_bytes(model_config, MAX_MODEL_LEN, "float32")
+    num_scratch_units = scratch_units(model_config, MAX_MODEL_LEN, block_size) if hybrid_cache != "off" else 0
+    budget = (num_units + num_scratch_units) * bytes_per_unit(model_config, block_size, "float32")
     args = EngineArgs(model=path, dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=block_size,
                       kv_cache_memory=budget, hybrid_cache=hybrid_cache, hidden_scratch_tokens=MAX_MODEL_LEN,
                       scheduler=policy, max_num_batched_tokens=max_num_batched_tokens)
     engine = LLMEngine.from_engine_args(args)
-    assert engine.cache.num_units == num_units
+    assert engine.cache.num_units == num_units + num_scratch_units
     engine.executor = RecordingExecutor(engine.executor)
     return engine
 
@@ -293,8 +296,9 @@ def test_all_hidden_pool_holds_twice_the_tokens_on_mha(tmp_path):
     prompts = random_prompts([12] * 8, TINY_VOCAB, seed=3)  # 12 + 4 tokens: 2 blocks of 8 each
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     kv_engine, hidden_engine = make_engine(path, "off", num_units=16), make_engine(path, "all-hidden", num_units=16)
-    # The same 16 units hold 64 tokens as KV, 128 as hidden rows.
-    assert (kv_engine.cache.num_units == hidden_engine.cache.num_units == kv_engine.cache.num_units_for(KV, 64)
+    # The same 16 units (besides the scratch's) hold 64 tokens as KV, 128 as hidden rows.
+    hidden_units = hidden_engine.cache.num_units - hidden_engine.cache.num_scratch_units
+    assert (kv_engine.cache.num_units == hidden_units == kv_engine.cache.num_units_for(KV, 64)
             == hidden_engine.cache.num_units_for(HIDDEN, 128) == 16)
     kv_tokens = run_engine(kv_engine, prompts, params=params)
     assert run_engine(hidden_engine, prompts, params=params) == kv_tokens

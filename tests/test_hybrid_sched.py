@@ -11,7 +11,9 @@ from aptserve.sim.executor import CostModelExecutor
 from aptserve.sim.simulator import sim_engine
 from tests.sim_fixtures import sim_args
 
-MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+# 16 layers: the recompute scratch (one layer's K/V of a 512-token context) is 16 pool units, small beside the pools
+# here, as it is beside a real model's.
+MHA = ModelConfig(path="sim", architecture="opt", num_layers=16, hidden_size=64, num_heads=4, num_kv_heads=4,
                   head_dim=16, vocab_size=1000, max_model_len=512)
 GQA = ModelConfig(path="sim", architecture="llama", num_layers=2, hidden_size=576, num_heads=9,
                   num_kv_heads=3, head_dim=64, vocab_size=1000, max_model_len=512)
@@ -30,7 +32,7 @@ class RecordingExecutor(CostModelExecutor):
 def make_engine(hybrid: str, num_units: int = 200, policy: str = "fcfs"):
     args = sim_args(MHA, num_units, block_size=4, hybrid_cache=hybrid, scheduler=policy, max_num_batched_tokens=256)
     engine, _ = sim_engine(args, MHA, make_executor=RecordingExecutor)
-    assert engine.cache.num_units == num_units
+    assert engine.cache.num_units - engine.cache.num_scratch_units == num_units  # left while the scratch is lent
     return engine, engine.executor
 
 
@@ -56,16 +58,17 @@ def test_auto_turns_hidden_on_for_mha_and_off_for_gqa():
 
 def test_all_hidden_doubles_the_tokens_the_pool_holds_on_mha():
     engine, _ = make_engine("all-hidden", num_units=40)
-    # The 40 units hold 80 tokens as KV, 160 as hidden rows.
-    assert (engine.cache.num_units == engine.cache.num_units_for(CacheKind.KV, 80)
+    # The 40 units (besides the scratch's) hold 80 tokens as KV, 160 as hidden rows.
+    assert (engine.cache.num_units - engine.cache.num_scratch_units == engine.cache.num_units_for(CacheKind.KV, 80)
             == engine.cache.num_units_for(CacheKind.HIDDEN, 160) == 40)
     for i in range(4):  # 4 x 40 tokens = 160 tokens: twice what 40 units hold as KV
         engine.add_request(list(range(3, 39)), SamplingParams(max_tokens=4), request_id=f"r{i}")
     engine.step()
     assert engine.scheduler.num_running == 4
     assert engine.cache.usage()["hidden"] == 4 * 9 and engine.cache.usage()["kv"] == 0
+    assert engine.cache.usage()["scratch"] == engine.cache.num_scratch_units > 0
     assert len(drain(engine)) == 4
-    assert engine.cache.num_free_units == 40
+    assert engine.cache.num_free_units == engine.cache.num_units  # the scratch too, with the last hidden table
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "chunked"])
@@ -118,10 +121,10 @@ def test_apt_policies_use_hidden_under_pressure_and_lose_nothing(policy):
     engine, executor = make_engine("on", num_units=60, policy=policy)
     engine.scheduler.alpha_s = 1e-5
     rng = np.random.default_rng(0)
-    for i in range(30):
+    for i in range(30):  # each has waited a little, so each has value: at the first step all 30 are priced
         prompt_len, max_tokens = map(int, rng.integers(4, 40, size=2))
         engine.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens),
-                           request_id=f"r{i}")
+                           request_id=f"r{i}", arrival_s=-0.01 * (i + 1))
     hidden_steps = 0
     finished = {}
     for _ in range(5000):
@@ -174,3 +177,30 @@ def test_hidden_rows_are_never_chosen_where_their_recompute_breaks_running_reque
         results[batch_aware] = hidden, worst_p99
     assert results[False][0] > 0 and results[False][1] > 0.1, results
     assert results[True][1] <= 0.1, results
+
+
+@pytest.mark.parametrize("policy", ["apt", "apt-chunked"])
+def test_hybrid_cache_that_admits_nothing_hidden_schedules_exactly_as_kv_only_on_the_same_bytes(policy):
+    """The scratch borrows pool units only while hidden rows are held, so where the greedy never finds hidden rows
+    worth it (here, recompute priced at a second per block) the hybrid engine is the KV-only engine on the same
+    bytes, step for step. With the scratch kept out of the pool, its smaller pool preempted differently."""
+    import dataclasses
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    trace = [tuple(map(int, rng.integers(4, 60, size=2))) for _ in range(40)]
+    steps = {}
+    for hybrid in ("off", "on"):
+        args = dataclasses.replace(sim_args(MHA, 80, block_size=4, scheduler=policy, max_num_batched_tokens=64),
+                                   hybrid_cache=hybrid, alpha=1.0)
+        engine, _ = sim_engine(args, MHA, make_executor=RecordingExecutor)
+        for i, (prompt_len, max_tokens) in enumerate(trace):
+            engine.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                               request_id=f"r{i}", arrival_s=-0.01 * (i + 1))
+        assert len(drain(engine)) == len(trace)
+        assert engine.cache.num_units == 80 and engine.scheduler.num_preemptions > 0  # memory binds
+        assert engine.core.stats().admissions["hidden"] == 0
+        steps[hybrid] = [[(s.request_id, s.start_pos, s.num_tokens) for s in out.scheduled]
+                         for out in engine.executor.outputs]
+    assert steps["on"] == steps["off"]

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from aptserve import LLM, SamplingParams
 from aptserve.cache import CacheKind
-from aptserve.cache.geometry import bytes_per_unit, scratch_bytes
+from aptserve.cache.geometry import bytes_per_unit, scratch_units
 from aptserve.registry import load_model_config, resolve_model
 from tests.test_engine_vs_hf import MAX_TOKENS, TEXT, hf_greedy
 
@@ -60,7 +60,8 @@ def tight_budget(model: str) -> int:
     """Room for a few of these requests at once (besides the recompute buffer): the batch must be preempted."""
     config = load_model_config(resolve_model(model))
     kv_block_bytes = 2 * bytes_per_unit(config, 16, "float32")
-    return kv_block_bytes * ((130 + MAX_TOKENS) // 16 + 4) + scratch_bytes(config, SCRATCH_TOKENS, "float32")
+    return kv_block_bytes * ((130 + MAX_TOKENS) // 16 + 4) + scratch_units(config, SCRATCH_TOKENS, 16) * bytes_per_unit(
+        config, 16, "float32")
 
 
 @pytest.mark.parametrize("setup", ["kv", "hidden", "tight-hybrid"])

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from aptserve.bench.datasets import TraceRequest
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.config import HybridMode
 from aptserve.engine_args import EngineArgs
 from aptserve.registry import shape_model_config

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from aptserve.bench.datasets import TraceRequest
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.core.engine_core import build_engine_core
 from aptserve.engine import LLMEngine
 from aptserve.engine_args import EngineArgs
@@ -75,7 +75,7 @@ class RecordingSimExecutor(CostModelExecutor):
 @pytest.mark.parametrize("policy", ["fcfs", "apt-chunked"])
 def test_the_simulator_schedules_as_the_real_engine(tmp_path, policy):
     path = save_tiny_llama(tmp_path, num_kv_heads=4, tie_word_embeddings=False)  # MHA: the hybrid cache is on
-    args = EngineArgs(model=path, max_model_len=128, block_size=4, kv_cache_memory=300_000, scheduler=policy,
+    args = EngineArgs(model=path, max_model_len=128, block_size=4, kv_cache_memory=400_000, scheduler=policy,
                       max_num_seqs=6, max_num_batched_tokens=48, hidden_scratch_tokens=128, alpha=1e-6,
                       ttft_slo=0.05, tbt_slo=0.02)
     clock = SimClock()

@@ -8,7 +8,8 @@ from aptserve.config import ModelConfig
 from aptserve.sim.simulator import sim_engine, simulate
 from tests.sim_fixtures import sim_args
 
-MHA = ModelConfig(path="sim", architecture="opt", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+# 16 layers: the recompute scratch (one layer's K/V of a 1,024-token context) is 8 pool units.
+MHA = ModelConfig(path="sim", architecture="opt", num_layers=16, hidden_size=64, num_heads=4, num_kv_heads=4,
                   head_dim=16, vocab_size=1000, max_model_len=1024)
 
 
@@ -37,7 +38,7 @@ def test_every_request_of_the_trace_completes_with_its_length(policy):
 
 
 def test_oversize_request_is_recorded_as_a_failure_not_a_hang():
-    engine, clock = make_engine("apt", num_units=10)  # 80 tokens as KV, 160 as hidden
+    engine, clock = make_engine("apt", num_units=10)  # and the scratch's 8: 144 tokens as KV, 160 as hidden
     records = simulate(engine, clock, [TraceRequest("", 100, 100), TraceRequest("", 20, 20)], [0.0, 0.0])
     assert not records[0].ok and "kv_cache_memory" in records[0].error
     assert records[1].ok and records[1].output_len == 20

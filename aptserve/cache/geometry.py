@@ -31,18 +31,16 @@ def min_hidden_scratch_tokens(model_config: ModelConfig, block_size: int) -> int
     return cdiv(model_config.max_model_len, block_size) * block_size
 
 
-def scratch_bytes(model_config: ModelConfig, scratch_tokens: int, dtype: str) -> int:
-    """Bytes of the one-layer buffer that holds K/V recomputed from hidden rows."""
-    return scratch_tokens * KV_UNITS_PER_BLOCK * model_config.kv_dim * DTYPE_BYTES[dtype]
-
-
-def smallest_units_per_block(cache: CacheConfig) -> int:
-    """Units per block of the smallest cache kind a request may use in this pool."""
-    if cache.hybrid == HybridMode.OFF:
-        return KV_UNITS_PER_BLOCK
-    return min(KV_UNITS_PER_BLOCK, cache.units_per_hidden_block)
+def scratch_units(model_config: ModelConfig, scratch_tokens: int, block_size: int) -> int:
+    """Pool units lent to the recompute scratch while hidden requests are in the pool: the scratch holds one layer's
+    K/V of `scratch_tokens` (two one-layer units per block), and a pool unit is one unit in every layer."""
+    return cdiv(cdiv(scratch_tokens, block_size) * KV_UNITS_PER_BLOCK, model_config.num_layers)
 
 
 def max_tokens_of_one_request(cache: CacheConfig) -> int:
-    """The most tokens one request could ever hold: the whole pool, in its smallest kind."""
-    return cache.num_units // smallest_units_per_block(cache) * cache.block_size
+    """The most tokens one request could ever hold: the whole pool as KV or, beside the scratch, as hidden rows."""
+    as_kv = cache.num_units // KV_UNITS_PER_BLOCK * cache.block_size
+    if cache.hybrid == HybridMode.OFF:
+        return as_kv
+    as_hidden = max(0, cache.num_units - cache.num_scratch_units) // cache.units_per_hidden_block * cache.block_size
+    return max(as_kv, as_hidden)

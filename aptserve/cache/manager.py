@@ -13,45 +13,29 @@ them into its table instead of computing them (at least its last prompt token is
 A registered block counts its readers; with none left it stays cached, and is evicted (least recently released
 first) only when an allocation finds the pool's free list short. Shared blocks are full and never written again, so
 sharing needs no copy; freeing, preempting or converting a request only drops its references.
+
+The recompute scratch (the one-layer buffer into which the runner re-projects hidden requests' K/V) borrows
+`num_scratch_units` units of the pool while any request holds a hidden table, and gives them back with the last one:
+a pool whose requests are all KV is the whole pool, so the hybrid cache costs no memory until it is used. Taking
+the first hidden table therefore needs those units too (`num_scratch_units_to_take`).
 """
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
+from aptserve.cache.invariants import check_manager
 from aptserve.cache.pool import UnitPool
-
-
-class CacheKind(str, enum.Enum):
-    KV = "kv"
-    HIDDEN = "hidden"
-
-
-CACHE_OWNER = "<prefix-cache>"  # the pool's owner of every registered block's units
-
-
-@dataclass(eq=False)
-class CachedBlock:
-    key: tuple[CacheKind, bytes]
-    unit_ids: list[int]
-    ref_count: int = 0
-
-
-@dataclass
-class RequestTable:
-    kind: CacheKind
-    unit_ids: list[int] = field(default_factory=list)
-    # Per block: the cached block it is (shared, or registered by this request), or None (units of its own).
-    blocks: list[CachedBlock | None] = field(default_factory=list)
-    num_blocks_checked: int = 0  # blocks register() has already looked at
+from aptserve.cache.tables import CACHE_OWNER, SCRATCH_OWNER, CachedBlock, CacheKind, RequestTable
 
 
 class CacheManager:
     def __init__(self, num_units: int, block_size: int, units_per_hidden_block: int = 2,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, num_scratch_units: int = 0) -> None:
         self.pool = UnitPool(num_units)
+        self.num_scratch_units = num_scratch_units
+        self.scratch_unit_ids: tuple[int, ...] = ()  # lent while _num_hidden_tables > 0
+        self._num_hidden_tables = 0
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._units_per_block = {CacheKind.KV: KV_UNITS_PER_BLOCK, CacheKind.HIDDEN: units_per_hidden_block}
@@ -73,6 +57,14 @@ class CacheManager:
     def num_free_units(self) -> int:
         """Units an allocation can have: the free list and the cached blocks nobody reads."""
         return self.pool.num_free + self._num_evictable_units
+
+    @property
+    def num_scratch_units_to_take(self) -> int:
+        """Units the first hidden table takes besides its own: the scratch's, unless it is lent already."""
+        return 0 if self.scratch_unit_ids else self.num_scratch_units
+
+    def _scratch_to_take(self, kind: CacheKind) -> int:
+        return self.num_scratch_units_to_take if kind == CacheKind.HIDDEN else 0
 
     def units_per_block(self, kind: CacheKind) -> int:
         return self._units_per_block[kind]
@@ -155,7 +147,9 @@ class CacheManager:
     # --- allocation --------------------------------------------------------------------------
     def can_allocate(self, request_id: str, kind: CacheKind, num_tokens: int, reserve: int = 0,
                      prefix: list[CachedBlock] = ()) -> bool:
-        return self.num_new_units(request_id, kind, num_tokens, prefix) + reserve <= self.num_free_units
+        """Whether `allocate` would succeed with `reserve` units left over (the scratch counted if it must be lent)."""
+        return (self.num_new_units(request_id, kind, num_tokens, prefix) + self._scratch_to_take(kind) + reserve
+                <= self.num_free_units)
 
     def allocate(self, request_id: str, kind: CacheKind, num_tokens: int, prefix: list[CachedBlock] = ()) -> bool:
         """Grow the request's table to cover `num_tokens` tokens; all or nothing. A request without a table starts
@@ -176,6 +170,7 @@ class CacheManager:
         assert new_ids is not None  # can_allocate counted every unit _take may use
         self._num_used_units[kind] += len(new_ids)
         if table is None:
+            self._open_table(kind)
             table = self._tables[request_id] = RequestTable(kind)
             for block in prefix:
                 table.unit_ids.extend(block.unit_ids)
@@ -194,12 +189,14 @@ class CacheManager:
         table = self._tables[request_id]
         if table.kind == new_kind:
             raise RuntimeError(f"request {request_id} already holds a {new_kind.value} table")
-        new_ids = self._take(self.num_units_for(new_kind, num_tokens), request_id)
-        if new_ids is None:
+        num_new = self.num_units_for(new_kind, num_tokens)
+        if num_new + self._scratch_to_take(new_kind) > self.num_free_units:
             return None
+        new_ids = self._take(num_new, request_id)
         self._num_used_units[new_kind] += len(new_ids)
         old_ids = list(table.unit_ids)
         self._drop(request_id, table)
+        self._open_table(new_kind)
         self._tables[request_id] = RequestTable(new_kind, new_ids, [None] * (len(new_ids) // self._units_per_block[
             new_kind]))
         return old_ids, new_ids
@@ -220,6 +217,21 @@ class CacheManager:
         for block in reversed(table.blocks):  # the tail first: evicted before the prefix it extends
             if block is not None:
                 self._release(block)
+        if table.kind == CacheKind.HIDDEN:
+            self._num_hidden_tables -= 1
+            if self._num_hidden_tables == 0 and self.scratch_unit_ids:
+                self.pool.free(list(self.scratch_unit_ids), SCRATCH_OWNER)
+                self.scratch_unit_ids = ()
+
+    def _open_table(self, kind: CacheKind) -> None:
+        """Count a new table; the first hidden one borrows the scratch's units (its caller checked they fit)."""
+        if kind != CacheKind.HIDDEN:
+            return
+        self._num_hidden_tables += 1
+        if not self.scratch_unit_ids and self.num_scratch_units:
+            unit_ids = self._take(self.num_scratch_units, SCRATCH_OWNER)
+            assert unit_ids is not None
+            self.scratch_unit_ids = tuple(unit_ids)
 
     # --- views -------------------------------------------------------------------------------
     def has_table(self, request_id: str) -> bool:
@@ -238,52 +250,14 @@ class CacheManager:
         return len(table.unit_ids) if table is not None else 0
 
     def usage(self) -> dict[str, int]:
-        """Units in use per kind (a shared block once), `cached`: blocks nobody reads (reusable, evictable), and
-        free."""
+        """Units in use per kind (a shared block once), `scratch`: lent to the recompute scratch, `cached`: blocks
+        nobody reads (reusable, evictable), and free."""
         used = {kind.value: num for kind, num in self._num_used_units.items()}
-        used["cached"] = self._num_evictable_units
-        used["free"] = self.pool.num_free
-        return used
-
-    def _count_usage(self) -> dict[str, int]:
-        """usage() counted from the tables and blocks (check_invariants compares the two)."""
-        used = {kind.value: 0 for kind in CacheKind}
-        for table in self._tables.values():
-            upb = self._units_per_block[table.kind]
-            used[table.kind.value] += upb * sum(block is None for block in table.blocks)
-        for (kind, _), block in self._cached.items():
-            if block.ref_count:
-                used[kind.value] += len(block.unit_ids)
+        used["scratch"] = len(self.scratch_unit_ids)
         used["cached"] = self._num_evictable_units
         used["free"] = self.pool.num_free
         return used
 
     def check_invariants(self) -> None:
-        self.pool.check_invariants()
-        own_units = 0
-        readers: dict[int, int] = {}
-        for request_id, table in self._tables.items():
-            upb = self._units_per_block[table.kind]
-            assert len(table.unit_ids) % upb == 0, f"{request_id}: table is not whole blocks"
-            assert len(table.blocks) * upb == len(table.unit_ids), f"{request_id}: blocks and units disagree"
-            for index, block in enumerate(table.blocks):
-                unit_ids = table.unit_ids[index * upb:(index + 1) * upb]
-                if block is None:
-                    for unit_id in unit_ids:
-                        assert self.pool.owner_of(unit_id) == request_id, f"{request_id}: unit {unit_id} not owned"
-                    own_units += upb
-                else:
-                    assert block.key[0] == table.kind and block.unit_ids == unit_ids, f"{request_id}: bad block"
-                    assert self._cached.get(block.key) is block, f"{request_id}: reads an uncached block"
-                    readers[id(block)] = readers.get(id(block), 0) + 1
-        cached_units = 0
-        for key, block in self._cached.items():
-            assert block.key == key and block.ref_count == readers.get(id(block), 0), f"{key}: reference count"
-            assert (block.ref_count == 0) == (key in self._evictable), f"{key}: evictable iff unread"
-            for unit_id in block.unit_ids:
-                assert self.pool.owner_of(unit_id) == CACHE_OWNER, f"{key}: unit {unit_id} not the cache's"
-            cached_units += len(block.unit_ids)
-        assert len(self._evictable) <= len(self._cached)
-        assert self._num_evictable_units == sum(len(b.unit_ids) for b in self._evictable.values())
-        assert own_units + cached_units + self.pool.num_free == self.pool.capacity, "owned + cached + free != capacity"
-        assert self.usage() == self._count_usage(), "the usage counts drifted from the tables"
+        """Every count kept as it changes agrees with the tables, blocks and pool (cache/invariants.py)."""
+        check_manager(self)

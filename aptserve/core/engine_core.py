@@ -193,24 +193,27 @@ class EngineCore:
             out.failed.update((request_id, "its cache could not be converted") for request_id in lost)
             scheduled = [r for r in scheduled if r.request_id not in lost]
             if scheduled:
-                self._execute_parts(sched_out.step_id, [scheduled], out)
+                self._execute_parts(sched_out, [scheduled], out)
         else:
-            self._bisect(sched_out.step_id, scheduled, f"{type(exc).__name__}: {exc}", out)
+            self._bisect(sched_out, scheduled, f"{type(exc).__name__}: {exc}", out)
         return out
 
-    def _bisect(self, step_id: int, scheduled: list[ScheduledRequest], error: str, out: RunnerOutput) -> None:
+    def _bisect(self, step: SchedulerOutput, scheduled: list[ScheduledRequest], error: str,
+                out: RunnerOutput) -> None:
         if len(scheduled) == 1:
             out.failed[scheduled[0].request_id] = error
             return
         middle = len(scheduled) // 2
-        self._execute_parts(step_id, [scheduled[:middle], scheduled[middle:]], out)
+        self._execute_parts(step, [scheduled[:middle], scheduled[middle:]], out)
 
-    def _execute_parts(self, step_id: int, parts: list[list[ScheduledRequest]], out: RunnerOutput) -> None:
+    def _execute_parts(self, step: SchedulerOutput, parts: list[list[ScheduledRequest]], out: RunnerOutput) -> None:
+        """Parts of `step`'s requests, each run as a step of its own (on the scratch units `step` lends)."""
         for part in parts:
             try:
-                part_out = self.executor.execute(SchedulerOutput(step_id, part))
+                part_out = self.executor.execute(SchedulerOutput(step.step_id, part,
+                                                                 scratch_unit_ids=step.scratch_unit_ids))
             except Exception as exc:
-                self._bisect(step_id, part, f"{type(exc).__name__}: {exc}", out)
+                self._bisect(step, part, f"{type(exc).__name__}: {exc}", out)
             else:
                 out.sampled_token_ids.update(part_out.sampled_token_ids)
                 out.failed.update(part_out.failed)

@@ -5,6 +5,9 @@ Slots are flat indices (unit * block_size + row) into a cache viewed as [units *
 Hidden requests that attend over cached context (decodes, chunks after position 0) are packed, in
 order, into recompute groups whose context blocks fit the scratch; a request's context is at most
 max_model_len tokens, so a scratch of ceil(max_model_len / block_size) blocks always holds one.
+The scratch is one layer's K/V, laid out like the cache (two units per block), in pool units the step lends it
+(SchedulerOutput.scratch_unit_ids): a pool unit spans every layer, so each lent unit holds num_layers one-layer
+units of the scratch, addressed in the cache viewed as [num_layers * num_units, block_size, kv_dim].
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv, hidden_units_per_block
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillChunk, RecomputeGroup
 from aptserve.model.hidden import HiddenProjection
 from aptserve.sched.output import CacheConversion, ScheduledRequest
@@ -81,21 +84,25 @@ def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
 class AttentionMetadataBuilder:
     """Builds each step's AttentionMetadata and HIDDEN -> KV conversion plan for one cache and scratch."""
 
-    def __init__(self, kv_cache: torch.Tensor, scratch: torch.Tensor, hidden_size: int,
+    def __init__(self, kv_cache: torch.Tensor, num_scratch_blocks: int, hidden_size: int,
                  rope_fn: RopeFn, compute_dtype: torch.dtype | None = None, paged_kernel: bool = False) -> None:
-        """`compute_dtype`: the model's (None: the cache's); `paged_kernel`: decodes attend with the kernel that
-        reads K/V in place (model/cpu_kernels.py)."""
+        """`num_scratch_blocks`: blocks of one layer's K/V the scratch holds; `compute_dtype`: the model's (None:
+        the cache's); `paged_kernel`: decodes attend with the kernel that reads K/V in place (model/cpu_kernels.py)."""
         self.paged_kernel = paged_kernel
         self.compute_dtype = compute_dtype or kv_cache.dtype
-        self.kv_cache, self.scratch, self.rope_fn = kv_cache, scratch, rope_fn
+        self.kv_cache, self.rope_fn = kv_cache, rope_fn
         self.device, self.block_size, self.kv_dim = kv_cache.device, kv_cache.shape[2], kv_cache.shape[3]
         self.hidden_size = hidden_size
         self.units_per_hidden_block = hidden_units_per_block(hidden_size, self.kv_dim)
-        self.num_scratch_blocks = scratch.shape[0] // KV_UNITS_PER_BLOCK
+        self.num_scratch_blocks = num_scratch_blocks
+        # Every layer's units side by side: where the scratch's one-layer units live.
+        self.scratch = kv_cache.view(-1, self.block_size, self.kv_dim)
+        self._scratch_map: tuple[tuple[int, ...], torch.Tensor] = ((), torch.empty(0, dtype=torch.long))
 
-    def build(self, requests: list[ScheduledRequest], cap: int) -> tuple[AttentionMetadata, torch.Tensor]:
+    def build(self, requests: list[ScheduledRequest], cap: int,
+              scratch_unit_ids: Sequence[int] = ()) -> tuple[AttentionMetadata, torch.Tensor]:
         """Metadata and token positions for requests in `order_for_step` order; `cap`: bytes of one
-        decode group's K/V gather."""
+        decode group's K/V gather; `scratch_unit_ids`: the pool units lent to the scratch this step."""
         tables = padded_tables([r.unit_ids for r in requests])
         req_of_row, positions, first_row = rows_of(torch.tensor([r.num_tokens for r in requests]),
                                                    torch.tensor([r.start_pos for r in requests]))
@@ -112,8 +119,9 @@ class AttentionMetadataBuilder:
         prefills = [self._prefill_chunk(int(first_row[i]), requests[i], tables[i])
                     for i in on_pages if requests[i].num_tokens > 1]
         sizes = [self._num_blocks(requests[i].context_len) for i in recompute]
+        scratch_map = self._scratch_units(scratch_unit_ids) if recompute else None
         recompute_groups = [
-            self._recompute_group(requests, [recompute[j] for j in group], tables, first_row, cap)
+            self._recompute_group(requests, [recompute[j] for j in group], tables, first_row, cap, scratch_map)
             for group in pack(sizes, self.num_scratch_blocks, "hidden K/V recompute")
         ]
         all_groups = decode_groups + [g for group in recompute_groups for g in group.decode_groups]
@@ -163,11 +171,27 @@ class AttentionMetadataBuilder:
             hidden_slot_mapping=self._hidden_slots(tables, req_of_row[hidden_rows], positions[hidden_rows]),
         )
 
-    def _recompute_group(self, requests, indices: list[int], tables, first_row, cap: int) -> RecomputeGroup:
+    def _scratch_units(self, scratch_unit_ids: Sequence[int]) -> torch.Tensor:
+        """The flat unit (layer * num_units + unit) of each one-layer unit of the scratch: the lent units' layer 0
+        slices first, then their layer 1 slices, and so on (built again only when the lent units change)."""
+        scratch_unit_ids = tuple(scratch_unit_ids)
+        if scratch_unit_ids != self._scratch_map[0]:
+            num_layers, num_units = self.kv_cache.shape[:2]
+            need = KV_UNITS_PER_BLOCK * self.num_scratch_blocks
+            if len(scratch_unit_ids) * num_layers < need:
+                raise ValueError(f"hidden requests attend over recomputed K/V, but the step lends the scratch "
+                                 f"{len(scratch_unit_ids)} pool units of the {cdiv(need, num_layers)} it needs")
+            index = torch.arange(need)
+            lent = torch.tensor(scratch_unit_ids, dtype=torch.long)
+            self._scratch_map = (scratch_unit_ids, index // len(lent) * num_units + lent[index % len(lent)])
+        return self._scratch_map[1]
+
+    def _recompute_group(self, requests, indices: list[int], tables, first_row, cap: int,
+                         scratch_map: torch.Tensor) -> RecomputeGroup:
         """Context K/V (positions [0, context_len)) of these hidden requests, recomputed into the scratch."""
         context_lens = torch.tensor([requests[i].context_len for i in indices])
         req_of_row, positions, _ = rows_of(context_lens, torch.zeros_like(context_lens))
-        scratch_tables = self._scratch_tables(context_lens)
+        scratch_tables = scratch_map[self._scratch_tables(context_lens)]
         projection = HiddenProjection(
             hidden_slots=self._hidden_slots(tables[indices], req_of_row, positions),
             hidden_size=self.hidden_size, rope=self.rope_fn(positions.to(self.device)),
@@ -182,7 +206,7 @@ class AttentionMetadataBuilder:
         return RecomputeGroup(projection, decode_groups, prefills)
 
     def _scratch_tables(self, context_lens: torch.Tensor) -> torch.Tensor:
-        """KV-layout tables over the scratch: each request's blocks side by side (padding -> unit 0)."""
+        """KV-layout tables over the scratch's own units: each request's blocks side by side (padding -> unit 0)."""
         num_blocks = (context_lens + self.block_size - 1) // self.block_size
         first_block = torch.cumsum(num_blocks, 0) - num_blocks
         block = torch.arange(int(num_blocks.max()))

@@ -1,19 +1,20 @@
 """ModelRunner: a SchedulerOutput -> input tensors -> one forward -> logits of sampled rows -> tokens.
 
 Stateless about cache bookkeeping: each step brings every request's new tokens, start position, cache
-kind and whole unit table, plus the HIDDEN -> KV conversions to apply first; the runner owns only the
-cache tensor, the hidden-cache recompute scratch and the sampler's per-request generators.
+kind and whole unit table, plus the HIDDEN -> KV conversions to apply first and the pool units lent to the
+hidden-cache recompute scratch; the runner owns only the cache tensor and the sampler's per-request generators.
 """
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
-from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, min_hidden_scratch_tokens
+from aptserve.cache.geometry import min_hidden_scratch_tokens, scratch_units
 from aptserve.config import EngineConfig, ModelConfig
 from aptserve.errors import ConversionFailedError
 from aptserve.grammar_compiler import GrammarCompiler
@@ -74,14 +75,14 @@ class ModelRunner:
         cache_shape = (model_config.num_layers, num_units, block_size, model_config.kv_dim)
         cache_dtype = torch_dtype(kv_cache_dtype or dtype)
         self.kv_cache = torch.zeros(cache_shape, dtype=cache_dtype, device=self.device)
-        # Laid out like one layer of the cache, two units (K, V) per block of recomputed rows.
-        scratch_shape = (KV_UNITS_PER_BLOCK * num_scratch_blocks, block_size, model_config.kv_dim)
-        self.scratch = torch.zeros(scratch_shape, dtype=cache_dtype, device=self.device)
+        # The scratch holds one layer's K/V of num_scratch_blocks in pool units a step lends it (runner/metadata.py).
+        self.num_scratch_units = (scratch_units(model_config, num_scratch_blocks * block_size, block_size)
+                                  if num_scratch_blocks else 0)
         # Decode attention reads K/V in place where our CPU kernel is built for this machine (fp32).
         paged_kernel = (self.device.type == "cpu" and self.dtype == cache_dtype == torch.float32
                         and cpu_kernels() is not None)
         self.metadata_builder = AttentionMetadataBuilder(
-            self.kv_cache, self.scratch, model_config.hidden_size, self.model.rope, self.dtype, paged_kernel)
+            self.kv_cache, num_scratch_blocks, model_config.hidden_size, self.model.rope, self.dtype, paged_kernel)
         # Built at start-up, not on the first constrained request: the tokenizer view takes about a second.
         self.sampler = Sampler(seed, self.device, model_config.eos_token_ids, logprobs_mode,
                                grammar_compiler=GrammarCompiler.for_model(model_config),
@@ -109,11 +110,7 @@ class ModelRunner:
     @property
     def hidden_scratch_tokens(self) -> int:
         """Rows of K/V the scratch holds (whole blocks)."""
-        return self.scratch.shape[0] // KV_UNITS_PER_BLOCK * self.scratch.shape[1]
-
-    @property
-    def scratch_bytes(self) -> int:
-        return self.scratch.numel() * self.scratch.element_size()
+        return self.metadata_builder.num_scratch_blocks * self.metadata_builder.block_size
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
@@ -127,7 +124,7 @@ class ModelRunner:
                 raise ConversionFailedError([c.request_id for c in sched_out.conversions]) from exc
         if sched_out.is_empty:
             return RunnerOutput()
-        model_input = self.prepare_inputs(sched_out.scheduled)
+        model_input = self.prepare_inputs(sched_out.scheduled, sched_out.scratch_unit_ids)
         prepared_s = time.perf_counter()
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.attn_metadata)
         logits = self.model.compute_logits(hidden[model_input.logits_indices]) if model_input.sampled else None
@@ -163,10 +160,10 @@ class ModelRunner:
                     out.logprobs.update(logprobs)
         return out
 
-    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInput:
+    def prepare_inputs(self, scheduled: list[ScheduledRequest], scratch_unit_ids: Sequence[int] = ()) -> ModelInput:
         """Decodes first (they attend in batched groups: KV ones, then hidden ones), then prefill chunks."""
         ordered = order_for_step(scheduled)
-        attn_metadata, positions = self.metadata_builder.build(ordered, self.decode_group_bytes)
+        attn_metadata, positions = self.metadata_builder.build(ordered, self.decode_group_bytes, scratch_unit_ids)
         input_ids = torch.tensor([t for r in ordered for t in r.token_ids], device=self.device)
         row_ends = list(accumulate(r.num_tokens for r in ordered))
         last_rows = [end - 1 for end, r in zip(row_ends, ordered) if r.sample]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable
 
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 
 KV, HIDDEN = CacheKind.KV, CacheKind.HIDDEN
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.request import Request
-from aptserve.sched.apt import KnapsackItem, solve
+from aptserve.sched.apt import KnapsackItem, solve, total_value
 from aptserve.sched.apt_candidates import MIN_CANDIDATES, ShapePrice, waiting_candidates
 from aptserve.sched.base import Scheduler
 from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
@@ -177,13 +177,32 @@ class AptScheduler(Scheduler):
                                             lambda bucket: self._shape_price(bucket, num_live, time))
             items = [self._waiting_item(r, now, num_live, time) for r in candidates]
         items += [self._upgrade_item(r, num_live) for r in hidden]
-        choices = solve(items, budget)
-        if time is not NO_HIDDEN_TIME_LIMIT:
-            choices = self._within_step_time(items, choices, budget, time)
+        choices = self._solve(items, budget, time)
         by_id = {item.id: item for item in items}
         plan = [(item_id, choice) for item_id, choice in choices.items() if choice is not None]
         plan.sort(key=lambda entry: -by_id[entry[0]].kv_value / by_id[entry[0]].kv_units)
         return plan
+
+    def _solve(self, items: list[KnapsackItem], budget: int, time: StepTime) -> dict:
+        """The greedy's choices within `budget` and the step time. The pool lends the recompute scratch its units
+        with the first hidden table (cache/manager.py), so while none is held a plan with hidden rows has the
+        budget less the scratch: the greedy then runs KV only over the whole budget and with the hidden options
+        over the rest, and the plan of more value is kept. Each is within 2x of the best plan of its own kind,
+        so the one kept is within 2x of the best plan of either."""
+        scratch = self.cache.num_scratch_units_to_take
+        if self.hybrid_cache == HybridMode.ALL_HIDDEN:  # every admission is a hidden table
+            return solve(items, max(0, budget - scratch))
+        if scratch == 0 or all(item.hidden_units is None for item in items):
+            return self._within_step_time(items, solve(items, budget), budget, time)
+        kv_items = [KnapsackItem(item.id, item.kv_units, item.kv_value) for item in items]
+        kv_choices = solve(kv_items, budget)
+        if budget <= scratch:
+            return kv_choices
+        hybrid = self._within_step_time(items, solve(items, budget - scratch), budget - scratch, time)
+        if (CacheKind.HIDDEN in hybrid.values()
+                and total_value(items, hybrid) > total_value(kv_items, kv_choices)):
+            return hybrid
+        return kv_choices
 
     def _within_step_time(self, items: list[KnapsackItem], choices: dict, budget: int, time: StepTime) -> dict:
         """The greedy's choices with no more hidden rows than the step time allows all together: the chosen
@@ -191,6 +210,8 @@ class AptScheduler(Scheduler):
         shared one and each kept request's own) and their rows together cost no more than a request's share of
         the step they join each; if any is left out, the greedy runs again with the hidden option only for those
         kept, so whatever it chooses fits."""
+        if time is NO_HIDDEN_TIME_LIMIT:
+            return choices
         chosen = sorted((item for item in items if choices[item.id] == CacheKind.HIDDEN),
                         key=lambda item: -item.hidden_value / item.hidden_units)
         kv_rows_s = [self._row_s(self.cache.num_blocks(self.requests[i.request_id].num_tokens))

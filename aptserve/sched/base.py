@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from aptserve.cache.manager import CachedBlock, CacheKind, CacheManager
+from aptserve.cache.manager import CacheManager
+from aptserve.cache.tables import CachedBlock, CacheKind
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
@@ -45,7 +46,8 @@ class Scheduler:
         self.max_model_len = config.model.max_model_len
         self.hybrid_cache = config.cache.hybrid
         self.cache = CacheManager(config.cache.num_units, config.cache.block_size,
-                                  config.cache.units_per_hidden_block, config.cache.enable_prefix_caching)
+                                  config.cache.units_per_hidden_block, config.cache.enable_prefix_caching,
+                                  config.cache.num_scratch_units)
         self.prefix = PrefixLookup(self.cache, f"{config.model.path}|{config.dtype}|{config.cache.dtype}")
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admissions
         self.num_prefix_hit_tokens = 0  # ... and those found there
@@ -97,6 +99,7 @@ class Scheduler:
         self._step_id += 1
         self._apply_requested_conversions(out)
         self._schedule(now, out)
+        out.scratch_unit_ids = self.cache.scratch_unit_ids
         for scheduled in out.scheduled:
             request = self.requests[scheduled.request_id]
             if request.first_scheduled_s is None:

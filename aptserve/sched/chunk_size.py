@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.request import Request
 from aptserve.sched.output import SchedulerOutput
 from aptserve.sched.step_cost import StepCostModel, attention_work

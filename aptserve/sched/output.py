@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.logprobs import TokenLogprobs
 from aptserve.sampling import SamplingParams
 
@@ -71,6 +71,8 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)
     # Applied by the executor before the forward pass.
     conversions: list[CacheConversion] = field(default_factory=list)
+    # Pool units lent to the recompute scratch (cache/manager.py): set while hidden requests hold rows.
+    scratch_unit_ids: tuple[int, ...] = ()
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -3,7 +3,8 @@ they come, and the cached blocks a waiting request can start from. Lookups are k
 or evicted, since the apt policies price every waiting request every step."""
 from __future__ import annotations
 
-from aptserve.cache.manager import CachedBlock, CacheKind, CacheManager
+from aptserve.cache.manager import CacheManager
+from aptserve.cache.tables import CachedBlock, CacheKind
 from aptserve.cache.prefix import chain_keys, root_key
 from aptserve.request import Request
 

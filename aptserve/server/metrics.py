@@ -118,7 +118,8 @@ def _engine_gauges(prefix: str, stats_by_labels: dict[tuple[str, ...], EngineSta
         for label_values, stats in stats_by_labels.items():
             family.add_metric(list(label_values), value(stats))
         yield family
-    used = GaugeMetricFamily(prefix + "cache_units_used", "Cache units in use, by cache kind.",
+    used = GaugeMetricFamily(prefix + "cache_units_used", "Cache units in use, by cache kind (scratch: lent to the "
+                             "hidden cache's recompute buffer while hidden rows are held).",
                              labels=labels + ["kind"])
     cached = GaugeMetricFamily(prefix + "cache_units_cached", "Units of cached blocks no request reads: a prefix "
                                "hit reuses them, an allocation short of free units evicts them.", labels=labels)

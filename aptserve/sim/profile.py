@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from aptserve.cache.manager import CacheKind, CacheManager
+from aptserve.cache.manager import CacheManager
+from aptserve.cache.tables import CacheKind
 from aptserve.config import HybridMode
 from aptserve.engine_args import EngineArgs, resolve
 from aptserve.sampling import SamplingParams
@@ -54,7 +55,7 @@ def time_step(runner, manager: CacheManager, point: tuple[CacheKind, int, int, i
                 return None
             scheduled.append(ScheduledRequest(request_id, [5] * num_tokens, start_pos, kind,
                                               manager.unit_ids(request_id), True, GREEDY))
-        sched_out = SchedulerOutput(0, scheduled)
+        sched_out = SchedulerOutput(0, scheduled, scratch_unit_ids=manager.scratch_unit_ids)
         times = []
         for _ in range(repeats + 1):
             start_s = time.perf_counter()
@@ -79,7 +80,8 @@ def profile(args: EngineArgs, repeats: int = 3, progress: bool = True) -> dict:
 
     config = resolve(args)
     runner = ModelRunner.from_config(config)
-    manager = CacheManager(config.cache.num_units, config.cache.block_size, config.cache.units_per_hidden_block)
+    manager = CacheManager(config.cache.num_units, config.cache.block_size, config.cache.units_per_hidden_block,
+                           num_scratch_units=config.cache.num_scratch_units)
     points = grid(config.model.max_model_len, config.cache.hybrid != HybridMode.OFF)
     rows, skipped = [], []
     for point in tqdm(points, desc="profile", disable=not progress):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aptserve.cache.manager import CacheKind
+from aptserve.cache.tables import CacheKind
 from aptserve.config import DTYPE_BYTES, ModelConfig
 from aptserve.model.architectures import ARCHITECTURES
 from aptserve.sched.output import SchedulerOutput
