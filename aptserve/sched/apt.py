@@ -99,7 +99,9 @@ def solve(items, budget: int) -> dict[Hashable, CacheKind | None]:
     offer a hidden option only where its re-projection fits the step time, and when the chosen hidden rows do not
     fit together they call solve again offering only those kept (apt_scheduler.StepTime). The bound is then
     against the best choice over the options of that last call: a restriction of the two-constraint problem,
-    whose own optimum can be higher."""
+    whose own optimum can be higher. The first hidden row also makes the pool lend the recompute scratch its
+    units, a cost shared by all hidden rows: the policies then call solve KV only over `budget` and with the hidden
+    options over `budget` less the scratch, and keep the better, which is within 2x of the better optimum."""
     items = list(items)
     choices: dict[Hashable, CacheKind | None] = {item.id: None for item in items}
     used, value = 0, 0.0
