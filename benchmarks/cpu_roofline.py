@@ -340,8 +340,7 @@ def build_runner(args, scenarios: list[Scenario]):
     core = build_engine_core(EngineArgs(model=args.model, dtype="float32", kv_cache_memory=kv_bytes,
                                         max_model_len=max(max_len, 256), hybrid_cache="off",
                                         max_num_seqs=max(s.rows for s in scenarios)))
-    cache = core.config.cache
-    return core.executor, CacheManager(cache.num_units, cache.block_size, cache.units_per_hidden_block), core.config
+    return core.executor, CacheManager.from_config(core.config.cache), core.config
 
 
 def time_scenario(runner, manager, timer: PhaseTimer, scenario: Scenario, repeats: int) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
+from aptserve.config import CacheConfig
 from aptserve.cache.invariants import check_manager
 from aptserve.cache.pool import UnitPool
 from aptserve.cache.tables import CACHE_OWNER, SCRATCH_OWNER, CachedBlock, CacheKind, RequestTable
@@ -47,6 +48,12 @@ class CacheManager:
         self._num_used_units = {kind: 0 for kind in CacheKind}
         self.num_evicted_blocks = 0
         self.num_cache_changes = 0  # blocks registered or evicted: a lookup made before is still valid if unchanged
+
+    @classmethod
+    def from_config(cls, cache: CacheConfig) -> CacheManager:
+        """The manager of the pool `cache` describes (its units, kinds, prefix caching and scratch)."""
+        return cls(cache.num_units, cache.block_size, cache.units_per_hidden_block, cache.enable_prefix_caching,
+                   cache.num_scratch_units)
 
     # --- sizes -------------------------------------------------------------------------------
     @property

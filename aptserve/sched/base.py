@@ -45,9 +45,7 @@ class Scheduler:
         self.config = config.scheduler
         self.max_model_len = config.model.max_model_len
         self.hybrid_cache = config.cache.hybrid
-        self.cache = CacheManager(config.cache.num_units, config.cache.block_size,
-                                  config.cache.units_per_hidden_block, config.cache.enable_prefix_caching,
-                                  config.cache.num_scratch_units)
+        self.cache = CacheManager.from_config(config.cache)
         self.prefix = PrefixLookup(self.cache, f"{config.model.path}|{config.dtype}|{config.cache.dtype}")
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admissions
         self.num_prefix_hit_tokens = 0  # ... and those found there

@@ -80,8 +80,7 @@ def profile(args: EngineArgs, repeats: int = 3, progress: bool = True) -> dict:
 
     config = resolve(args)
     runner = ModelRunner.from_config(config)
-    manager = CacheManager(config.cache.num_units, config.cache.block_size, config.cache.units_per_hidden_block,
-                           num_scratch_units=config.cache.num_scratch_units)
+    manager = CacheManager.from_config(config.cache)
     points = grid(config.model.max_model_len, config.cache.hybrid != HybridMode.OFF)
     rows, skipped = [], []
     for point in tqdm(points, desc="profile", disable=not progress):
