@@ -107,9 +107,16 @@ def _eos_token_ids(folder: Path, hf: dict) -> tuple[int, ...]:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """The folder's fast tokenizer. A folder that names transformers' tokenizers-backed class is loaded by it
+    directly: AutoTokenizer would first resolve the model's config class, whose imports take seconds of every
+    process's start-up; any other folder goes through AutoTokenizer."""
+    import transformers
 
-    return AutoTokenizer.from_pretrained(path, use_fast=True)
+    config_file = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        return transformers.TokenizersBackend.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from aptserve.grammar_compiler import GrammarCompiler
@@ -26,7 +27,6 @@ class GrammarBank:
         self._executor = None
         if compiler is not None:  # its native threads start here, not in a step
             import llguidance
-            import llguidance.torch  # noqa: F401
 
             self._executor = llguidance.LLExecutor()
         self._matchers: dict[str, object] = {}
@@ -44,11 +44,13 @@ class GrammarBank:
         constrained = [i for i, r in enumerate(rows) if r.sampling_params.structured is not None]
         if not constrained:
             return []
-        import llguidance.torch
+        # llguidance.numpy, not llguidance.torch: the latter's import runs torch.compile (seconds of every start-up).
+        import llguidance.numpy
 
         matchers = [(self._matcher(rows[i]), slot) for slot, i in enumerate(constrained)]
-        bitmask = torch.empty(len(constrained), -(-self.vocab_size // BITS), dtype=torch.int32)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        words = np.empty((len(constrained), -(-self.vocab_size // BITS)), dtype=np.int32)
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, words)
+        bitmask = torch.from_numpy(words)
         allowed = (bitmask[:, :, None] >> torch.arange(BITS, dtype=torch.int32)) & 1
         allowed = allowed.view(len(constrained), -1)[:, :logits.shape[1]].to(logits.device)
         logits[constrained] = logits[constrained].masked_fill(allowed == 0, float("-inf"))
