@@ -24,16 +24,29 @@ def mixed_prompts(tokenizer, num_prompts: int = 16) -> list[list[int]]:
     return [ids[i:i + n] for i, n in enumerate(lengths)]
 
 
-def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int, group: int = 8) -> list[list[int]]:
+    """HF's greedy continuations, cut after the first EOS. Prompts of like length are generated together (left
+    padded, the positions following the attention mask), which gives the same tokens as one prompt at a time on
+    these prompts (checked when this was written) in half the time."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outputs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_tokens, pad_token_id=0)
-            outputs.append(out[0, len(prompt):].tolist())
-    return outputs
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: dict[int, list[int]] = {}
+    for start in range(0, len(prompts), group):
+        rows = by_length[start:start + group]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(rows):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens, pad_token_id=0)
+        for row, i in enumerate(rows):
+            tokens = out[row, width:].tolist()
+            outputs[i] = tokens[:next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))]
+    return [outputs[i] for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module", params=["default", "opt-125m"])

@@ -35,14 +35,16 @@ def hf_greedy_logprobs(hf, prompt_ids: list[int], num_tokens: int, params=None) 
     """HF's greedy tokens (after `params`' penalties, applied by the reference) and the raw log-softmax of each
     position's logits, token by token."""
     model, _ = hf
-    ids, logprobs = list(prompt_ids), []
+    ids, logprobs, cache, new_ids = list(prompt_ids), [], None, list(prompt_ids)
     with torch.inference_mode():
         for _ in range(num_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            out = model(torch.tensor([new_ids]), cache=cache, use_cache=True, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[0, -1].float()
             logprobs.append(torch.log_softmax(logits, -1))
             if params is not None:
                 logits = torch.tensor(reference(logits.tolist(), params, prompt_ids, ids[len(prompt_ids):]))
             ids.append(int(logits.argmax()))
+            new_ids = ids[-1:]
     return ids[len(prompt_ids):], torch.stack(logprobs)
 
 
