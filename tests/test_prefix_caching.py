@@ -76,8 +76,9 @@ def test_prefix_caching_on_and_off_both_match_hf(shared_case, setup):
     cached, cached_tokens = serve(model, prompts, convert, **kwargs)
     assert cached_tokens == expected
     assert cached.scheduler.num_prefix_hit_tokens >= 64 * 5  # most requests skipped the system prompt's blocks
-    if setup == "tight-hybrid":  # with the cache off too (the other setups are HF parity tests of their own)
+    if setup == "tight-hybrid":  # and with the cache off (the other setups are HF parity tests of their own)
         assert cached.scheduler.num_preemptions > 0 and cached.scheduler.num_conversions > 0
         assert cached.cache.num_evicted_blocks > 0
-        uncached, uncached_tokens = serve(model, prompts, convert, enable_prefix_caching=False, **kwargs)
-        assert uncached_tokens == expected and uncached.scheduler.num_prefix_hit_tokens == 0
+        if model == "opt-125m":  # MHA, where the hybrid cache saves memory (on GQA it is forced on, larger than KV)
+            uncached, uncached_tokens = serve(model, prompts, convert, enable_prefix_caching=False, **kwargs)
+            assert uncached_tokens == expected and uncached.scheduler.num_prefix_hit_tokens == 0
