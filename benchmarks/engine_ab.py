@@ -2,7 +2,8 @@
 
 - packed: oneDNN-packed (and fused, with the activations and residual adds inside the GEMMs) linears, vs the same
   fused linears on plain F.linear (what machines without oneDNN packing run);
-- paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA.
+- paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA;
+- rms_norm kernel: Llama's RMSNorm in one pass (our C++ kernel) vs torch's F.rms_norm.
 
 Each configuration builds its own engine on the default model and is timed with step_speed's figures (decode step
 at --decode-rows rows of --decode-contexts-token contexts, prefill of one prompt of each --prefill-lens), min of
@@ -24,7 +25,7 @@ from benchmarks._step_speed_common import measure  # noqa: E402
 from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
 
 CONFIGS = {"as shipped": (), "plain linears": ("packed",), "gather attention": ("kernel",),
-           "neither": ("packed", "kernel")}
+           "neither": ("packed", "kernel"), "torch rms_norm": ("rms_norm",)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,18 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def switched_off(features: tuple[str, ...]):
-    from aptserve.model import linear
+    from aptserve.model import linear, rms_norm
     from aptserve.runner import model_runner
 
-    saved = linear.can_pack, model_runner.cpu_kernels
+    saved = linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels
     if "packed" in features:
         linear.can_pack = lambda weight: False
     if "kernel" in features:
         model_runner.cpu_kernels = lambda: None
+    if "rms_norm" in features:
+        rms_norm.cpu_kernels = lambda: None
     try:
         yield
     finally:
-        linear.can_pack, model_runner.cpu_kernels = saved
+        linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels = saved
 
 
 def run(args, features: tuple[str, ...]) -> dict:

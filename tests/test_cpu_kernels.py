@@ -1,5 +1,6 @@
-"""Our CPU kernels and the plain paths they replace: the paged decode kernel against SDPA over gathered K/V,
-and the whole runner with neither the kernel nor packed weights still matching HF token for token."""
+"""Our CPU kernels and the plain paths they replace: the paged decode kernel against SDPA over gathered K/V, the
+RMSNorm kernel against torch's, and the whole runner with neither kernel nor packed weights still matching HF token
+for token."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aptserve.model import linear
+from aptserve.model import linear, rms_norm
 from aptserve.model.cpu_kernels import DISABLE_ENV, cpu_kernels
 from aptserve.runner import model_runner
 from tests.model_fixtures import Driver, DriverRequest, assert_matches_hf_greedy, save_tiny_llama
@@ -47,6 +48,29 @@ def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_hea
         expected = F.scaled_dot_product_attention(q[b][:, None], k, v, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
 
+
+@needs_kernels
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (8, 576), (3, 20), (512, 576), (700, 768)])
+def test_rms_norm_kernel_matches_torch(rows, hidden):
+    """A decode step's few rows, a width that is not whole vectors, and chunks split over threads."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, hidden, generator=generator) * 3 + 0.5
+    weight = torch.randn(hidden, generator=generator)
+    out = torch.full_like(x, float("nan"))
+    kernels.rms_norm(out, x, weight, 1e-5)
+    torch.testing.assert_close(out, F.rms_norm(x, (hidden,), weight, 1e-5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.rms_norm(out[:, :hidden // 2].contiguous(), x[:, ::2], weight[:hidden // 2], 1e-5)
+
+
+@needs_kernels
+def test_the_model_norms_use_the_kernel_and_take_strided_rows():
+    norm = rms_norm.RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64)
+    assert rms_norm.use_rms_norm_kernel(norm) and norm.kernels is kernels
+    x = torch.randn(64, 10).t()  # rows of a transposed view: not contiguous
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6), rtol=1e-5, atol=1e-5)
+    assert not rms_norm.use_rms_norm_kernel(norm.to(torch.bfloat16))
 
 def run_build_command(**env: str) -> subprocess.CompletedProcess:
     """`python -m aptserve.model.cpu_kernels build`, as `make` runs it."""
@@ -90,11 +114,13 @@ def test_plain_paths_without_kernel_or_packing_match_hf(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(model_runner, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(rms_norm, "cpu_kernels", lambda: None)
     monkeypatch.setattr(linear, "can_pack", lambda weight: False)
     path = save_tiny_llama(tmp_path, num_kv_heads=2, tie_word_embeddings=True)
 
     runner, manager = make_runner(path, num_units=64, block_size=4)
     assert not runner.metadata_builder.paged_kernel
+    assert all(layer.input_layernorm.kernels is None for layer in runner.model.model.layers)
     assert all(layer.self_attn.qkv_proj.packed is None for layer in runner.model.model.layers)
     prompts = random_prompts([5, 17, 30], seed=2)
     requests = [DriverRequest(f"p{i}", p, max_new_tokens=8) for i, p in enumerate(prompts)]

@@ -7,29 +7,14 @@ done inside the GEMMs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.linear import Linear, fuse_qkv, gemm_activation, packed_head
+from aptserve.model.rms_norm import RMSNorm
 from aptserve.model.rope import Rope, RotaryEmbedding, apply_rope, pair_rows
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one kernel; the same arithmetic as the lines below in fp32
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32 and cast back before the weight, exactly as HF does (greedy parity in bf16).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class LlamaAttention(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from aptserve.config import DTYPE_BYTES, ModelConfig
 from aptserve.model.architectures import ARCHITECTURES
+from aptserve.model.rms_norm import use_rms_norm_kernel
 from aptserve.model.protocol import CausalLM
 
 # Checkpoint entries that are not parameters of ours: recomputed RoPE frequencies.
@@ -48,6 +49,7 @@ def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str 
     model.load_state_dict(weights, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.prepare(keep_kv_projection)
+    use_rms_norm_kernel(model)
     return model
 
 
