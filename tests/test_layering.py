@@ -113,6 +113,17 @@ def test_pure_layers_import_without_torch_or_the_engine():
     assert result.returncode == 0, result.stderr
 
 
+
+def test_an_engine_starts_without_torch_compile_or_the_models_hf_classes():
+    """Seconds of every start-up: llguidance.torch runs torch.compile at import (dynamo, inductor), and AutoTokenizer
+    imports the model's HF config class; an engine with structured output on needs neither."""
+    code = ("import sys\nfrom aptserve import LLM\nllm = LLM(model='default', kv_cache_memory=16 << 20)\n"
+            "assert llm.engine.core.executor.grammars._executor is not None\n"
+            "loaded = [m for m in ('torch._dynamo', 'torch._inductor', 'transformers.models.llama.configuration_llama')"
+            " if m in sys.modules]\nassert not loaded, loaded")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
 def test_every_module_has_a_layer(import_graph):
     for name in import_graph:
         layer_of(name)
