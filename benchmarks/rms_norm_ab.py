@@ -1,6 +1,6 @@
 """A/B of the RMSNorm kernel on one engine: the same loaded model, its norms switched between our one-pass kernel and
 torch's F.rms_norm round by round (interleaved, so the machine's drift falls on both), timed as step_speed does
-(decode step at --decode-rows rows of --decode-context-token contexts from a 33- vs a 1-token generate; prefill of
+(decode step at --decode-rows rows of --decode-context-token contexts, step_speed's formula; prefill of
 one fresh prompt of each --prefill-lens), medians over --rounds.
 
     .venv/bin/python benchmarks/rms_norm_ab.py      # ~10 min
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
-from benchmarks._step_speed_common import prompts_for  # noqa: E402
+from benchmarks._step_speed_common import DECODE_TOKENS, decode_step_seconds, prompts_for  # noqa: E402
 from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
 
 VARIANTS = ("kernel", "torch")
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 norm.kernels = kernels if variant == "kernel" else None
             for rows in rows_list:
                 one = generate(prompts_for(rows, args.decode_context, next(salt)), 1)
-                many = generate(prompts_for(rows, args.decode_context, next(salt)), 33)
-                samples[variant].setdefault(f"decode x{rows}", []).append(1e3 * (many - one) / 32)
+                many = generate(prompts_for(rows, args.decode_context, next(salt)), DECODE_TOKENS)
+                samples[variant].setdefault(f"decode x{rows}", []).append(1e3 * decode_step_seconds(one, many))
             for length in lens:
                 samples[variant].setdefault(f"prefill {length}", []).append(
                     1e3 * generate(prompts_for(1, length, next(salt)), 1))

@@ -72,6 +72,7 @@ def test_the_model_norms_use_the_kernel_and_take_strided_rows():
     torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6), rtol=1e-5, atol=1e-5)
     assert not rms_norm.use_rms_norm_kernel(norm.to(torch.bfloat16))
 
+
 def run_build_command(**env: str) -> subprocess.CompletedProcess:
     """`python -m aptserve.model.cpu_kernels build`, as `make` runs it."""
     return subprocess.run([sys.executable, "-m", "aptserve.model.cpu_kernels", "build"], env={**os.environ, **env},

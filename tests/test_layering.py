@@ -113,7 +113,6 @@ def test_pure_layers_import_without_torch_or_the_engine():
     assert result.returncode == 0, result.stderr
 
 
-
 def test_an_engine_starts_without_torch_compile_or_the_models_hf_classes():
     """Seconds of every start-up: llguidance.torch runs torch.compile at import (dynamo, inductor), and AutoTokenizer
     imports the model's HF config class; an engine with structured output on needs neither."""
@@ -123,6 +122,7 @@ def test_an_engine_starts_without_torch_compile_or_the_models_hf_classes():
             " if m in sys.modules]\nassert not loaded, loaded")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
 
 def test_every_module_has_a_layer(import_graph):
     for name in import_graph:

@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv
-from aptserve.config import CacheConfig
 from aptserve.cache.invariants import check_manager
 from aptserve.cache.pool import UnitPool
 from aptserve.cache.tables import CACHE_OWNER, SCRATCH_OWNER, CachedBlock, CacheKind, RequestTable
+from aptserve.config import CacheConfig
 
 
 class CacheManager:

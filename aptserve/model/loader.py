@@ -12,8 +12,8 @@ from torch import nn
 
 from aptserve.config import DTYPE_BYTES, ModelConfig
 from aptserve.model.architectures import ARCHITECTURES
-from aptserve.model.rms_norm import use_rms_norm_kernel
 from aptserve.model.protocol import CausalLM
+from aptserve.model.rms_norm import use_rms_norm_kernel
 
 # Checkpoint entries that are not parameters of ours: recomputed RoPE frequencies.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
