@@ -5,7 +5,7 @@
 // [h * head_dim, (h + 1) * head_dim)); the query heads of one KV head (GQA) share its rows. Each K and V row is
 // read once. Softmax is computed online (running max and sum), so nothing the size of the context is
 // materialised.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include "attention_common.h"
 
@@ -145,12 +145,12 @@ void online_softmax(float* scores, int64_t rows, int64_t num_heads, int64_t bloc
 }
 }  // namespace
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor cache, torch::Tensor k_units,
-                            torch::Tensor v_units, torch::Tensor context_lens, double scale, int64_t num_kv_heads) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat && cache.scalar_type() == torch::kFloat, "fp32 only");
+void paged_decode_attention(at::Tensor out, at::Tensor query, at::Tensor cache, at::Tensor k_units,
+                            at::Tensor v_units, at::Tensor context_lens, double scale, int64_t num_kv_heads) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "fp32 only");
   TORCH_CHECK(query.is_contiguous() && cache.is_contiguous() && out.is_contiguous(), "contiguous tensors only");
-  TORCH_CHECK(k_units.scalar_type() == torch::kLong && v_units.scalar_type() == torch::kLong &&
-                  context_lens.scalar_type() == torch::kLong, "int64 tables");
+  TORCH_CHECK(k_units.scalar_type() == at::kLong && v_units.scalar_type() == at::kLong &&
+                  context_lens.scalar_type() == at::kLong, "int64 tables");
   const int64_t num_requests = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = cache.size(1), kv_dim = cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = k_units.size(1);
