@@ -5,6 +5,8 @@ between cache kinds, except where a draw lands within float noise of a boundary 
 batch and chunk differently, so their fp32 logits differ by ~1e-4 and such a draw may go either way."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -20,31 +22,29 @@ from tests.test_prefix_caching import MAX_TOKENS, SCRATCH_TOKENS, serve, shared_
 NEAR_TIE = 1e-3
 
 
-class DrawRecorder:
-    """Every random draw the sampler makes, by (request id, the request's n-th draw): (probabilities, uniform)."""
+def serve_recording_draws(*args, **kwargs):
+    """`serve(*args, **kwargs)` and every random draw its sampler made, by (request id, the request's n-th draw):
+    (probabilities, uniform)."""
+    draws: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
+    num_draws: Counter[str] = Counter()
+    rows: list[str] = []
+    sample, inverse_cdf = sampler_module.Sampler.__call__, sampler_module._inverse_cdf
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.draws: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
-        self._rows: list[str] = []
-        sample, inverse_cdf = sampler_module.Sampler.__call__, sampler_module._inverse_cdf
+    def recording_call(sampler, logits, scheduled):
+        rows[:] = [row.request_id for row in scheduled]
+        return sample(sampler, logits, scheduled)
 
-        def recording_call(sampler, logits, rows):
-            self._rows = [row.request_id for row in rows]
-            return sample(sampler, logits, rows)
+    def recording_inverse_cdf(probs, uniforms):
+        assert len(rows) == probs.shape[0], "every row of these requests is sampled at random"
+        for request_id, row_probs, uniform in zip(rows, probs, uniforms.tolist()):
+            draws[request_id, num_draws[request_id]] = (row_probs.clone(), uniform)
+            num_draws[request_id] += 1
+        return inverse_cdf(probs, uniforms)
 
-        def recording_inverse_cdf(probs, uniforms):
-            assert len(self._rows) == probs.shape[0], "every row of these requests is sampled at random"
-            for request_id, row_probs, uniform in zip(self._rows, probs, uniforms.tolist()):
-                index = sum(1 for key in self.draws if key[0] == request_id)
-                self.draws[request_id, index] = (row_probs.detach().clone(), uniform)
-            return inverse_cdf(probs, uniforms)
-
-        monkeypatch.setattr(sampler_module.Sampler, "__call__", recording_call)
-        monkeypatch.setattr(sampler_module, "_inverse_cdf", recording_inverse_cdf)
-
-    def take(self) -> dict[tuple[str, int], tuple[torch.Tensor, float]]:
-        draws, self.draws = self.draws, {}
-        return draws
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampler_module.Sampler, "__call__", recording_call)
+        patch.setattr(sampler_module, "_inverse_cdf", recording_inverse_cdf)
+        return serve(*args, **kwargs), draws
 
 
 def near_tie(probs: torch.Tensor, uniform: float, token: int, other: int) -> bool:
@@ -56,15 +56,13 @@ def near_tie(probs: torch.Tensor, uniform: float, token: int, other: int) -> boo
 
 
 @pytest.mark.parametrize("model", ["default", "opt-125m"])
-def test_penalties_grammar_and_seeds_survive_preemption_and_conversion(model, monkeypatch):
+def test_penalties_grammar_and_seeds_survive_preemption_and_conversion(model):
     prompts = shared_prompts(AutoTokenizer.from_pretrained(resolve_model(model)))
     params = SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS, frequency_penalty=0.8,
                             presence_penalty=0.4, repetition_penalty=1.2, min_tokens=MAX_TOKENS, logprobs=2,
                             structured=StructuredOutput("regex", "[a-z ]{10,200}"))
-    recorder = DrawRecorder(monkeypatch)
-    _, roomy = serve(model, prompts, False, params, hybrid_cache="off", scheduler="fcfs",
-                     kv_cache_memory=256 << 20)
-    roomy_draws = recorder.take()
+    (_, roomy), roomy_draws = serve_recording_draws(model, prompts, False, params, hybrid_cache="off",
+                                                    scheduler="fcfs", kv_cache_memory=256 << 20)
     tight, squeezed = serve(model, prompts, True, params, hybrid_cache="on", scheduler="apt-chunked",
                             kv_cache_memory=tight_budget(model), max_num_batched_tokens=64,
                             max_model_len=SCRATCH_TOKENS, hidden_scratch_tokens=SCRATCH_TOKENS)
