@@ -21,19 +21,29 @@ $(STAMP): pyproject.toml
 	touch $@
 
 model: setup
-	$(BIN)/python -m aptserve.registry prepare default
 	# The CPU kernels are compiled here so the first `aptserve serve` answers at once; cheap when up to date, and it
-	# exits 0 without them (no compiler, another CPU, APTSERVE_CPU_KERNELS=0): the torch path serves then.
-	$(BIN)/python -m aptserve.model.cpu_kernels build
+	# exits 0 without them (no compiler, another CPU, APTSERVE_CPU_KERNELS=0): the torch path serves then. The
+	# compiler runs while the model converts (one core each), and make waits for both.
+	$(BIN)/python -m aptserve.model.cpu_kernels build & kernels=$$!; \
+	$(BIN)/python -m aptserve.registry prepare default && wait $$kernels
 
 serve: model
 	$(BIN)/aptserve serve --model default --host 127.0.0.1 --port 8000
 
-test: model
-	$(BIN)/python -m pytest -q
+# The suite runs in TEST_WORKERS pytest processes (pytest-xdist, one test file to a worker) of one torch thread each:
+# most tests wait on a server, a subprocess or a step loop part of the time, which the other worker fills. On 2
+# cores: one process 1,010 s; two with two threads each 1,156 s (the threads contend; a Ray test timed out); two
+# with one thread each 809 s. The Ray cluster tests then run alone with every core: their replicas start and
+# report on deadlines that a busy machine can miss.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-test-fast: model  # all but the slow whole-engine HF parity runs
-	$(BIN)/python -m pytest -q -m "not slow"
+test: model
+	$(PYTEST_PARALLEL) -m "not cluster"
+	$(BIN)/python -m pytest -q -m cluster
+
+test-fast: model  # all but the slow whole-engine HF parity runs and the Ray cluster
+	$(PYTEST_PARALLEL) -m "not slow and not cluster"
 
 bench-offline: model
 	$(BIN)/python benchmarks/offline_throughput.py

@@ -19,6 +19,7 @@ from tests.test_engine_process import free_port
 from tests.test_server import wait_until
 
 pytest.importorskip("ray.serve", reason="the cluster extra (ray[serve]) is not installed")
+pytestmark = pytest.mark.cluster  # `make test` runs these after the parallel run, on an otherwise idle machine
 
 MAX_NUM_SEQS, MAX_QUEUE_LEN = 2, 1  # small, so that a handful of requests fills the cluster
 LONG = {"model": "default", "prompt": "Count from one to one thousand:", "max_tokens": 400, "temperature": 0,
