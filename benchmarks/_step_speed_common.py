@@ -2,36 +2,61 @@
 worker (another venv, without aptserve) times vLLM exactly as aptserve is timed."""
 from __future__ import annotations
 
+import statistics
+import time
+from typing import Callable, Iterable, Protocol
+
 
 def prompts_for(num_requests: int, prompt_len: int, salt: int) -> list[list[int]]:
     """Distinct token-id prompts (a salt per call, so no prefix cache ever serves one)."""
     return [[(7919 * salt + 104729 * i + 31 * j) % 40000 + 100 for j in range(prompt_len)] for i in range(num_requests)]
 
 
-DECODE_TOKENS = 33  # a decode step = (time generating DECODE_TOKENS - time generating 1) / (DECODE_TOKENS - 1)
+DECODE_TOKENS = 33  # tokens each decode row generates: its first, then 32 decode steps
 
 
-def decode_step_seconds(one_token_s: float, many_tokens_s: float) -> float:
-    """One decode step from the times of generating 1 and DECODE_TOKENS tokens for the same rows (the prefill and
-    the call's overhead cancel)."""
-    return (many_tokens_s - one_token_s) / (DECODE_TOKENS - 1)
+class Output(Protocol):  # what both engines' step() return per request (RequestOutput)
+    request_id: str
+    outputs: list
 
 
-def measure(generate, decode_rows: list[int], prefill_lens: list[int], repeats: int,
-            decode_contexts: list[int]) -> dict:
-    """`generate(prompts, max_tokens) -> seconds`; the decode step (rows of prompts of each of `decode_contexts`
-    tokens; keys "rows" for the first context, "rows@context" for the others) and prefill figures, min over repeats."""
+def time_steps(step: Callable[[], Iterable[Output]], has_unfinished: Callable[[], bool], num_rows: int,
+               start_s: float) -> tuple[float, list[float]]:
+    """Step an engine whose `num_rows` requests were just added, until all finish: (seconds since `start_s`, the
+    wall time of each step in which every row was decoding, i.e. taken after each had its first token)."""
+    started: set[str] = set()
+    decode_steps_s = []
+    while has_unfinished():
+        decoding = len(started) == num_rows
+        step_start = time.perf_counter()
+        outputs = step()
+        if decoding:
+            decode_steps_s.append(time.perf_counter() - step_start)
+        started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+    return time.perf_counter() - start_s, decode_steps_s
+
+
+def decode_step_seconds(decode_steps_s: list[float]) -> float:
+    """One decode step: the median of the steps timed in one call. A difference of whole calls (33 tokens minus 1)
+    was used before; on a host that steals time from a call, two noisy totals made it swing 4x between engines."""
+    return statistics.median(decode_steps_s)
+
+
+def measure(run, decode_rows: list[int], prefill_lens: list[int], repeats: int, decode_contexts: list[int]) -> dict:
+    """`run(prompts, max_tokens) -> time_steps(...)`; the decode step (rows of prompts of each of `decode_contexts`
+    tokens; keys "rows" for the first context, "rows@context" for the others; the least median over repeats) and
+    prefill figures (one prompt, one token; min over repeats)."""
     salt = iter(range(1, 1_000_000))
-    generate(prompts_for(2, 16, next(salt)), 4)  # warm-up
+    run(prompts_for(2, 16, next(salt)), 4)  # warm-up
     decode = {}
     for context in decode_contexts:
         for rows in decode_rows:
-            one = min(generate(prompts_for(rows, context, next(salt)), 1) for _ in range(repeats))
-            many = min(generate(prompts_for(rows, context, next(salt)), DECODE_TOKENS) for _ in range(repeats))
+            medians = [decode_step_seconds(run(prompts_for(rows, context, next(salt)), DECODE_TOKENS)[1])
+                       for _ in range(repeats)]
             key = str(rows) if context == decode_contexts[0] else f"{rows}@{context}"
-            decode[key] = {"step_ms": 1e3 * decode_step_seconds(one, many)}
+            decode[key] = {"step_ms": 1e3 * min(medians), "medians_ms": [1e3 * m for m in medians]}
     prefill = {}
     for length in prefill_lens:
-        seconds = min(generate(prompts_for(1, length, next(salt)), 1) for _ in range(repeats))
+        seconds = min(run(prompts_for(1, length, next(salt)), 1)[0] for _ in range(repeats))
         prefill[str(length)] = {"ms": 1e3 * seconds, "tokens_per_s": length / seconds}
     return {"decode": decode, "prefill": prefill}

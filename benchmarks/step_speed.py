@@ -1,10 +1,11 @@
 """Raw engine speed, aptserve vs vLLM's CPU build on the same model folder: the time of one decode step at 1, 8 and
 32 rows, and prefill throughput for one 128-, 512- and 1024-token prompt.
 
-Both are timed the same way, through their offline `generate` (greedy, ignore_eos, no prefix cache hits: every
-call has prompts of its own): a decode step = (time of N requests generating 33 tokens - time generating 1) / 32,
-from --decode-context-token prompts (256: about what served requests attend to); prefill = prompt tokens / time
-to generate 1 token from one prompt. Min over repeats.
+Both are timed the same way, stepping their offline engine (`add_request`, then `step` until done; greedy,
+ignore_eos, no prefix cache hits: every call has prompts of its own): a decode step = the median wall time of the
+steps in which all N rows decode (after each has its first token; 32 of them), from --decode-context-token prompts
+(256: about what served requests attend to), the least median over repeats; prefill = prompt tokens / time to
+generate 1 token from one prompt, min over repeats.
 vLLM runs in its own venv through benchmarks/_vllm_step_worker.py with every core for its compute threads, in its
 default (compiled) mode and with --enforce-eager.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, bar_chart, load_average, write_json  # noqa: E402
-from benchmarks._step_speed_common import measure  # noqa: E402
+from benchmarks._step_speed_common import measure, time_steps  # noqa: E402
 from benchmarks.servers import first_error_line, vllm_env, vllm_python  # noqa: E402
 
 WORKER = REPO_ROOT / "benchmarks" / "_vllm_step_worker.py"
@@ -55,17 +56,20 @@ def run_aptserve(args) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64,
               max_model_len=args.max_model_len)
 
-    def generate(prompts, max_tokens):
+    engine, request_ids = llm.engine, iter(range(1_000_000_000))
+
+    def run(prompts, max_tokens):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
+        for prompt in prompts:
+            engine.add_request(prompt, params, request_id=str(next(request_ids)))
+        return time_steps(engine.step, engine.has_unfinished_requests, len(prompts), start)
 
-    return {**measure(generate, *figures_args(args)), "dtype": llm.engine.config.dtype}
+    return {**measure(run, *figures_args(args)), "dtype": llm.engine.config.dtype}
 
 
 def figures_args(args) -> tuple[list[int], list[int], int, list[int]]:
-    return ([int(r) for r in args.decode_rows.split(",")], [int(n) for n in args.prefill_lens.split(",")],
+    return ([int(r) for r in args.decode_rows.split(",")], [int(n) for n in args.prefill_lens.split(",") if n],
             args.repeats, [int(c) for c in args.decode_contexts.split(",")])
 
 
