@@ -34,7 +34,7 @@ serve: model
 	$(BIN)/aptserve serve --model default --host 127.0.0.1 --port 8000
 
 # The suite runs in TEST_WORKERS pytest processes (pytest-xdist, one test file to a worker) of one torch thread each:
-# most tests wait on a server, a subprocess or a step loop part of the time, which the other worker fills. On 2
+# many tests wait on a server or a subprocess part of the time, which the other worker fills. On 2
 # cores: one process 1,010 s; two with two threads each 1,156 s (the threads contend; a Ray test timed out); two
 # with one thread each 809 s. The Ray cluster tests then run alone with every core: their replicas start and
 # report on deadlines that a busy machine can miss.

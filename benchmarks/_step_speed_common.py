@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable
 
 
 def prompts_for(num_requests: int, prompt_len: int, salt: int) -> list[list[int]]:
@@ -15,25 +15,29 @@ def prompts_for(num_requests: int, prompt_len: int, salt: int) -> list[list[int]
 DECODE_TOKENS = 33  # tokens each decode row generates: its first, then 32 decode steps
 
 
-class Output(Protocol):  # what both engines' step() return per request (RequestOutput)
-    request_id: str
-    outputs: list
+def stepping_run(add_request: Callable[[str, list[int], int], None], step: Callable[[], list],
+                 has_unfinished: Callable[[], bool]) -> Callable[[list[int], int], tuple[float, list[float]]]:
+    """`run(prompts, max_tokens)` for `measure`, over an engine's own `add_request(request_id, prompt, max_tokens)`
+    (greedy, ignore_eos) and `step()` (RequestOutputs): adds the prompts, steps until all finish and returns (seconds
+    from the first add, the wall time of each step in which every row decoded, i.e. after each had its first token)."""
+    request_ids = (str(i) for i in range(1_000_000_000))
 
+    def run(prompts: list[list[int]], max_tokens: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        for prompt in prompts:
+            add_request(next(request_ids), prompt, max_tokens)
+        started: set[str] = set()
+        decode_steps_s = []
+        while has_unfinished():
+            decoding = len(started) == len(prompts)
+            step_start = time.perf_counter()
+            outputs = step()
+            if decoding:
+                decode_steps_s.append(time.perf_counter() - step_start)
+            started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+        return time.perf_counter() - start, decode_steps_s
 
-def time_steps(step: Callable[[], Iterable[Output]], has_unfinished: Callable[[], bool], num_rows: int,
-               start_s: float) -> tuple[float, list[float]]:
-    """Step an engine whose `num_rows` requests were just added, until all finish: (seconds since `start_s`, the
-    wall time of each step in which every row was decoding, i.e. taken after each had its first token)."""
-    started: set[str] = set()
-    decode_steps_s = []
-    while has_unfinished():
-        decoding = len(started) == num_rows
-        step_start = time.perf_counter()
-        outputs = step()
-        if decoding:
-            decode_steps_s.append(time.perf_counter() - step_start)
-        started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
-    return time.perf_counter() - start_s, decode_steps_s
+    return run
 
 
 def decode_step_seconds(decode_steps_s: list[float]) -> float:
@@ -43,7 +47,7 @@ def decode_step_seconds(decode_steps_s: list[float]) -> float:
 
 
 def measure(run, decode_rows: list[int], prefill_lens: list[int], repeats: int, decode_contexts: list[int]) -> dict:
-    """`run(prompts, max_tokens) -> time_steps(...)`; the decode step (rows of prompts of each of `decode_contexts`
+    """`run` from `stepping_run`; the decode step (rows of prompts of each of `decode_contexts`
     tokens; keys "rows" for the first context, "rows@context" for the others; the least median over repeats) and
     prefill figures (one prompt, one token; min over repeats)."""
     salt = iter(range(1, 1_000_000))

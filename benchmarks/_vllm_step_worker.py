@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _step_speed_common import measure, time_steps  # noqa: E402
+from _step_speed_common import measure, stepping_run  # noqa: E402
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -23,15 +22,13 @@ def main(spec_path: str, result_path: str) -> None:
               kv_cache_memory_bytes=spec["kv_cache_memory_bytes"], max_num_seqs=64,
               max_model_len=spec["max_model_len"], seed=0)
 
-    engine, request_ids = llm.llm_engine, iter(range(1_000_000_000))
+    engine = llm.llm_engine
 
-    def run(prompts, max_tokens):
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        start = time.perf_counter()
-        for prompt in prompts:
-            engine.add_request(str(next(request_ids)), TokensPrompt(prompt_token_ids=prompt), params)
-        return time_steps(engine.step, engine.has_unfinished_requests, len(prompts), start)
+    def add_request(request_id: str, prompt: list[int], max_tokens: int) -> None:
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt),
+                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
 
+    run = stepping_run(add_request, engine.step, engine.has_unfinished_requests)
     result = measure(run, spec["decode_rows"], spec["prefill_lens"], spec["repeats"], spec["decode_contexts"])
     result["dtype"] = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     Path(result_path).write_text(json.dumps(result))

@@ -22,12 +22,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, bar_chart, load_average, write_json  # noqa: E402
-from benchmarks._step_speed_common import measure, time_steps  # noqa: E402
+from benchmarks._step_speed_common import measure, stepping_run  # noqa: E402
 from benchmarks.servers import first_error_line, vllm_env, vllm_python  # noqa: E402
 
 WORKER = REPO_ROOT / "benchmarks" / "_vllm_step_worker.py"
@@ -56,15 +55,13 @@ def run_aptserve(args) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64,
               max_model_len=args.max_model_len)
 
-    engine, request_ids = llm.engine, iter(range(1_000_000_000))
+    engine = llm.engine
 
-    def run(prompts, max_tokens):
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        start = time.perf_counter()
-        for prompt in prompts:
-            engine.add_request(prompt, params, request_id=str(next(request_ids)))
-        return time_steps(engine.step, engine.has_unfinished_requests, len(prompts), start)
+    def add_request(request_id: str, prompt: list[int], max_tokens: int) -> None:
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           request_id=request_id)
 
+    run = stepping_run(add_request, engine.step, engine.has_unfinished_requests)
     return {**measure(run, *figures_args(args)), "dtype": llm.engine.config.dtype}
 
 
