@@ -122,6 +122,9 @@ class SchedulerConfig:
     step_tbt_fraction: float
     # Seconds to re-project one block's K/V across all layers: the hidden cache's price (apt policies).
     alpha_s: float
+    # Where memory runs out, a running KV request may become hidden rows solved back from its K/V (half the memory on
+    # multi-head attention) and keep decoding, instead of being freed to prefill again (apt policies, hybrid on).
+    preempt_to_hidden: bool = False
 
     def request_slos(self, ttft_slo_s: float | None, tbt_slo_s: float | None) -> tuple[float, float]:
         """A request's (TTFT, TBT) SLOs: its own where it brought them, these defaults where it did not."""

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 # (model_config, block_size, dtype, device) -> seconds to re-project one block's K/V in every layer.
 AlphaFn = Callable[[ModelConfig, int, str, str], float]
 
+# What a running request gives up when memory runs out (resolve_preemption_mode).
+PREEMPTION_MODES = ("auto", "recompute", "hidden")
+
 
 @dataclass(frozen=True)
 class EngineArgs(FlagTable):
@@ -67,6 +70,11 @@ class EngineArgs(FlagTable):
     hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; the pool lends its "
                                       "units while hidden rows are held (default and least: one max_model_len "
                                       "context)", int)
+    preemption_mode: str = flag("auto", "what a running request gives up when memory runs out: 'recompute' (its "
+                                "cache is freed and it prefills again later, as vLLM), 'hidden' (its K/V are solved "
+                                "back to hidden rows, half the memory on multi-head attention, and it keeps decoding "
+                                "while the step time allows it, else recompute), 'auto' (hidden where the hybrid "
+                                "cache is on under an apt policy)", choices=PREEMPTION_MODES)
     alpha: float | None = flag(None, "seconds to re-project one block's K/V across all layers (the hidden "
                                "cache's price in the apt policies); default: measured at start-up", float)
     max_logprobs: int = flag(20, "most log probabilities one request may ask for per token (vLLM's cap; -1: the "
@@ -118,7 +126,8 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
         policy=policy.name, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
         ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, step_tbt_fraction=_step_tbt_fraction(args, policy),
-        alpha_s=resolve_alpha(args, model_config, policy, hybrid, dtype, measure_alpha))
+        alpha_s=resolve_alpha(args, model_config, policy, hybrid, dtype, measure_alpha),
+        preempt_to_hidden=resolve_preemption_mode(args.preemption_mode, cache, policy))
     max_logprobs = model_config.vocab_size if args.max_logprobs == -1 else args.max_logprobs
     return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype,
                         device=args.device, seed=args.seed, max_logprobs=max_logprobs,
@@ -136,6 +145,8 @@ def check_flags(args: EngineArgs) -> None:
     policy_class(args.scheduler)  # raises for an unknown name
     if args.hybrid_cache not in {mode.value for mode in HybridMode}:
         raise ValueError(f"hybrid_cache must be one of {[m.value for m in HybridMode]}, got {args.hybrid_cache!r}")
+    if args.preemption_mode not in PREEMPTION_MODES:
+        raise ValueError(f"preemption_mode must be one of {list(PREEMPTION_MODES)}, got {args.preemption_mode!r}")
     if args.max_logprobs < -1:
         raise ValueError(f"max_logprobs must be -1 (no cap) or >= 0, got {args.max_logprobs}")
     if args.logprobs_mode not in {m.value for m in LogprobsMode}:
@@ -173,6 +184,16 @@ def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig, policy: ty
         logger.warning("hybrid cache %s on a model with r = %.2f >= 1: the hidden cache is the larger one",
                        mode.value, ratio)
     return mode
+
+
+def resolve_preemption_mode(mode: str, cache: CacheConfig, policy: type[Scheduler]) -> bool:
+    """Whether preemption demotes KV to hidden rows: 'auto' where it can, 'hidden' where it can or a ValueError."""
+    can = (cache.hybrid == HybridMode.ON and policy.prices_hidden_cache
+           and cache.units_per_hidden_block < KV_UNITS_PER_BLOCK)
+    if mode == "hidden" and not can:
+        raise ValueError("preemption_mode 'hidden' needs the hybrid cache on (not all-hidden), an apt policy and a "
+                         "model whose hidden rows are smaller than K+V (multi-head attention)")
+    return can and mode != "recompute"
 
 
 def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: type[Scheduler], hybrid: HybridMode,

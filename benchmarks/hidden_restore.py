@@ -6,11 +6,13 @@ projections, attention and MLP, and the head). Restore: if its hidden rows (each
 kept, project them to K/V once (one GEMM of hidden x 2 kv_dim per layer; no attention, no MLP): the engine's
 HIDDEN -> KV conversion, `model/hidden.py`. Kept where? In the same pool they take what a hidden request takes
 (half of KV on MHA), so they free only half; kept off the pool (host memory on a GPU, the HCache design), they
-cost a copy back too. This benchmark prices each:
+cost a copy back too. A request that ran as KV has no hidden rows, but on MHA its K/V determine them: the engine's
+preemption by demotion solves K/V back to x in place (`linear.kv_left_inverse`, one GEMM of 2 kv_dim x hidden per
+layer), timed here as "demote". This benchmark prices each:
 
 1. On this CPU, the real ModelRunner on the opt-125m and opt-350m shapes (MHA; seeded random weights, fp32): one
-   step converting a request of N hidden tokens to KV, and one step prefilling N tokens from scratch (the least a
-   recompute costs), median of --repeats each.
+   step converting a request of N hidden tokens to KV, one demoting N tokens of K/V to hidden rows, and one step
+   prefilling N tokens from scratch (the least a recompute costs), median of --repeats each.
 2. In the roofline model (`sim/roofline.py`) of OPT-13B on an A100-40GB, OPT-30B on an A100-80GB and OPT-66B on two
    (fp16): the same two steps alone and beside a running batch of 32 decodes (what each adds to that step), and
    what copying the request's state back from host memory adds at --pcie-gb-s per GPU (hidden rows: one row of
@@ -68,6 +70,15 @@ def restore_step(manager: CacheManager, num_tokens: int) -> SchedulerOutput:
                                                            dst)])
 
 
+def demote_step(manager: CacheManager, num_tokens: int) -> SchedulerOutput:
+    """A request holding `num_tokens` of K/V demoted to hidden rows in place: K/V solved back to x (the engine's
+    preemption by demotion, --preemption-mode hidden)."""
+    assert manager.allocate("r", CacheKind.KV, num_tokens)
+    src, dst = manager.demote("r", num_tokens)
+    return SchedulerOutput(0, conversions=[CacheConversion("r", num_tokens, CacheKind.KV, src, CacheKind.HIDDEN,
+                                                           dst)])
+
+
 def recompute_step(manager: CacheManager, num_tokens: int) -> SchedulerOutput:
     """The same request's `num_tokens` prefilled from scratch into KV, its next token sampled."""
     assert manager.allocate("r", CacheKind.KV, num_tokens)
@@ -100,15 +111,17 @@ def cpu_points(model: str, token_counts: list[int], repeats: int) -> list[dict]:
     points = []
     for num_tokens in token_counts:
         restore = median_s(runner, lambda: restore_step(fresh(), num_tokens), repeats)
+        demote = median_s(runner, lambda: demote_step(fresh(), num_tokens), repeats)
         recompute = median_s(runner, lambda: recompute_step(fresh(), num_tokens), repeats)
-        points.append({"model": model, "tokens": num_tokens, "restore_s": restore, "recompute_s": recompute,
-                       "restore_ms_per_token": 1e3 * restore / num_tokens,
+        points.append({"model": model, "tokens": num_tokens, "restore_s": restore, "demote_s": demote,
+                       "recompute_s": recompute, "restore_ms_per_token": 1e3 * restore / num_tokens,
+                       "demote_ms_per_token": 1e3 * demote / num_tokens,
                        "recompute_ms_per_token": 1e3 * recompute / num_tokens,
                        "recompute_over_restore": recompute / restore,
                        "hidden_over_kv_bytes": hidden_units_per_block(config.hidden_size, config.kv_dim) / 2,
                        "load_average": load_average()})
-        print(f"{model} {num_tokens:5d} tokens: restore {restore * 1e3:8.1f} ms, recompute {recompute * 1e3:8.1f} ms "
-              f"({recompute / restore:.1f}x)", flush=True)
+        print(f"{model} {num_tokens:5d} tokens: restore {restore * 1e3:8.1f} ms, demote {demote * 1e3:8.1f} ms, "
+              f"recompute {recompute * 1e3:8.1f} ms ({recompute / restore:.1f}x a restore)", flush=True)
     return points
 
 
@@ -154,8 +167,9 @@ def plot(path: Path, cpu: list[dict], gpu: list[dict]) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [f"{p['model']}\n{p['tokens']} tok" for p in cpu]
     x = range(len(cpu))
-    left.bar([i - 0.2 for i in x], [p["restore_ms_per_token"] for p in cpu], 0.4, label="restore (project hidden rows)")
-    left.bar([i + 0.2 for i in x], [p["recompute_ms_per_token"] for p in cpu], 0.4, label="recompute (prefill)")
+    left.bar([i - 0.27 for i in x], [p["restore_ms_per_token"] for p in cpu], 0.27, label="restore (project hidden rows)")
+    left.bar(list(x), [p["demote_ms_per_token"] for p in cpu], 0.27, label="demote (solve K/V back to hidden rows)")
+    left.bar([i + 0.27 for i in x], [p["recompute_ms_per_token"] for p in cpu], 0.27, label="recompute (prefill)")
     left.set_xticks(list(x), labels, fontsize=8)
     left.set_ylabel("ms per token")
     left.set_title("this CPU, fp32 (measured)")

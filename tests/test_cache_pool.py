@@ -237,6 +237,26 @@ class PrefixCacheMachine(RuleBasedStateMachine):
             self._check_and_write(request_id, request, 0, request["computed"] // BLOCK, write=True)
             self.cache.register(request_id, self._keys(request), request["computed"])
 
+    @precondition(lambda self: any(r["live"] and r["computed"] and r["kind"] == CacheKind.KV
+                                   for r in self.requests.values()))
+    @rule(data=st.data())
+    def demote(self, data):
+        """KV -> hidden rows in place (preemption by demotion): the runner reads every K/V row, then writes the
+        hidden rows, some into the same units."""
+        request_id = data.draw(st.sampled_from(sorted(i for i, r in self.requests.items()
+                                                      if r["live"] and r["computed"] and r["kind"] == CacheKind.KV)))
+        request = self.requests[request_id]
+        free_before, held_before = self.cache.num_free_units, self.cache.num_units_held(request_id)
+        self._check_and_write(request_id, request, 0, request["computed"] // BLOCK, write=False)
+        if self.cache.demote(request_id, request["computed"]) is None:
+            assert self.cache.kind_of(request_id) == CacheKind.KV and self.cache.num_free_units == free_before
+            return
+        request["kind"] = CacheKind.HIDDEN
+        assert self.cache.num_units_held(request_id) == self.cache.num_units_for(CacheKind.HIDDEN, request["computed"])
+        assert self.cache.num_units_held(request_id) < held_before
+        self._check_and_write(request_id, request, 0, request["computed"] // BLOCK, write=True)
+        self.cache.register(request_id, self._keys(request), request["computed"])
+
     @invariant()
     def consistent(self):
         self.cache.check_invariants()
@@ -269,3 +289,29 @@ def test_a_prompt_that_extends_a_cached_one_reuses_its_blocks_and_eviction_waits
     assert cache.allocate("c", CacheKind.KV, 20)  # 10 units: one cached block must go, the tail one first
     assert cache.num_evicted_blocks == 1 and cache.cached_prefix(CacheKind.KV, first_keys, 9) == prefix[:1]
     cache.check_invariants()
+
+
+def test_demotion_keeps_each_own_block_s_first_unit_gives_shared_blocks_new_ones_and_frees_the_rest():
+    cache = CacheManager(num_units=14, block_size=BLOCK, units_per_hidden_block=1, enable_prefix_caching=True,
+                         num_scratch_units=2)
+    keys = []
+    chain_keys(list(range(12)), BLOCK, keys, root_key("m"))
+    assert cache.allocate("a", CacheKind.KV, 9)
+    cache.register("a", keys, 8)  # a's first two blocks are cached: b reads them
+    assert cache.allocate("b", CacheKind.KV, 12, cache.cached_prefix(CacheKind.KV, keys, 12))
+    b_kv = cache.unit_ids("b")  # [k0 v0 k1 v1] shared, [k2 v2] its own
+    assert cache.num_free_units == 14 - 6 - 2 == 6
+    old, new = cache.demote("b", 12)
+    assert old == b_kv and new[2] == b_kv[4] and len(new) == 3  # its own block keeps its K unit in place
+    assert not set(new[:2]) & set(b_kv[:4])  # the shared blocks' rows go to units of its own: a reads those
+    assert cache.unit_ids("a")[:4] == b_kv[:4] and cache.kind_of("b") == CacheKind.HIDDEN
+    assert len(cache.scratch_unit_ids) == 2  # the first hidden table borrows the scratch
+    assert cache.usage() == {"kv": 6, "hidden": 3, "scratch": 2, "cached": 0, "free": 3}  # b's V unit 5 is free
+    cache.check_invariants()
+    with pytest.raises(RuntimeError, match="only a KV table demotes"):
+        cache.demote("b", 12)
+    # Where the units a demotion needs (here the scratch's 2) are not there even with what it frees: nothing changes.
+    tight = CacheManager(num_units=6, block_size=BLOCK, units_per_hidden_block=1, num_scratch_units=4)
+    assert tight.allocate("c", CacheKind.KV, 5) and tight.allocate("d", CacheKind.KV, 4)  # 4 + 2 units
+    assert tight.demote("c", 5) is None and tight.kind_of("c") == CacheKind.KV and tight.num_free_units == 0
+    tight.check_invariants()

@@ -11,7 +11,7 @@ import torch
 from aptserve.cache import CacheKind, CacheManager
 from aptserve.cache.geometry import bytes_per_unit, hidden_units_per_block, scratch_units
 from aptserve.engine import LLMEngine
-from aptserve.engine_args import EngineArgs
+from aptserve.engine_args import EngineArgs, resolve
 from aptserve.registry import load_model_config, resolve_model
 from aptserve.runner import ModelRunner
 from aptserve.sampling import SamplingParams
@@ -130,6 +130,38 @@ def test_conversions_read_before_the_step_reuses_their_units(tiny_model):
         assert_matches_hf_greedy(hf_model, prompt, request.output)
 
 
+def test_kv_demoted_to_hidden_rows_in_place_and_restored_matches_hf(tiny_model):
+    """KV -> hidden rows by solving K/V back to x (in place: the rows land in units they were read from), then
+    hidden -> KV by projection: the K/V rebuilt equal the ones replaced, so the tokens are HF's."""
+    path, hf_model = tiny_model
+    runner, manager = make_runner(path)
+    prompts = random_prompts([13, 6, 21], TINY_VOCAB, seed=4)
+    requests = [DriverRequest(f"r{i}", prompt, 10) for i, prompt in enumerate(prompts)]
+    driver = Driver(runner, manager)
+    for _ in range(3):
+        driver.step(requests)
+    if manager.units_per_block(HIDDEN) >= manager.units_per_block(KV):  # GQA: K/V do not determine x
+        with pytest.raises(RuntimeError, match="only where hidden blocks are smaller"):
+            manager.demote("r0", requests[0].num_computed)
+        return
+    demotions = []
+    for request in requests[:2]:
+        src, dst = manager.demote(request.request_id, request.num_computed)
+        assert set(src) & set(dst)  # in place
+        demotions.append(CacheConversion(request.request_id, request.num_computed, KV, src, HIDDEN, dst))
+        request.cache_kind = HIDDEN
+    driver.step(requests, demotions)  # r0 and r1 decode from their solved hidden rows
+    driver.step(requests)
+    src, dst = manager.convert("r0", KV, requests[0].num_computed)  # restored by projection
+    requests[0].cache_kind = KV
+    driver.step(requests, [CacheConversion("r0", requests[0].num_computed, HIDDEN, src, KV, list(dst))])
+    while any(len(r.output) < r.max_new_tokens for r in requests):
+        driver.step(requests)
+    for request, prompt in zip(requests, prompts):
+        assert_matches_hf_greedy(hf_model, prompt, request.output)
+    manager.check_invariants()
+
+
 def test_scratch_must_hold_one_context(tmp_path):
     config = load_model_config(save_tiny_llama(tmp_path, 4, False), max_model_len=40)
     with pytest.raises(ValueError, match="at least 48"):
@@ -154,14 +186,14 @@ MAX_MODEL_LEN = 128
 
 
 def make_engine(path: str, hybrid_cache: str, num_units: int = 200, policy: str = "fcfs",
-                max_num_batched_tokens: int | None = None, block_size: int = 8) -> LLMEngine:
+                max_num_batched_tokens: int | None = None, block_size: int = 8, **engine_args) -> LLMEngine:
     """An engine whose pool leaves `num_units` units to requests while the scratch is lent its units."""
     model_config = load_model_config(path, max_model_len=MAX_MODEL_LEN)
     num_scratch_units = scratch_units(model_config, MAX_MODEL_LEN, block_size) if hybrid_cache != "off" else 0
     budget = (num_units + num_scratch_units) * bytes_per_unit(model_config, block_size, "float32")
     args = EngineArgs(model=path, dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=block_size,
                       kv_cache_memory=budget, hybrid_cache=hybrid_cache, hidden_scratch_tokens=MAX_MODEL_LEN,
-                      scheduler=policy, max_num_batched_tokens=max_num_batched_tokens)
+                      scheduler=policy, max_num_batched_tokens=max_num_batched_tokens, **engine_args)
     engine = LLMEngine.from_engine_args(args)
     assert engine.cache.num_units == num_units + num_scratch_units
     engine.executor = RecordingExecutor(engine.executor)
@@ -272,6 +304,36 @@ def test_kv_to_hidden_by_recompute_mid_decode_matches_kv(engine_case):
     assert [request_ids for _, request_ids in preempted] == [["r1", "r3"]]
     reprefills = [r for step in scheduled_steps(engine)[preempted[0][0]:] for r in step if r.num_tokens > 1]
     assert {r.request_id for r in reprefills} == {"r1", "r3"} and {r.cache_kind for r in reprefills} == {HIDDEN}
+
+
+def test_where_memory_runs_out_apt_demotes_kv_to_hidden_rows_if_the_step_time_allows_else_recomputes():
+    """Preemption by demotion on OPT-125M's shapes: with the hidden rows' re-projection priced at nothing
+    (--alpha 1e-9) the victims keep decoding as hidden rows solved back from their K/V, and the tokens are the
+    KV-only engine's; priced at a second a block, no step has time for them and the victims are recomputed."""
+    path = resolve_model("opt-125m")
+    prompts = random_prompts([7, 19, 33, 12], load_model_config(path).vocab_size, seed=2)
+    kv_tokens = run_engine(make_engine(path, "off"), prompts)
+    # Pools where each runs out of memory part-way (priced at nothing, some requests are admitted hidden).
+    cheap = make_engine(path, "on", 18, "apt-chunked", alpha=1e-9, preemption_mode="hidden")
+    assert run_engine(cheap, prompts) == kv_tokens
+    demotions = [c for out in cheap.executor.outputs for c in out.conversions if c.dst_kind == HIDDEN]
+    assert cheap.scheduler.num_demotions == len(demotions) > 0
+    dear = make_engine(path, "on", 14, "apt-chunked", alpha=1.0, preemption_mode="hidden")
+    assert run_engine(dear, prompts) == kv_tokens
+    assert dear.scheduler.num_demotions == 0 and dear.scheduler.num_preemptions > 0
+
+
+def test_preemption_mode_resolves_to_hidden_only_where_k_v_determine_x():
+    def demotes(model: str, **flags) -> bool:
+        return resolve(EngineArgs(model=model, alpha=0.01, **flags)).scheduler.preempt_to_hidden
+
+    assert demotes("opt-125m") and demotes("opt-125m", scheduler="apt")  # auto: MHA, hybrid on, an apt policy
+    assert not demotes("opt-125m", preemption_mode="recompute") and not demotes("opt-125m", hybrid_cache="off")
+    assert not demotes("opt-125m", scheduler="fcfs", hybrid_cache="on") and not demotes("default")  # GQA
+    with pytest.raises(ValueError, match="preemption_mode 'hidden' needs"):
+        demotes("default", preemption_mode="hidden")
+    with pytest.raises(ValueError, match="preemption_mode must be one of"):
+        demotes("opt-125m", preemption_mode="swap")
 
 
 def test_all_hidden_under_a_tight_budget_preempts_and_matches_kv(engine_case):

@@ -185,7 +185,7 @@ class ClusterEngine:
         return EngineStats(total("num_running"), total("num_waiting"), total("cache_units_total"), units,
                            total("num_preemptions"), total("num_conversions"), total("num_steps"),
                            self.config.cache.hybrid.value, total("prefix_cache_queries"),
-                           total("prefix_cache_hits"), admissions)
+                           total("prefix_cache_hits"), admissions, total("num_demotions"))
 
 
 def _router():

@@ -249,7 +249,8 @@ class EngineCore:
         return EngineStats(scheduler.num_running, num_waiting, cache.num_units, cache.usage(),
                            scheduler.num_preemptions, scheduler.num_conversions, self.num_steps,
                            self.config.cache.hybrid.value, scheduler.num_prefix_query_tokens,
-                           scheduler.num_prefix_hit_tokens, dict(scheduler.num_admissions))
+                           scheduler.num_prefix_hit_tokens, dict(scheduler.num_admissions),
+                           scheduler.num_demotions)
 
     def snapshot(self, replica_id: str = "", taken_s: float = 0.0) -> ReplicaSnapshot:
         """What a router polls: queues, free memory and the fitted step cost, taken now."""

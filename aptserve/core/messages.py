@@ -71,6 +71,7 @@ class EngineStats(msgspec.Struct, array_like=True):
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at first admissions
     prefix_cache_hits: int = 0  # ... and found there
     admissions: dict[str, int] = msgspec.field(default_factory=dict)  # admissions to the batch, by cache kind
+    num_demotions: int = 0  # running KV requests demoted to hidden rows where memory ran out (not preempted)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -12,9 +12,10 @@ from torch import nn
 from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
+from aptserve.model.hidden import invert_kv
 from aptserve.model.linear import Linear, fuse_qkv, gemm_activation, packed_head
 from aptserve.model.rms_norm import RMSNorm
-from aptserve.model.rope import Rope, RotaryEmbedding, apply_rope, pair_rows
+from aptserve.model.rope import Rope, RotaryEmbedding, apply_rope, inverse_rope, pair_rows
 
 
 class LlamaAttention(nn.Module):
@@ -29,6 +30,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.qkv_proj: Linear | None = None  # set by prepare()
         self.kv_proj: Linear | None = None  # set by prepare() when the hidden cache may need K/V recomputed
+        self.kv_inverse: Linear | None = None  # ... and its left inverse (K/V -> x), where one exists
 
     def prepare(self, keep_kv_projection: bool, paired_rope: bool) -> None:
         """Fuse q|k|v (and k|v for recompute from hidden rows), then pack every weight; `paired_rope`: reorder
@@ -38,7 +40,8 @@ class LlamaAttention(nn.Module):
                 projection.weight.data = pair_rows(projection.weight.data, self.head_dim)
                 if projection.bias is not None:
                     projection.bias.data = pair_rows(projection.bias.data, self.head_dim)
-        self.qkv_proj, self.kv_proj = fuse_qkv(self.q_proj, self.k_proj, self.v_proj, keep_kv_projection)
+        self.qkv_proj, self.kv_proj, self.kv_inverse = fuse_qkv(self.q_proj, self.k_proj, self.v_proj,
+                                                                 keep_kv_projection)
         del self.q_proj, self.k_proj, self.v_proj
         self.o_proj.pack()
 
@@ -48,6 +51,12 @@ class LlamaAttention(nn.Module):
             raise RuntimeError("this model was prepared without the K/V projection the hidden cache needs")
         kv = self.kv_proj(x).view(-1, 2 * self.num_kv_heads, self.head_dim)
         return apply_rope(kv[:, :self.num_kv_heads], rope), kv[:, self.num_kv_heads:]
+
+    def invert_kv(self, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """The normed inputs x [T, hidden] whose K rows (rotated by `rope`) and V rows [T, kv_dim] these are
+        (project_kv's inverse; multi-head attention only)."""
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), inverse_rope(rope)).flatten(1)
+        return invert_kv(self.kv_inverse, k, v)
 
     def forward(self, x: torch.Tensor, rope: Rope, attn_metadata: AttentionMetadata,
                 residual: torch.Tensor) -> torch.Tensor:

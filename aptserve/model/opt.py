@@ -12,6 +12,7 @@ from torch import nn
 from aptserve.config import ModelConfig
 from aptserve.model.attention import paged_attention
 from aptserve.model.attention_metadata import AttentionMetadata
+from aptserve.model.hidden import invert_kv
 from aptserve.model.linear import Linear, fuse_qkv, gemm_activation, packed_head
 
 # OPT's position table starts 2 rows in (a fairseq legacy of its padding scheme).
@@ -31,10 +32,12 @@ class OPTAttention(nn.Module):
         self.out_proj = Linear(hidden, hidden, bias=bias)
         self.qkv_proj: Linear | None = None  # set by prepare()
         self.kv_proj: Linear | None = None  # set by prepare() when the hidden cache may need K/V recomputed
+        self.kv_inverse: Linear | None = None  # ... and its left inverse (K/V -> x)
 
     def prepare(self, keep_kv_projection: bool) -> None:
-        """Fuse q|k|v (and k|v for recompute from hidden rows), then pack every weight."""
-        self.qkv_proj, self.kv_proj = fuse_qkv(self.q_proj, self.k_proj, self.v_proj, keep_kv_projection)
+        """Fuse q|k|v (and k|v for recompute from hidden rows, with its inverse), then pack every weight."""
+        self.qkv_proj, self.kv_proj, self.kv_inverse = fuse_qkv(self.q_proj, self.k_proj, self.v_proj,
+                                                                 keep_kv_projection)
         del self.q_proj, self.k_proj, self.v_proj
         self.out_proj.pack()
 
@@ -44,6 +47,10 @@ class OPTAttention(nn.Module):
             raise RuntimeError("this model was prepared without the K/V projection the hidden cache needs")
         kv = self.kv_proj(x).view(-1, 2 * self.num_heads, self.head_dim)
         return kv[:, :self.num_heads], kv[:, self.num_heads:]
+
+    def invert_kv(self, k: torch.Tensor, v: torch.Tensor, rope: None = None) -> torch.Tensor:
+        """The inputs x [T, hidden] whose K and V rows [T, hidden] these are (project_kv's inverse)."""
+        return invert_kv(self.kv_inverse, k, v)
 
     def forward(self, x: torch.Tensor, attn_metadata: AttentionMetadata, residual: torch.Tensor) -> torch.Tensor:
         """residual + out_proj(attention(x))."""

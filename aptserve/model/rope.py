@@ -53,3 +53,11 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     # x*cos + rotate_half(x)*sin, with rotate_half(x)*sin == roll(x, D/2) * [-sin | sin] term by term.
     cos, signed_sin = rope
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def inverse_rope(rope: Rope) -> Rope:
+    """The rotation that undoes `rope` (by the same angles, backwards)."""
+    if isinstance(rope, torch.Tensor):
+        return rope.conj()
+    cos, signed_sin = rope
+    return cos, -signed_sin

@@ -18,7 +18,7 @@ import torch
 from aptserve.cache.geometry import KV_UNITS_PER_BLOCK, cdiv, hidden_units_per_block
 from aptserve.cache.tables import CacheKind
 from aptserve.model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillChunk, RecomputeGroup
-from aptserve.model.hidden import HiddenProjection
+from aptserve.model.hidden import HiddenProjection, KVInversion
 from aptserve.sched.output import CacheConversion, ScheduledRequest
 # The model's positional tables for absolute positions (RoPE cos/sin), or None (OPT).
 RopeFn = Callable[[torch.Tensor], object]
@@ -82,7 +82,7 @@ def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
 
 
 class AttentionMetadataBuilder:
-    """Builds each step's AttentionMetadata and HIDDEN -> KV conversion plan for one cache and scratch."""
+    """Builds each step's AttentionMetadata and conversion plan for one cache and scratch."""
 
     def __init__(self, kv_cache: torch.Tensor, num_scratch_blocks: int, hidden_size: int,
                  rope_fn: RopeFn, compute_dtype: torch.dtype | None = None, paged_kernel: bool = False) -> None:
@@ -135,16 +135,25 @@ class AttentionMetadataBuilder:
         )
         return metadata, positions.to(self.device)
 
-    def build_conversions(self, conversions: list[CacheConversion]) -> list[HiddenProjection]:
-        """A step's HIDDEN -> KV projections, in the scheduler's order, grouped within the scratch's
-        token count (it bounds the K/V temporaries)."""
+    def build_conversions(self, conversions: list[CacheConversion]) -> list[HiddenProjection | KVInversion]:
+        """A step's conversions in the scheduler's order: runs of HIDDEN -> KV projections and of KV -> HIDDEN
+        inversions, each run grouped within the scratch's token count (it bounds the temporaries)."""
         conversions = [c for c in conversions if c.num_tokens > 0]
-        for conversion in conversions:
-            if (conversion.src_kind, conversion.dst_kind) != (CacheKind.HIDDEN, CacheKind.KV):
-                raise NotImplementedError(f"{conversion.request_id}: only HIDDEN -> KV converts in place")
-        groups = pack([c.num_tokens for c in conversions], self.num_scratch_blocks * self.block_size,
-                      "hidden -> KV conversion")
-        return [self._conversion([conversions[i] for i in group]) for group in groups]
+        directions = {(CacheKind.HIDDEN, CacheKind.KV): self._projection, (CacheKind.KV, CacheKind.HIDDEN): self._inversion}
+        built, start = [], 0
+        for end in range(1, len(conversions) + 1):
+            direction = (conversions[start].src_kind, conversions[start].dst_kind)
+            if end < len(conversions) and (conversions[end].src_kind, conversions[end].dst_kind) == direction:
+                continue
+            if direction not in directions:
+                raise NotImplementedError(f"{conversions[start].request_id}: no {direction[0].value} -> "
+                                          f"{direction[1].value} conversion in place")
+            run = conversions[start:end]
+            groups = pack([c.num_tokens for c in run], self.num_scratch_blocks * self.block_size,
+                          f"{direction[0].value} -> {direction[1].value} conversion")
+            built += [directions[direction]([run[i] for i in group]) for group in groups]
+            start = end
+        return built
 
     # --- pieces ------------------------------------------------------------------------------
     def _num_blocks(self, num_tokens: int) -> int:
@@ -214,15 +223,27 @@ class AttentionMetadataBuilder:
         k_units = torch.where(block < num_blocks[:, None], k_units, 0)
         return torch.stack([k_units, k_units + 1], dim=2).reshape(len(context_lens), -1)
 
-    def _conversion(self, conversions: list[CacheConversion]) -> HiddenProjection:
+    def _conversion_rows(self, conversions: list[CacheConversion]):
+        """Each converted row's request and position, the source tables and the destination tables."""
         counts = torch.tensor([c.num_tokens for c in conversions])
         req_of_row, positions, _ = rows_of(counts, torch.zeros_like(counts))
-        src_tables = padded_tables([c.src_unit_ids for c in conversions])
-        dst_tables = padded_tables([c.dst_unit_ids for c in conversions])
+        return (req_of_row, positions, padded_tables([c.src_unit_ids for c in conversions]),
+                padded_tables([c.dst_unit_ids for c in conversions]))
+
+    def _projection(self, conversions: list[CacheConversion]) -> HiddenProjection:
+        req_of_row, positions, src_tables, dst_tables = self._conversion_rows(conversions)
         return HiddenProjection(
             hidden_slots=self._hidden_slots(src_tables, req_of_row, positions),
             hidden_size=self.hidden_size, rope=self.rope_fn(positions.to(self.device)),
             dst_slots=self._kv_slots(dst_tables, req_of_row, positions), compute_dtype=self.compute_dtype,
+        )
+
+    def _inversion(self, conversions: list[CacheConversion]) -> KVInversion:
+        req_of_row, positions, src_tables, dst_tables = self._conversion_rows(conversions)
+        return KVInversion(
+            kv_slots=self._kv_slots(src_tables, req_of_row, positions),
+            rope=self.rope_fn(positions.to(self.device)),
+            dst_slots=self._hidden_slots(dst_tables, req_of_row, positions), compute_dtype=self.compute_dtype,
         )
 
     def _decode_groups(self, cache, tables, context_lens: list[int], row_offset: int,

@@ -21,7 +21,7 @@ from aptserve.grammar_compiler import GrammarCompiler
 from aptserve.logprobs import LogprobsMode
 from aptserve.model.attention_metadata import AttentionMetadata
 from aptserve.model.cpu_kernels import cpu_kernels
-from aptserve.model.hidden import convert_hidden_to_kv
+from aptserve.model.hidden import apply_conversions
 from aptserve.model.loader import load_model, torch_dtype
 from aptserve.model.protocol import CausalLM
 from aptserve.runner.metadata import AttentionMetadataBuilder, order_for_step
@@ -118,8 +118,8 @@ class ModelRunner:
         self.sampler.forget(sched_out.finished_request_ids)
         if sched_out.conversions:  # before the forward: it may reuse the hidden units they read
             try:
-                projections = self.metadata_builder.build_conversions(sched_out.conversions)
-                convert_hidden_to_kv(self.kv_cache, projections, self.model.attention_layers())
+                conversions = self.metadata_builder.build_conversions(sched_out.conversions)
+                apply_conversions(self.kv_cache, conversions, self.model.attention_layers())
             except Exception as exc:
                 raise ConversionFailedError([c.request_id for c in sched_out.conversions]) from exc
         if sched_out.is_empty:

@@ -51,6 +51,7 @@ class Scheduler:
         self.num_prefix_hit_tokens = 0  # ... and those found there
         self._requested_conversions: dict[str, CacheKind] = {}
         self.num_conversions = 0
+        self.num_demotions = 0  # of those, KV -> hidden rows in place where memory ran out (_demote)
         # Requests admitted to the batch (first admissions and re-admissions after a preemption), by cache kind.
         self.num_admissions = {kind.value: 0 for kind in CacheKind}
         self.watermark_units = int(config.cache.watermark * self.cache.num_units)
@@ -205,7 +206,8 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput, next_kind: CacheKind | None = None) -> None:
         """Preempt by recompute: free every unit; the request re-prefills prompt + outputs later,
-        into a `next_kind` table if given (that is how KV -> HIDDEN conversion happens)."""
+        into a `next_kind` table if given (how a requested KV -> HIDDEN conversion happens; under memory pressure
+        the apt policies may demote a KV request in place instead: _demote)."""
         self.running.remove(request)
         self.cache.free(request.request_id)
         if next_kind is not None:
@@ -225,10 +227,36 @@ class Scheduler:
         in `protected`, already scheduled this step) until it fits; False if it had to go itself."""
         while not self.cache.allocate(request.request_id, request.cache_kind, num_tokens):
             victims = [r for r in self.running if r is not request and r not in protected]
-            self._preempt(self._pick_victim(victims, now) if victims else request, out)
+            victim = self._pick_victim(victims, now) if victims else request
+            if self._demote(victim, out, now):
+                continue  # it keeps running, in half the memory
+            self._preempt(victim, out)
             if not victims:
                 return False
         return True
+
+    def _demote(self, request: Request, out: SchedulerOutput, now: float) -> bool:
+        """Under memory pressure, turn a running KV request's K/V into hidden rows in place (solved back from K/V:
+        half its memory on multi-head attention) so it keeps decoding, where the policy allows it
+        (`_keeps_running_hidden`); False (nothing changed) where it does not or the hidden rows do not fit."""
+        if (not self.config.preempt_to_hidden or request.cache_kind != CacheKind.KV
+                or request.num_computed_tokens == 0 or not self._keeps_running_hidden(request, now)):
+            return False
+        num_tokens = request.num_computed_tokens
+        unit_ids = self.cache.demote(request.request_id, num_tokens)
+        if unit_ids is None:
+            return False
+        out.conversions.append(CacheConversion(request.request_id, num_tokens, CacheKind.KV, unit_ids[0],
+                                               CacheKind.HIDDEN, unit_ids[1]))
+        request.cache_kind = CacheKind.HIDDEN
+        request.num_conversions += 1
+        self.num_conversions += 1
+        self.num_demotions += 1
+        return True
+
+    def _keeps_running_hidden(self, request: Request, now: float) -> bool:
+        """Whether a running request the pool cannot hold may go on as hidden rows (the apt policies price it)."""
+        return False
 
     def _pick_victim(self, candidates: list[Request], now: float) -> Request:
         """The running request to preempt under memory pressure: the newest (vLLM's rule)."""

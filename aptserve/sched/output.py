@@ -48,10 +48,11 @@ class ScheduledRequest:
 class CacheConversion:
     """Move a request's first `num_tokens` cache rows from one table to another, in place.
 
-    Only HIDDEN -> KV (project the stored hidden rows to K/V: one GEMM per layer); KV -> HIDDEN is done
-    by recompute (preempt, re-prefill into HIDDEN). The executor applies every conversion before the
-    step's forward pass; `src_unit_ids` are already free in the pool and may be reused by this step's
-    writes, which happen after the conversion has read them.
+    HIDDEN -> KV projects the stored hidden rows to K/V (one GEMM per layer); KV -> HIDDEN solves K/V back to
+    the hidden rows (a demotion, CacheManager.demote: multi-head attention only; elsewhere KV -> HIDDEN is a
+    preemption and a re-prefill into HIDDEN). The executor applies every conversion before the step's forward pass;
+    `src_unit_ids` are already free in the pool (a demotion's may be its own `dst_unit_ids`) and may be reused by
+    this step's writes, which happen after the conversion has read them.
     """
 
     request_id: str

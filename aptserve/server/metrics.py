@@ -105,6 +105,8 @@ def _engine_gauges(prefix: str, stats_by_labels: dict[tuple[str, ...], EngineSta
                lambda stats: stats.cache_units_total),
               ("num_preemptions", "Preemptions since start.", CounterMetricFamily,
                lambda stats: stats.num_preemptions),
+              ("num_demotions", "Running KV requests demoted to hidden rows where memory ran out, instead of a "
+               "preemption (--preemption-mode).", CounterMetricFamily, lambda stats: stats.num_demotions),
               ("num_steps", "Engine steps since start.", CounterMetricFamily, lambda stats: stats.num_steps))
     gauges += (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache (at first admissions).",
                 CounterMetricFamily, lambda stats: stats.prefix_cache_queries),
