@@ -75,3 +75,12 @@ def test_options_larger_than_the_budget_are_dropped():
     items = [KnapsackItem("a", 12, 10.0, 6, 9.0)]
     assert solve(items, 8) == {"a": "hidden"}
     assert solve(items, 5) == {"a": None}
+
+
+def test_an_upgrade_never_ranks_before_its_own_hidden_step():
+    # Hidden and KV are worth the same per unit (0.005): (0.025 - 0.02) / 1 rounds above 0.02 / 4, and the walk once
+    # took the upgrade first, serving item 0 as KV for one unit (8 units chosen against a budget of 5).
+    items = [KnapsackItem(0, 5, 0.025, 4, 0.02), KnapsackItem(1, 1, 1.0), KnapsackItem(2, 1, 1.0),
+             KnapsackItem(3, 1, 1.0)]
+    choices = solve(items, 5)
+    assert total_units(items, choices) <= 5 and total_value(items, choices) == 3.0

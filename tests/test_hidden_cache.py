@@ -16,6 +16,7 @@ from aptserve.registry import load_model_config, resolve_model
 from aptserve.runner import ModelRunner
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import CacheConversion
+from aptserve.sim.executor import LinearCostModel, SimClock
 from tests.model_fixtures import (
     TINY_VOCAB, Driver, DriverRequest, _save, assert_matches_hf_greedy, save_tiny_llama, save_tiny_opt,
 )
@@ -182,6 +183,22 @@ class RecordingExecutor:
         return self.runner.execute(sched_out)
 
 
+class ModelledTime(RecordingExecutor):
+    """Real tokens in modelled time: each step takes what the simulator's LinearCostModel says, on the engine's
+    clock and in the step times its cost model is fitted on, so the policies decide alike on every machine."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__(engine.executor.runner)
+        self.clock, self.cost = SimClock(), LinearCostModel()
+        engine.core.clock, engine.executor = self.clock, self
+
+    def execute(self, sched_out):
+        out = super().execute(sched_out)
+        out.prepare_s, out.forward_s, out.sample_s = 0.0, self.cost.step_time(sched_out), 0.0
+        self.clock.advance(out.forward_s)
+        return out
+
+
 MAX_MODEL_LEN = 128
 
 
@@ -296,14 +313,15 @@ def test_hidden_to_kv_in_place_mid_decode_matches_kv(engine_case):
     assert last_kinds["r0"] == KV and last_kinds["r1"] == HIDDEN
 
 
-def test_kv_to_hidden_by_recompute_mid_decode_matches_kv(engine_case):
+def test_kv_to_hidden_in_place_mid_decode_matches_kv(engine_case):
+    """On MHA, K/V determine the hidden rows: they are solved back in place (RoPE undone for Llama), no re-prefill."""
     engine = make_engine(engine_case.path, "on")
     assert run_engine(engine, engine_case.prompts, {4: convert(["r1", "r3"], HIDDEN)}) == engine_case.kv_tokens
-    preempted = [(i, out.preempted_request_ids) for i, out in enumerate(engine.executor.outputs)
-                 if out.preempted_request_ids]
-    assert [request_ids for _, request_ids in preempted] == [["r1", "r3"]]
-    reprefills = [r for step in scheduled_steps(engine)[preempted[0][0]:] for r in step if r.num_tokens > 1]
-    assert {r.request_id for r in reprefills} == {"r1", "r3"} and {r.cache_kind for r in reprefills} == {HIDDEN}
+    conversions = [(i, c) for i, out in enumerate(engine.executor.outputs) for c in out.conversions]
+    assert [(c.request_id, c.src_kind, c.dst_kind) for _, c in conversions] == [("r1", KV, HIDDEN), ("r3", KV, HIDDEN)]
+    assert engine.scheduler.num_preemptions == 0 and engine.scheduler.num_demotions == 0  # asked for, not forced
+    later = [r for step in scheduled_steps(engine)[conversions[0][0]:] for r in step if r.request_id in ("r1", "r3")]
+    assert later and all(r.num_tokens == 1 and r.cache_kind == HIDDEN for r in later)
 
 
 def test_where_memory_runs_out_apt_demotes_kv_to_hidden_rows_if_the_step_time_allows_else_recomputes():
@@ -313,12 +331,13 @@ def test_where_memory_runs_out_apt_demotes_kv_to_hidden_rows_if_the_step_time_al
     path = resolve_model("opt-125m")
     prompts = random_prompts([7, 19, 33, 12], load_model_config(path).vocab_size, seed=2)
     kv_tokens = run_engine(make_engine(path, "off"), prompts)
-    # Pools where each runs out of memory part-way (priced at nothing, some requests are admitted hidden).
     cheap = make_engine(path, "on", 18, "apt-chunked", alpha=1e-9, preemption_mode="hidden")
+    ModelledTime(cheap)
     assert run_engine(cheap, prompts) == kv_tokens
     demotions = [c for out in cheap.executor.outputs for c in out.conversions if c.dst_kind == HIDDEN]
     assert cheap.scheduler.num_demotions == len(demotions) > 0
-    dear = make_engine(path, "on", 14, "apt-chunked", alpha=1.0, preemption_mode="hidden")
+    dear = make_engine(path, "on", 18, "apt-chunked", alpha=1.0, preemption_mode="hidden")
+    ModelledTime(dear)
     assert run_engine(dear, prompts) == kv_tokens
     assert dear.scheduler.num_demotions == 0 and dear.scheduler.num_preemptions > 0
 
@@ -378,3 +397,6 @@ def test_smollm2_keeps_the_hidden_cache_off_but_is_correct_when_forced():
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     kv_tokens = run_engine(engine, prompts, params=params)
     assert run_engine(make_engine(path, "all-hidden", num_units=60, block_size=16), prompts, params=params) == kv_tokens
+    forced = make_engine(path, "on", num_units=60, block_size=16)
+    assert run_engine(forced, prompts, {2: convert(["r1"], HIDDEN)}, params=params) == kv_tokens
+    assert forced.scheduler.num_preemptions == 1  # GQA: K/V do not determine x, so KV -> HIDDEN re-prefills

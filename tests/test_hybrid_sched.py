@@ -3,6 +3,7 @@ import pytest
 
 from aptserve.cache import CacheKind
 from aptserve.cache.geometry import hidden_units_per_block
+from aptserve.cache.tables import CACHE_OWNER
 from aptserve.config import HybridMode, ModelConfig
 from aptserve.engine_args import resolve_hybrid_cache
 from aptserve.sampling import SamplingParams
@@ -82,7 +83,7 @@ def test_auto_under_a_policy_that_never_chooses_hidden_sizes_contexts_by_what_it
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "chunked"])
-def test_hidden_to_kv_in_place_then_kv_to_hidden_by_recompute(policy):
+def test_hidden_to_kv_by_projection_then_kv_to_hidden_by_solving_back_both_in_place(policy):
     engine, executor = make_engine("on", policy=policy)
     engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=12), request_id="a")
     engine.convert_request("a", CacheKind.HIDDEN)  # before admission: simply admitted as HIDDEN
@@ -95,10 +96,15 @@ def test_hidden_to_kv_in_place_then_kv_to_hidden_by_recompute(policy):
     assert (conversion.src_kind, conversion.dst_kind) == (CacheKind.HIDDEN, CacheKind.KV)
     assert conversion.num_tokens == 17 + 2 and len(conversion.dst_unit_ids) == 2 * 5
     assert engine.cache.kind_of("a") == CacheKind.KV
-    engine.convert_request("a", CacheKind.HIDDEN)
+    engine.convert_request("a", CacheKind.HIDDEN)  # MHA: K/V determine the hidden rows, nothing is re-prefilled
     engine.step()
-    assert executor.outputs[-1].preempted_request_ids == ["a"]
-    assert executor.outputs[-1].scheduled[0].cache_kind == CacheKind.HIDDEN  # re-prefilled as HIDDEN
+    demotion = executor.outputs[-1].conversions[0]
+    assert (demotion.src_kind, demotion.dst_kind, demotion.num_tokens) == (CacheKind.KV, CacheKind.HIDDEN, 17 + 3)
+    # Its full K/V blocks are in the prefix cache (others may read them): their hidden rows take new units.
+    assert len(demotion.dst_unit_ids) == 5
+    assert all(engine.cache.pool.owner_of(unit) == CACHE_OWNER for unit in demotion.src_unit_ids)
+    assert not executor.outputs[-1].preempted_request_ids
+    assert [(r.cache_kind, r.num_tokens) for r in executor.outputs[-1].scheduled] == [(CacheKind.HIDDEN, 1)]
     output = drain(engine)["a"]
     assert len(output.outputs[0].token_ids) == 12 and output.metrics.num_conversions == 2
     assert engine.cache.num_free_units == engine.cache.num_units

@@ -209,49 +209,34 @@ class CacheManager:
         return old_ids, new_ids
 
     def demote(self, request_id: str, num_tokens: int) -> tuple[list[int], list[int]] | None:
-        """Turn the request's KV table into a hidden table for `num_tokens` tokens in place, where hidden blocks are
-        the smaller (multi-head attention): each block of its own keeps its first units for the hidden rows and
-        frees the rest; a shared block loses this reader and its rows go to new units. Returns (old unit ids, new
-        unit ids), which may overlap (the runner reads every K/V row before it writes a hidden one), or None
-        (nothing changed) if the new units and the scratch do not fit even with what the demotion frees."""
-        table = self._tables[request_id]
+        """The request's KV table as hidden rows of `num_tokens` tokens in place (where hidden blocks are smaller): a
+        block of its own keeps its first units, a shared one loses this reader and its rows get new units. Returns
+        (old unit ids, new ones), overlapping (the runner reads all K/V rows before it writes), or None (nothing
+        changed) where the new units and the scratch do not fit even with what it frees."""
+        table, num_blocks = self._tables[request_id], self.num_blocks(num_tokens)
         kv_upb, hidden_upb = self._units_per_block[CacheKind.KV], self._units_per_block[CacheKind.HIDDEN]
         if table.kind != CacheKind.KV or hidden_upb >= kv_upb:
-            raise RuntimeError(f"request {request_id}: only a KV table demotes, and only where hidden blocks are "
-                               "smaller")
-        num_blocks = self.num_blocks(num_tokens)
+            raise RuntimeError(f"{request_id}: only a KV table demotes, and only where hidden blocks are smaller")
+        units = [table.unit_ids[i * kv_upb:(i + 1) * kv_upb] for i in range(len(table.blocks))]
+        kept = [u[:hidden_upb] if block is None else None for u, block in zip(units[:num_blocks], table.blocks)]
+        to_free = [unit for i, (u, block) in enumerate(zip(units, table.blocks)) if block is None
+                   for unit in (u[hidden_upb:] if i < num_blocks else u)]
         shared = [block for block in table.blocks if block is not None]
-        num_own = len(table.unit_ids) - sum(len(block.unit_ids) for block in shared)
-        num_kept = hidden_upb * sum(block is None for block in table.blocks[:num_blocks])
-        num_new = hidden_upb * sum(block is not None for block in table.blocks[:num_blocks])
+        num_new, num_kept = hidden_upb * kept.count(None), hidden_upb * (len(kept) - kept.count(None))
         unread = sum(len(block.unit_ids) for block in shared if block.ref_count == 1)  # evictable once released
-        if num_new + self._scratch_to_take(CacheKind.HIDDEN) > self.num_free_units + num_own - num_kept + unread:
+        if num_new + self._scratch_to_take(CacheKind.HIDDEN) > self.num_free_units + len(to_free) + unread:
             return None
-        old_ids, new_ids, to_free, new_slots = list(table.unit_ids), [], [], []
-        for index, block in enumerate(table.blocks):
-            units = table.unit_ids[index * kv_upb:(index + 1) * kv_upb]
-            if index >= num_blocks:  # past the rows kept: its own units all go
-                to_free.extend(units if block is None else [])
-            elif block is not None:
-                new_slots.append(len(new_ids))
-                new_ids.extend([-1] * hidden_upb)
-            else:
-                new_ids.extend(units[:hidden_upb])
-                to_free.extend(units[hidden_upb:])
         del self._tables[request_id]
         self.pool.free(to_free, request_id)
-        self._num_used_units[CacheKind.KV] -= num_own
-        self._num_used_units[CacheKind.HIDDEN] += num_kept
+        self._num_used_units[CacheKind.KV] -= num_kept + len(to_free)
+        self._num_used_units[CacheKind.HIDDEN] += num_kept + num_new
         for block in reversed(shared):  # the tail first, as _drop
             self._release(block)
-        taken = self._take(num_new, request_id)
-        assert taken is not None  # counted above
-        self._num_used_units[CacheKind.HIDDEN] += num_new
-        for slot, start in zip(new_slots, range(0, num_new, hidden_upb)):
-            new_ids[slot:slot + hidden_upb] = taken[start:start + hidden_upb]
+        taken = iter(self._take(num_new, request_id))
+        new_ids = [unit for u in kept for unit in (u if u is not None else [next(taken) for _ in range(hidden_upb)])]
         self._open_table(CacheKind.HIDDEN)
         self._tables[request_id] = RequestTable(CacheKind.HIDDEN, new_ids, [None] * num_blocks)
-        return old_ids, new_ids
+        return [unit for u in units for unit in u], new_ids
 
     def free(self, request_id: str) -> None:
         """Drop the request's table: its own units return to the pool, its cached blocks lose a reader; a second

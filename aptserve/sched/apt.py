@@ -81,9 +81,12 @@ def _steps(items: list[KnapsackItem], budget: int) -> list[_Step]:
         order = 2 * index
         if hidden and (kv is None or _gain(hidden[1], hidden[0]) >= _gain(kv[1], kv[0])):
             alone = (KV, kv[1]) if kv else (HIDDEN, hidden[1])
-            steps.append(_Step(_gain(hidden[1], hidden[0]), order, index, hidden[0], HIDDEN, HIDDEN, hidden[1]))
+            hidden_gain = _gain(hidden[1], hidden[0])
+            steps.append(_Step(hidden_gain, order, index, hidden[0], HIDDEN, HIDDEN, hidden[1]))
             if kv:
-                gain = _gain(kv[1] - hidden[1], kv[0] - hidden[0])
+                # At most the hidden step's gain (concavity): where the two tie, rounding could otherwise rank the
+                # upgrade first and the walk take it alone, an item served as KV for the upgrade's units only.
+                gain = min(hidden_gain, _gain(kv[1] - hidden[1], kv[0] - hidden[0]))
                 steps.append(_Step(gain, order + 1, index, kv[0] - hidden[0], KV, *alone))
         elif kv:
             steps.append(_Step(_gain(kv[1], kv[0]), order, index, kv[0], KV, KV, kv[1]))

@@ -11,9 +11,8 @@ almost nothing (KV only), so it goes last and is the first to be preempted.
 One greedy (apt.solve) prices, against the free memory, both admissions of waiting requests (KV or
 hidden) and upgrades of running hidden requests to KV (worth U * alpha * m: the recompute they stop
 costing). Running requests keep decoding in the kind they hold (hidden ones from their hidden rows);
-they are preempted only when the pool cannot hold their next tokens, lowest value per unit first, and a KV one is
-first demoted to hidden rows (its K/V solved back to x, half the memory on MHA) where a hidden admission of it would
-be offered, so it keeps decoding (base._demote, --preemption-mode).
+they are preempted only when the pool cannot hold their next tokens, lowest value per unit first; a KV one is first
+demoted to hidden rows (K/V solved back to x, half the memory on MHA) where a hidden admission of it would be offered.
 Preempting for nothing would throw away a cache that costs a whole prefill to rebuild, which is why
 this departs from the paper's decode greedy (that one may evict a running request to admit nobody).
 A long queue is not priced whole each step: apt_candidates.py hands the greedy those that rank first in its walk.
@@ -272,14 +271,12 @@ class AptScheduler(Scheduler):
         return CacheKind.HIDDEN if self.hybrid_cache == HybridMode.ALL_HIDDEN else choice
 
     def _keeps_running_hidden(self, request: Request, now: float) -> bool:
-        """A running KV request the pool cannot hold goes on as hidden rows (base._demote) where a hidden admission of
-        its context would be offered: within its SLO, and its re-projection within the step time the batch has
-        (StepTime.offers_hidden). Otherwise it is freed and prefills again later. Demoting costs a solve now, its
-        re-projection every step it stays hidden (until the greedy upgrades it back) and one projection then; a
-        recompute costs a whole prefill of its context and its place in the batch."""
-        if request.is_past_slo(now):
-            return False
-        return self._step_time(now).offers_hidden(*self._hidden_row_s(self.cache.num_blocks(request.num_tokens)))
+        """A running KV request the pool cannot hold goes on as hidden rows (kind_changes._demote) where a hidden
+        admission of its context would be offered: within its SLO, its re-projection within the batch's step time
+        (StepTime.offers_hidden). Else it is freed to prefill again. A demotion costs a solve, a re-projection each
+        step it stays hidden and a projection when upgraded back; a recompute, a prefill and its place in the batch."""
+        return not request.is_past_slo(now) and self._step_time(now).offers_hidden(
+            *self._hidden_row_s(self.cache.num_blocks(request.num_tokens)))
 
     def _pick_victim(self, candidates: list[Request], now: float) -> Request:
         """Under memory pressure, preempt the running request worth least per unit of memory."""

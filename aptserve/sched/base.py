@@ -12,8 +12,9 @@ from aptserve.cache.tables import CachedBlock, CacheKind
 from aptserve.config import EngineConfig, HybridMode
 from aptserve.errors import InvalidRequestError
 from aptserve.request import Request, RequestStatus
-from aptserve.sched.output import CacheConversion, RunnerOutput, ScheduledRequest, SchedulerOutput
+from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from aptserve.sched.chunk_size import chunk_cap
+from aptserve.sched.kind_changes import KindChanges
 from aptserve.sched.prefix_lookup import PrefixLookup
 from aptserve.sched.step_cost import StepCostModel
 from aptserve.sched.stop import check_stop
@@ -23,7 +24,7 @@ from aptserve.sched.waiting import WaitingQueue
 POLICIES: dict[str, type[Scheduler]] = {}
 
 
-class Scheduler:
+class Scheduler(KindChanges):
     # A policy's traits: what the flags, the router and the snapshot need to know of it, declared with the policy.
     name: ClassVar[str] = ""  # the --scheduler value; a subclass that sets it is registered in POLICIES
     summary: ClassVar[str] = ""  # one line for --help
@@ -133,42 +134,6 @@ class Scheduler:
                 sampled.append(request)
         return sampled
 
-    # --- conversions --------------------------------------------------------------------------
-    def request_conversion(self, request_id: str, kind: CacheKind) -> None:
-        """Ask for a request's cache to change kind at the next step (HIDDEN -> KV in place by
-        projection once memory allows; KV -> HIDDEN by recompute)."""
-        if self.hybrid_cache == HybridMode.OFF and kind == CacheKind.HIDDEN:
-            raise ValueError("the hybrid cache is off for this engine; HIDDEN is not available")
-        if request_id in self.requests:
-            self._requested_conversions[request_id] = kind
-
-    def _apply_requested_conversions(self, out: SchedulerOutput) -> None:
-        for request_id, kind in list(self._requested_conversions.items()):
-            request = self.requests.get(request_id)
-            if request is None or request.cache_kind == kind:
-                del self._requested_conversions[request_id]
-            elif request.status != RequestStatus.RUNNING:
-                request.cache_kind = kind  # nothing cached yet: it is simply admitted as `kind`
-                del self._requested_conversions[request_id]
-            elif kind == CacheKind.HIDDEN:
-                self._preempt(request, out, next_kind=CacheKind.HIDDEN)
-                del self._requested_conversions[request_id]
-            elif self._convert_in_place(request, kind, out):
-                del self._requested_conversions[request_id]
-
-    def _convert_in_place(self, request: Request, kind: CacheKind, out: SchedulerOutput) -> bool:
-        """HIDDEN -> KV by projecting the stored rows; False (nothing changed) if memory is short."""
-        src_kind, num_tokens = request.cache_kind, request.num_computed_tokens
-        unit_ids = self.cache.convert(request.request_id, kind, num_tokens)
-        if unit_ids is None:
-            return False
-        out.conversions.append(CacheConversion(request.request_id, num_tokens, src_kind, list(unit_ids[0]),
-                                               kind, list(unit_ids[1])))
-        request.cache_kind = kind
-        request.num_conversions += 1
-        self.num_conversions += 1
-        return True
-
     # --- admission ---------------------------------------------------------------------------
     def _start(self, out: SchedulerOutput, request: Request, kind: CacheKind, prefix: list[CachedBlock],
                num_new: int, reserve: int = 0) -> bool:
@@ -205,9 +170,8 @@ class Scheduler:
             output_token_ids=request.output_token_ids if reads_outputs else None))
 
     def _preempt(self, request: Request, out: SchedulerOutput, next_kind: CacheKind | None = None) -> None:
-        """Preempt by recompute: free every unit; the request re-prefills prompt + outputs later,
-        into a `next_kind` table if given (how a requested KV -> HIDDEN conversion happens; under memory pressure
-        the apt policies may demote a KV request in place instead: _demote)."""
+        """Preempt by recompute: free every unit; the request re-prefills prompt + outputs later, into a `next_kind`
+        table if given (a requested KV -> HIDDEN conversion where K/V cannot be demoted in place)."""
         self.running.remove(request)
         self.cache.free(request.request_id)
         if next_kind is not None:
@@ -234,29 +198,6 @@ class Scheduler:
             if not victims:
                 return False
         return True
-
-    def _demote(self, request: Request, out: SchedulerOutput, now: float) -> bool:
-        """Under memory pressure, turn a running KV request's K/V into hidden rows in place (solved back from K/V:
-        half its memory on multi-head attention) so it keeps decoding, where the policy allows it
-        (`_keeps_running_hidden`); False (nothing changed) where it does not or the hidden rows do not fit."""
-        if (not self.config.preempt_to_hidden or request.cache_kind != CacheKind.KV
-                or request.num_computed_tokens == 0 or not self._keeps_running_hidden(request, now)):
-            return False
-        num_tokens = request.num_computed_tokens
-        unit_ids = self.cache.demote(request.request_id, num_tokens)
-        if unit_ids is None:
-            return False
-        out.conversions.append(CacheConversion(request.request_id, num_tokens, CacheKind.KV, unit_ids[0],
-                                               CacheKind.HIDDEN, unit_ids[1]))
-        request.cache_kind = CacheKind.HIDDEN
-        request.num_conversions += 1
-        self.num_conversions += 1
-        self.num_demotions += 1
-        return True
-
-    def _keeps_running_hidden(self, request: Request, now: float) -> bool:
-        """Whether a running request the pool cannot hold may go on as hidden rows (the apt policies price it)."""
-        return False
 
     def _pick_victim(self, candidates: list[Request], now: float) -> Request:
         """The running request to preempt under memory pressure: the newest (vLLM's rule)."""
