@@ -42,7 +42,7 @@ from aptserve.bench.serving import (BenchSpec, bench_server, load_bench_trace, m
 from benchmarks._llamacpp import LlamaCppPeer, parse_flags, prepare_peer, settings_record  # noqa: E402
 from benchmarks.common import RESULTS_DIR, fp32_kv_bytes_per_token, load_average, write_json  # noqa: E402
 from benchmarks.servers import (LLAMACPP, SERVED_NAME, VLLM, aptserve_command, llamacpp_command,  # noqa: E402
-                                running_server, settings_lines, vllm_command, vllm_python)
+                                running_server, scrape, settings_lines, vllm_command, vllm_python)
 
 PEERS = (VLLM, LLAMACPP)
 
@@ -182,12 +182,21 @@ def bench_one(args, name: str, model_dir: str, kv_bytes: int, spec: BenchSpec, s
                 log(f"SLOs from {name}'s unloaded latency: TTFT {slos['ttft_slo_s']:.3f} s, P99 TBT "
                     f"{slos['tbt_slo_s']:.3f} s, mean TPOT {slos['tpot_slo_s']:.3f} s")
             result |= {"startup_s": round(startup_s, 1), "unloaded": unloaded, **bench_server(url, spec, slos, name)}
+            if not is_peer(name):  # what its scheduler chose over the sweep (the unloaded probe included)
+                result["engine_counters"] = engine_counters(url)
         result["settings_log_lines"] = settings_lines(log_dir / f"{name}.log")
     except Exception as error:  # noqa: BLE001 - recorded in the JSON, the run goes on
         result["error"] = f"{type(error).__name__}: {error}"
         log(f"{name} failed: {result['error'][:1000]}")
     result["load_average_after"] = load_average()
     return result, slos
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """An aptserve server's preemptions, demotions and admissions by cache kind since it started."""
+    wanted = ("aptserve:num_preemptions_total", "aptserve:num_demotions_total", "aptserve:admissions_total")
+    return {name.removeprefix("aptserve:") + "".join(f"[{v}]" for _, v in labels): value
+            for (name, labels), value in scrape(url).items() if name in wanted}
 
 
 def slo_origin(args) -> str:

@@ -253,6 +253,7 @@ def test_metrics_report_requests_latencies_and_cache(live):
     assert live.metric("aptserve:cache_units_used", kind="kv") == 0
     assert live.metric("aptserve:admissions_total", kind="kv") >= 1
     assert live.metric("aptserve:admissions_total", kind="hidden") == 0  # SmolLM2 is GQA: the hidden cache is off
+    assert live.metric("aptserve:num_demotions_total") == live.metric("aptserve:num_preemptions_total") == 0
     assert live.metric("aptserve:num_requests_running") == live.metric("aptserve:num_requests_waiting") == 0
 
 

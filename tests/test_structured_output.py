@@ -1,4 +1,4 @@
-"""Structured output on the real default model: every answer parses and validates (jsonschema) on 50 sampled requests
+"""Structured output on the real default model: every answer parses and validates (jsonschema) on 24 sampled requests
 served across preemption, each kind (JSON schema, JSON object, regex, choice, Lark grammar) through the official
 client, under every scheduler policy offline, and a clear 400 for a constraint that cannot compile.
 
@@ -54,7 +54,7 @@ def tight():
         yield server
 
 
-def test_fifty_sampled_json_schema_answers_validate_across_preemption(tight):
+def test_sampled_json_schema_answers_validate_across_preemption(tight):
     client = tight.client(timeout=300)
     preemptions_before = tight.engine.scheduler.num_preemptions
     response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
@@ -66,10 +66,10 @@ def test_fifty_sampled_json_schema_answers_validate_across_preemption(tight):
                                               response_format=response_format).choices[0].message.content
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(ask, range(50)))
+        answers = list(pool.map(ask, range(24)))  # three waves of 8 over 24 blocks: the batch preempts
     for answer in answers:
         jsonschema.validate(json.loads(answer), PERSON)
-    assert len(set(answers)) > 10  # sampled, not one answer
+    assert len(set(answers)) > 8  # sampled, not one answer
     assert tight.engine.scheduler.num_preemptions > preemptions_before  # matchers kept their place across recompute
     tight.wait_idle()
 
@@ -116,7 +116,7 @@ def test_constraints_that_cannot_compile_are_a_400(tight, structured, field):
 
 def test_structured_output_penalties_and_logprobs_under_every_policy():
     schema = StructuredOutput("json", json.dumps(PERSON))
-    prompts = ["Describe a person as JSON: "] * 10
+    prompts = ["Describe a person as JSON: "] * 6
     for policy in ("fcfs", "chunked", "apt", "apt-chunked"):
         llm = LLM(model=MODEL, scheduler=policy, kv_cache_memory=tight_budget(), max_num_seqs=8)
         params = [SamplingParams(temperature=0.9, seed=i, max_tokens=200, structured=schema, logprobs=1,

@@ -50,7 +50,8 @@ def kv_left_inverse(kv: Linear) -> Linear | None:
     exists where K and V have at least as many values as x (multi-head attention; W has full column rank), which is
     exactly where hidden rows are the smaller cache. Since y lies in W's range, A recovers x up to the rounding of
     one GEMM (measured: 4e-7 relative to max |K|, |V| re-projected in fp32 on OPT-125m, 5e-7 to 9e-7 on SmolLM2's
-    trained q|k|v stacks of condition number 20-300). None where in > 2 * kv_dim."""
+    trained q|k|v stacks of condition number 20-300). It takes as much memory as the k|v projection, which is kept
+    only where the hybrid cache is on. None where in > 2 * kv_dim."""
     weight = kv.weight.detach()
     if weight.shape[0] < weight.shape[1]:
         return None

@@ -176,8 +176,9 @@ class Simulation:
 
     def _run(self, policy: str, slos: dict | None, offsets_s: Sequence[float], requests, progress, **engine_flags,
              ) -> tuple[list[RequestRecord], dict]:
-        """The records, and the steps taken, the seconds the cost model priced them at (before --step-time-scale)
-        and, with replicas, the requests each was sent."""
+        """The records, and the steps taken, the seconds the cost model priced them at (before --step-time-scale),
+        the preemptions, demotions and hidden admissions the schedulers chose and, with replicas, the requests each
+        was sent."""
         args = engine_args(self.args, policy, self.config, self.cost_model, slos, **engine_flags)
         executors = []
 
@@ -198,8 +199,12 @@ class Simulation:
                 replicas, make_policy(self.args.router, self.args.seed, self.args.shed), trace, offsets_s,
                 lambda r: RouteRequest(r.prompt_len, r.output_len, args.ttft_slo, args.tbt_slo),
                 self.args.routing_stats_period_s, self.args.request_latency_s, progress)
+        schedulers = [engine.scheduler for engine, _ in replicas]
         return records, {"num_steps": sum(e.num_steps for e in executors),
-                         "priced_step_s": sum(e.priced_s for e in executors), **stats}
+                         "priced_step_s": sum(e.priced_s for e in executors),
+                         "num_preemptions": sum(s.num_preemptions for s in schedulers),
+                         "num_demotions": sum(s.num_demotions for s in schedulers),
+                         "hidden_admissions": sum(s.num_admissions["hidden"] for s in schedulers), **stats}
 
 
 def load_sim_trace(args: argparse.Namespace) -> list[TraceRequest]:
