@@ -77,7 +77,8 @@ def test_prefix_caching_on_and_off_both_match_hf(shared_case, setup):
     assert cached_tokens == expected
     assert cached.scheduler.num_prefix_hit_tokens >= 64 * 5  # most requests skipped the system prompt's blocks
     if setup == "tight-hybrid":  # and with the cache off (the other setups are HF parity tests of their own)
-        assert cached.scheduler.num_preemptions > 0 and cached.scheduler.num_conversions > 0
+        # The requested KV -> HIDDEN conversions re-prefill on GQA (default) and are solved back in place on MHA.
+        assert cached.scheduler.num_conversions > 0 and (cached.scheduler.num_preemptions > 0 or model == "opt-125m")
         assert cached.cache.num_evicted_blocks > 0
         if model == "opt-125m":  # MHA, where the hybrid cache saves memory (on GQA it is forced on, larger than KV)
             uncached, uncached_tokens = serve(model, prompts, convert, enable_prefix_caching=False, **kwargs)

@@ -66,7 +66,8 @@ def test_penalties_grammar_and_seeds_survive_preemption_and_conversion(model):
     tight, squeezed = serve(model, prompts, True, params, hybrid_cache="on", scheduler="apt-chunked",
                             kv_cache_memory=tight_budget(model), max_num_batched_tokens=64,
                             max_model_len=SCRATCH_TOKENS, hidden_scratch_tokens=SCRATCH_TOKENS)
-    assert tight.scheduler.num_preemptions > 0 and tight.scheduler.num_conversions > 0
+    # The requested KV -> HIDDEN conversions re-prefill on GQA (default) and are solved back in place on MHA.
+    assert tight.scheduler.num_conversions > 0 and (tight.scheduler.num_preemptions > 0 or model == "opt-125m")
     assert all(len(tokens) == MAX_TOKENS for tokens in roomy)  # min_tokens held EOS back
     assert len(squeezed) == len(roomy)
     for index, (expected, got) in enumerate(zip(roomy, squeezed)):
