@@ -127,8 +127,8 @@ def main(argv=None) -> int:
                 f"{n} {_rate(v)} ({v['num_demotions']} demotions)" for n, v in result["variants"].items()),
                 flush=True)
     options.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(options.out_dir / "demotion_ab.json", {"benchmark": "demotion_ab", "config": {**vars(options), "out_dir": str(options.out_dir)},
-                                                      "cells": results})
+    config = {**vars(options), "out_dir": str(options.out_dir)}
+    write_json(options.out_dir / "demotion_ab.json", {"benchmark": "demotion_ab", "config": config, "cells": results})
     (options.out_dir / "demotion_ab.md").write_text(markdown(results))
     print(f"wrote {options.out_dir / 'demotion_ab.json'} and .md")
     return 0

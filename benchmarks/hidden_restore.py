@@ -167,7 +167,8 @@ def plot(path: Path, cpu: list[dict], gpu: list[dict]) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [f"{p['model']}\n{p['tokens']} tok" for p in cpu]
     x = range(len(cpu))
-    left.bar([i - 0.27 for i in x], [p["restore_ms_per_token"] for p in cpu], 0.27, label="restore (project hidden rows)")
+    left.bar([i - 0.27 for i in x], [p["restore_ms_per_token"] for p in cpu], 0.27,
+             label="restore (project hidden rows)")
     left.bar(list(x), [p["demote_ms_per_token"] for p in cpu], 0.27, label="demote (solve K/V back to hidden rows)")
     left.bar([i + 0.27 for i in x], [p["recompute_ms_per_token"] for p in cpu], 0.27, label="recompute (prefill)")
     left.set_xticks(list(x), labels, fontsize=8)

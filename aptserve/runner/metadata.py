@@ -139,7 +139,8 @@ class AttentionMetadataBuilder:
         """A step's conversions in the scheduler's order: runs of HIDDEN -> KV projections and of KV -> HIDDEN
         inversions, each run grouped within the scratch's token count (it bounds the temporaries)."""
         conversions = [c for c in conversions if c.num_tokens > 0]
-        directions = {(CacheKind.HIDDEN, CacheKind.KV): self._projection, (CacheKind.KV, CacheKind.HIDDEN): self._inversion}
+        directions = {(CacheKind.HIDDEN, CacheKind.KV): self._projection,
+                      (CacheKind.KV, CacheKind.HIDDEN): self._inversion}
         built, start = [], 0
         for end in range(1, len(conversions) + 1):
             direction = (conversions[start].src_kind, conversions[start].dst_kind)

@@ -61,7 +61,8 @@ class KindChanges:
         """Under memory pressure, turn a running KV request's K/V into hidden rows in place (half its memory on
         multi-head attention) so it keeps decoding, where the policy allows it (`_keeps_running_hidden`); False
         (nothing changed) where it does not or the hidden rows do not fit."""
-        demoted = (self.config.preempt_to_hidden and self._can_demote(request) and self._keeps_running_hidden(request, now)
+        demoted = (self.config.preempt_to_hidden and self._can_demote(request)
+                   and self._keeps_running_hidden(request, now)
                    and self._convert_in_place(request, CacheKind.HIDDEN, out))
         self.num_demotions += demoted
         return demoted
