@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
-from benchmarks.paper_scale import SETUPS, _Measure, _rate, effective_rate, load_traces, sim_argv  # noqa: E402
+from benchmarks.paper_scale import (_TRACES, SETUPS, _init_worker, _Measure, _rate, effective_rate,  # noqa: E402
+                                    load_traces, sim_argv)
 
 VARIANTS = (("kv", {"hybrid_cache": "off"}, False),
             ("hybrid/recompute", {"hybrid_cache": "auto", "preemption_mode": "recompute"}, False),
@@ -86,13 +87,6 @@ def run_cell(cell: tuple, options: argparse.Namespace, traces: dict) -> dict:
                                                                          if k != "unloaded"}, "variants": variants}
 
 
-_TRACES: dict = {}
-
-
-def _init(traces: dict) -> None:
-    _TRACES.update(traces)
-
-
 def _run(cell: tuple, options: argparse.Namespace) -> dict:
     return run_cell(cell, options, _TRACES)
 
@@ -119,7 +113,7 @@ def main(argv=None) -> int:
     cells = [(SETUPS[s], w, float(cv)) for s in options.setups.split(",") for w in workloads
              for cv in options.cvs.split(",")]
     traces = load_traces(workloads, options)
-    with ProcessPoolExecutor(options.jobs, initializer=_init, initargs=(traces,)) as pool:
+    with ProcessPoolExecutor(options.jobs, initializer=_init_worker, initargs=(traces,)) as pool:
         results = []
         for result in pool.map(_run, cells, [options] * len(cells)):
             results.append(result)

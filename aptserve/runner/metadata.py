@@ -12,6 +12,7 @@ units of the scratch, addressed in the cache viewed as [num_layers * num_units, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import groupby
 
 import torch
 
@@ -138,22 +139,17 @@ class AttentionMetadataBuilder:
     def build_conversions(self, conversions: list[CacheConversion]) -> list[HiddenProjection | KVInversion]:
         """A step's conversions in the scheduler's order: runs of HIDDEN -> KV projections and of KV -> HIDDEN
         inversions, each run grouped within the scratch's token count (it bounds the temporaries)."""
-        conversions = [c for c in conversions if c.num_tokens > 0]
         directions = {(CacheKind.HIDDEN, CacheKind.KV): self._projection,
                       (CacheKind.KV, CacheKind.HIDDEN): self._inversion}
-        built, start = [], 0
-        for end in range(1, len(conversions) + 1):
-            direction = (conversions[start].src_kind, conversions[start].dst_kind)
-            if end < len(conversions) and (conversions[end].src_kind, conversions[end].dst_kind) == direction:
-                continue
-            if direction not in directions:
-                raise NotImplementedError(f"{conversions[start].request_id}: no {direction[0].value} -> "
-                                          f"{direction[1].value} conversion in place")
-            run = conversions[start:end]
+        built = []
+        for (src, dst), run in groupby([c for c in conversions if c.num_tokens > 0],
+                                       key=lambda c: (c.src_kind, c.dst_kind)):
+            if (src, dst) not in directions:
+                raise NotImplementedError(f"no {src.value} -> {dst.value} conversion in place")
+            run = list(run)
             groups = pack([c.num_tokens for c in run], self.num_scratch_blocks * self.block_size,
-                          f"{direction[0].value} -> {direction[1].value} conversion")
-            built += [directions[direction]([run[i] for i in group]) for group in groups]
-            start = end
+                          f"{src.value} -> {dst.value} conversion")
+            built += [directions[src, dst]([run[i] for i in group]) for group in groups]
         return built
 
     # --- pieces ------------------------------------------------------------------------------
