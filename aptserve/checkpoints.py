@@ -3,6 +3,8 @@ published OPT shapes with seeded random weights (timing only). Builds go to a te
 into place, so a killed build never leaves half a model."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -89,15 +91,32 @@ def _build_default(out: Path) -> None:
         )
     pkg_dir = spec.submodule_search_locations[0]
     _log(f"converting {SMOLLM2_GGUF} to a safetensors folder (one time, under a minute) ...")
-    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # The weights are dequantised to fp32: the saved folder must not claim to be quantised.
-    model.config.quantization_config = None
-    model.hf_quantizer = None
-    model.save_pretrained(out, safe_serialization=True)
-    config = json.loads((out / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+    with _gguf_read_once():
+        model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # The weights are dequantised to fp32: the saved folder must not claim to be quantised.
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        model.save_pretrained(out, safe_serialization=True)
+        config = json.loads((out / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers parses the GGUF once for the config, once for the weights and once for the tokenizer (~11 s
+    each on one core, most of it the 49,152-token vocabulary), and builds gguf's tensor-name table again for every
+    module (397 times, ~30 ms each). Both are memoised while the conversion runs (transformers imports them from
+    gguf inside its functions); the result is the same, only read once."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def opt_config(name: str):
