@@ -14,8 +14,8 @@ never serves a prompt from an earlier point. SLOs are --slo-scale x the unloaded
 
 vLLM gets every core for its compute threads (VLLM_CPU_OMP_THREADS_BIND=0-<n-1>, VLLM_CPU_NUM_OF_RESERVED_CPU=0)
 and its defaults otherwise (prefix caching, chunked prefill, compiled model); --vllm-eager adds a run with
---enforce-eager, its other CPU mode, and the better of the two is the reference (--vllm-modes eager runs only that
-one, where step_speed.py found it the faster). aptserve runs torch with
+--enforce-eager, its other CPU mode, and the better of the two is the reference (--vllm-modes picks the modes to
+run: compiled, eager or both). aptserve runs torch with
 APTSERVE_NUM_THREADS = OMP_NUM_THREADS = --threads. llama-server (benchmarks/llamacpp_env.sh) serves the same folder
 converted to GGUF, with --threads threads, max-num-seqs slots and a KV context of the same bytes, in the setup
 benchmarks/llamacpp_tuning.py found best (benchmarks/_llamacpp.py; --llamacpp-flags changes it); it is checked up
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm-eager", action="store_true", help="also run vLLM with --enforce-eager")
     parser.add_argument("--vllm-modes", default=None,
                         help="vLLM's modes to run, comma-separated: compiled, eager (default: compiled, and eager "
-                             "with --vllm-eager); 'eager' alone where step_speed.py measured it the faster here")
+                             "with --vllm-eager)")
     parser.add_argument("--vllm-python", default=None, help="default: the one vllm_cpu_env.sh makes")
     parser.add_argument("--llamacpp-flags", default="",
                         help="llama-server settings over the tuned ones, in its spelling, e.g. '--poll 0 -ub 256 "
@@ -150,7 +150,7 @@ def server_command(args, name: str, model_dir: str, kv_bytes: int, slos: dict | 
 def vllm_names(args) -> list[str]:
     modes = (args.vllm_modes or ("compiled,eager" if args.vllm_eager else "compiled")).split(",")
     unknown = set(modes) - {"compiled", "eager"}
-    if unknown or not modes:
+    if unknown:
         raise SystemExit(f"--vllm-modes takes compiled and/or eager, not {sorted(unknown)}")
     return [{"compiled": VLLM, "eager": f"{VLLM}-eager"}[mode] for mode in modes]
 
