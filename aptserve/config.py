@@ -122,9 +122,10 @@ class SchedulerConfig:
     step_tbt_fraction: float
     # Seconds to re-project one block's K/V across all layers: the hidden cache's price (apt policies).
     alpha_s: float
-    # Where memory runs out, a running KV request may become hidden rows solved back from its K/V (half the memory on
-    # multi-head attention) and keep decoding, instead of being freed to prefill again (apt policies, hybrid on).
-    preempt_to_hidden: bool = False
+    # K/V may become hidden rows in place, solved back through each layer's K/V left inverse (which the model then
+    # keeps): where memory runs out, a running KV request does so (half the memory on multi-head attention) and keeps
+    # decoding instead of being freed to prefill again (apt policies, hybrid on); so does a requested KV -> HIDDEN.
+    demote_in_place: bool = False
 
     def request_slos(self, ttft_slo_s: float | None, tbt_slo_s: float | None) -> tuple[float, float]:
         """A request's (TTFT, TBT) SLOs: its own where it brought them, these defaults where it did not."""

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 AlphaFn = Callable[[ModelConfig, int, str, str], float]
 
 # What a running request gives up when memory runs out (resolve_preemption_mode).
-PREEMPTION_MODES = ("auto", "recompute", "hidden")
+PREEMPTION_MODES = ("recompute", "hidden")
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,12 @@ class EngineArgs(FlagTable):
     hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; the pool lends its "
                                       "units while hidden rows are held (default and least: one max_model_len "
                                       "context)", int)
-    preemption_mode: str = flag("auto", "what a running request gives up when memory runs out: 'recompute' (its "
-                                "cache is freed and it prefills again later, as vLLM), 'hidden' (its K/V are solved "
-                                "back to hidden rows, half the memory on multi-head attention, and it keeps decoding "
-                                "while the step time allows it, else recompute), 'auto' (hidden where the hybrid "
-                                "cache is on under an apt policy)", choices=PREEMPTION_MODES)
+    preemption_mode: str = flag("recompute", "what a running request gives up when memory runs out: 'recompute' "
+                                "(its cache is freed and it prefills again later, as vLLM), 'hidden' (its K/V are "
+                                "solved back to hidden rows, half the memory on multi-head attention, and it keeps "
+                                "decoding while the step time allows it under an apt policy, else recompute; the "
+                                "model keeps each layer's K/V left inverse for it, as large as its k|v projection)",
+                                choices=PREEMPTION_MODES)
     alpha: float | None = flag(None, "seconds to re-project one block's K/V across all layers (the hidden "
                                "cache's price in the apt policies); default: measured at start-up", float)
     max_logprobs: int = flag(20, "most log probabilities one request may ask for per token (vLLM's cap; -1: the "
@@ -127,7 +128,7 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
         max_num_batched_tokens=_max_num_batched_tokens(args, policy, model_config),
         ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, step_tbt_fraction=_step_tbt_fraction(args, policy),
         alpha_s=resolve_alpha(args, model_config, policy, hybrid, dtype, measure_alpha),
-        preempt_to_hidden=resolve_preemption_mode(args.preemption_mode, cache, policy))
+        demote_in_place=resolve_preemption_mode(args.preemption_mode, cache))
     max_logprobs = model_config.vocab_size if args.max_logprobs == -1 else args.max_logprobs
     return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype,
                         device=args.device, seed=args.seed, max_logprobs=max_logprobs,
@@ -186,14 +187,19 @@ def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig, policy: ty
     return mode
 
 
-def resolve_preemption_mode(mode: str, cache: CacheConfig, policy: type[Scheduler]) -> bool:
-    """Whether preemption demotes KV to hidden rows: 'auto' where it can, 'hidden' where it can or a ValueError."""
-    can = (cache.hybrid == HybridMode.ON and policy.prices_hidden_cache
-           and cache.units_per_hidden_block < KV_UNITS_PER_BLOCK)
-    if mode == "hidden" and not can:
-        raise ValueError("preemption_mode 'hidden' needs the hybrid cache on (not all-hidden), an apt policy and a "
-                         "model whose hidden rows are smaller than K+V (multi-head attention)")
-    return can and mode != "recompute"
+def resolve_preemption_mode(mode: str, cache: CacheConfig) -> bool:
+    """Whether K/V may become hidden rows in place (SchedulerConfig.demote_in_place): only when asked ('hidden'; a
+    ValueError where they cannot). Preemption then demotes under the apt policies, which price the step time it
+    costs; requested KV -> HIDDEN conversions (LLMEngine.convert_request) go in place under any policy. Not by
+    default: the left inverse it needs costs a sixth of an OPT layer's weights in memory (OPT-30B in fp16: 9.9 GB,
+    beside a KV budget of 15.5 GiB on one A100-80GB), and the apt policies' own price let it fire in no measured
+    cell (benchmarks/results/demotion_ab.md)."""
+    if mode != "hidden":
+        return False
+    if not (cache.hybrid == HybridMode.ON and cache.units_per_hidden_block < KV_UNITS_PER_BLOCK):
+        raise ValueError("preemption_mode 'hidden' needs the hybrid cache on (not all-hidden) and a model whose "
+                         "hidden rows are smaller than K+V (multi-head attention)")
+    return True
 
 
 def resolve_alpha(args: EngineArgs, model_config: ModelConfig, policy: type[Scheduler], hybrid: HybridMode,

@@ -4,10 +4,11 @@ hidden rows (its K/V solved back in place) pay against freeing it to prefill aga
 apt-chunked in each cell of paper_scale.py's memory-bound setups, four ways, each's effective throughput found by the
 same search on the same deterministic simulation (roofline cost model, template SLOs, --slo-aware):
   kv                 the hybrid cache off;
-  hybrid/recompute   the hybrid cache auto, --preemption-mode recompute (a victim is freed);
-  hybrid/demote      auto: a victim is demoted where a hidden admission of it would be offered (StepTime.offers_hidden:
-                     its re-projection within every decoding request's planned gap, and no more than a request's share
-                     of the step), the engine's rule;
+  hybrid/recompute   the hybrid cache auto, --preemption-mode recompute (the default: a victim is freed);
+  hybrid/demote      --preemption-mode hidden: a victim is demoted where a hidden admission of it would be offered
+                     (StepTime.offers_hidden: its re-projection within every decoding request's planned gap, and no
+                     more than a request's share of the step), the engine's rule; the KV budget is smaller by the
+                     K/V left inverses the engine keeps for it (RooflineCostModel.kv_inverse_bytes);
   hybrid/demote-tbt  the looser rule tried against it: the planned gaps alone (no share test), patched in for the run.
 Each point records the preemptions, demotions and hidden admissions the scheduler chose.
 

@@ -72,7 +72,8 @@ def tiny_model(request, tmp_path_factory):
 def make_runner(path: str, max_model_len: int = 48, block_size: int = 4):
     """A scratch of one max_model_len context: a few hidden requests already need several groups."""
     config = load_model_config(path, max_model_len=max_model_len)
-    runner = ModelRunner(config, 256, block_size, "float32", "cpu", hidden_scratch_tokens=max_model_len)
+    runner = ModelRunner(config, 256, block_size, "float32", "cpu", hidden_scratch_tokens=max_model_len,
+                         demote_in_place=True)
     units_per_hidden_block = hidden_units_per_block(config.hidden_size, config.kv_dim)
     return runner, CacheManager(256, block_size, units_per_hidden_block, num_scratch_units=runner.num_scratch_units)
 
@@ -314,9 +315,16 @@ def test_hidden_to_kv_in_place_mid_decode_matches_kv(engine_case):
 
 
 def test_kv_to_hidden_in_place_mid_decode_matches_kv(engine_case):
-    """On MHA, K/V determine the hidden rows: they are solved back in place (RoPE undone for Llama), no re-prefill."""
-    engine = make_engine(engine_case.path, "on")
-    assert run_engine(engine, engine_case.prompts, {4: convert(["r1", "r3"], HIDDEN)}) == engine_case.kv_tokens
+    """On MHA, K/V determine the hidden rows: with demotion on they are solved back in place (RoPE undone for
+    Llama), no re-prefill; without it the model keeps no left inverse and the requests prefill again as hidden."""
+    recompute = make_engine(engine_case.path, "on")
+    actions = {4: convert(["r1", "r3"], HIDDEN)}
+    assert run_engine(recompute, engine_case.prompts, actions) == engine_case.kv_tokens
+    assert recompute.scheduler.num_preemptions == 2
+    assert all(layer.kv_inverse is None and layer.kv_proj is not None
+               for layer in recompute.executor.runner.model.attention_layers())
+    engine = make_engine(engine_case.path, "on", preemption_mode="hidden")
+    assert run_engine(engine, engine_case.prompts, actions) == engine_case.kv_tokens
     conversions = [(i, c) for i, out in enumerate(engine.executor.outputs) for c in out.conversions]
     assert [(c.request_id, c.src_kind, c.dst_kind) for _, c in conversions] == [("r1", KV, HIDDEN), ("r3", KV, HIDDEN)]
     assert engine.scheduler.num_preemptions == 0 and engine.scheduler.num_demotions == 0  # asked for, not forced
@@ -342,17 +350,19 @@ def test_where_memory_runs_out_apt_demotes_kv_to_hidden_rows_if_the_step_time_al
     assert dear.scheduler.num_demotions == 0 and dear.scheduler.num_preemptions > 0
 
 
-def test_preemption_mode_resolves_to_hidden_only_where_k_v_determine_x():
+def test_preemption_mode_demotes_only_when_asked_and_where_k_v_determine_x():
     def demotes(model: str, **flags) -> bool:
-        return resolve(EngineArgs(model=model, alpha=0.01, **flags)).scheduler.preempt_to_hidden
+        return resolve(EngineArgs(model=model, alpha=0.01, **flags)).scheduler.demote_in_place
 
-    assert demotes("opt-125m") and demotes("opt-125m", scheduler="apt")  # auto: MHA, hybrid on, an apt policy
-    assert not demotes("opt-125m", preemption_mode="recompute") and not demotes("opt-125m", hybrid_cache="off")
-    assert not demotes("opt-125m", scheduler="fcfs", hybrid_cache="on") and not demotes("default")  # GQA
-    with pytest.raises(ValueError, match="preemption_mode 'hidden' needs"):
-        demotes("default", preemption_mode="hidden")
+    assert not demotes("opt-125m") and not demotes("default")  # recompute by default: no left inverse kept
+    assert demotes("opt-125m", preemption_mode="hidden") and demotes("opt-125m", preemption_mode="hidden",
+                                                                     scheduler="fcfs", hybrid_cache="on")
+    for model, flags in (("default", {}), ("opt-125m", {"hybrid_cache": "off"}),
+                         ("opt-125m", {"hybrid_cache": "all-hidden"})):  # GQA; no KV or no hidden table
+        with pytest.raises(ValueError, match="preemption_mode 'hidden' needs"):
+            demotes(model, preemption_mode="hidden", **flags)
     with pytest.raises(ValueError, match="preemption_mode must be one of"):
-        demotes("opt-125m", preemption_mode="swap")
+        demotes("opt-125m", preemption_mode="auto")
 
 
 def test_all_hidden_under_a_tight_budget_preempts_and_matches_kv(engine_case):

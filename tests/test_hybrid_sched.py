@@ -30,8 +30,9 @@ class RecordingExecutor(CostModelExecutor):
         return super().execute(sched_out)
 
 
-def make_engine(hybrid: str, num_units: int = 200, policy: str = "fcfs"):
-    args = sim_args(MHA, num_units, block_size=4, hybrid_cache=hybrid, scheduler=policy, max_num_batched_tokens=256)
+def make_engine(hybrid: str, num_units: int = 200, policy: str = "fcfs", **flags):
+    args = sim_args(MHA, num_units, block_size=4, hybrid_cache=hybrid, scheduler=policy, max_num_batched_tokens=256,
+                    **flags)
     engine, _ = sim_engine(args, MHA, make_executor=RecordingExecutor)
     assert engine.cache.num_units - engine.cache.num_scratch_units == num_units  # left while the scratch is lent
     return engine, engine.executor
@@ -84,7 +85,7 @@ def test_auto_under_a_policy_that_never_chooses_hidden_sizes_contexts_by_what_it
 
 @pytest.mark.parametrize("policy", ["fcfs", "chunked"])
 def test_hidden_to_kv_by_projection_then_kv_to_hidden_by_solving_back_both_in_place(policy):
-    engine, executor = make_engine("on", policy=policy)
+    engine, executor = make_engine("on", policy=policy, preemption_mode="hidden")
     engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=12), request_id="a")
     engine.convert_request("a", CacheKind.HIDDEN)  # before admission: simply admitted as HIDDEN
     for _ in range(3):

@@ -9,12 +9,14 @@ import pytest
 
 from aptserve.bench.datasets import TraceRequest
 from aptserve.cache.tables import CacheKind
+from aptserve.cli import build_parser
 from aptserve.config import HybridMode
 from aptserve.engine_args import EngineArgs
 from aptserve.registry import shape_model_config
 from aptserve.sampling import SamplingParams
 from aptserve.sched.output import CacheConversion, ScheduledRequest, SchedulerOutput
 from aptserve.sim.gpus import GIB, gpu_spec
+from aptserve.sim.cli import engine_args as sim_engine_args
 from aptserve.sim.roofline import RooflineCostModel
 from aptserve.sim.simulator import sim_engine, simulate
 
@@ -65,6 +67,24 @@ def test_tensor_parallelism_splits_the_weights_and_pays_all_reduces():
     with pytest.raises(ValueError, match="does not fit 1 x a100-40gb"):
         model("opt-66b", "a100-40gb", 1).kv_cache_bytes(2048)
     assert model("opt-66b", "a100-80gb", 4).kv_cache_bytes(2048) > 100 * GIB
+
+
+def test_demotion_in_place_pays_for_its_left_inverses_in_kv_memory():
+    """OPT-30B on one A100-80GB: the K/V left inverses demotion keeps (a sixth of the layers' weights) come out of
+    the KV budget; the simulator sizes a demoting engine's pool with them."""
+    cost = model("opt-30b", "a100-80gb", 1)
+    m = cost.model
+    assert cost.kv_inverse_bytes == m.num_layers * m.hidden_size * 2 * m.kv_dim * 2
+    assert 9.8e9 < cost.kv_inverse_bytes < 1e10 and 6 * cost.kv_inverse_bytes == m.num_layers * cost.layer_params * 2
+    recompute, demote = cost.kv_cache_bytes(2048), cost.kv_cache_bytes(2048, demote_in_place=True)
+    assert recompute - demote == cost.kv_inverse_bytes
+    two = model("opt-30b", "a100-80gb", 2)
+    assert two.kv_cache_bytes(2048) - two.kv_cache_bytes(2048, demote_in_place=True) == cost.kv_inverse_bytes
+    args = build_parser().parse_args(["sim", "--model", "opt-30b", "--gpu", "a100-80gb", "--max-num-batched-tokens",
+                                      "2048", "--scheduler", "apt-chunked"])
+    budgets = [sim_engine_args(args, "apt-chunked", m, cost, None, preemption_mode=mode).kv_cache_memory
+               for mode in ("recompute", "hidden")]
+    assert budgets == [recompute, demote]
 
 
 def test_the_real_engine_runs_on_the_roofline_at_paper_scale():

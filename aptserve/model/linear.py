@@ -30,17 +30,18 @@ def gemm_activation(hf_name: str) -> str:
     return _HF_ACTIVATIONS[hf_name]
 
 
-def fuse_qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear, keep_kv_projection: bool,
+def fuse_qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear, keep_kv_projection: bool, keep_kv_inverse: bool = False,
              ) -> tuple[Linear, Linear | None, Linear | None]:
-    """q|k|v as one packed GEMM and, where hidden rows may need their K/V recomputed, k|v as another and its
-    left inverse (kv_left_inverse; None where K and V cannot give x back)."""
+    """q|k|v as one packed GEMM; where hidden rows may need their K/V recomputed, k|v as another (packed on its own
+    where q|k|v is packed, else a view of q|k|v's rows: no second copy); and where K/V may become hidden rows in
+    place (`keep_kv_inverse`), k|v's left inverse (kv_left_inverse; None where K and V cannot give x back)."""
     qkv = Linear.fused([q, k, v])
+    kv = inverse = None
+    if keep_kv_projection:
+        kv = Linear.fused([k, v]) if can_pack(qkv.weight) else qkv.output_rows(q.out_features)
+        inverse = kv_left_inverse(kv) if keep_kv_inverse else None
+        kv.pack()
     qkv.pack()
-    if not keep_kv_projection:
-        return qkv, None, None
-    kv = Linear.fused([k, v])
-    inverse = kv_left_inverse(kv)
-    kv.pack()
     return qkv, kv, inverse
 
 
@@ -50,8 +51,9 @@ def kv_left_inverse(kv: Linear) -> Linear | None:
     exists where K and V have at least as many values as x (multi-head attention; W has full column rank), which is
     exactly where hidden rows are the smaller cache. Since y lies in W's range, A recovers x up to the rounding of
     one GEMM (measured: 4e-7 relative to max |K|, |V| re-projected in fp32 on OPT-125m, 5e-7 to 9e-7 on SmolLM2's
-    trained q|k|v stacks of condition number 20-300). It takes as much memory as the k|v projection, which is kept
-    only where the hybrid cache is on. None where in > 2 * kv_dim."""
+    trained q|k|v stacks of condition number 20-300). It takes as much memory as the k|v projection (a sixth of an
+    OPT layer's weights), so it is built only where demotion is on (--preemption-mode hidden). None where
+    in > 2 * kv_dim."""
     weight = kv.weight.detach()
     if weight.shape[0] < weight.shape[1]:
         return None
@@ -101,6 +103,17 @@ class Linear(nn.Linear):
         if parts[0].bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
         return fused
+
+    def output_rows(self, start: int) -> Linear:
+        """A Linear of this one's outputs from `start` on, sharing its (unpacked) weight and bias: k|v of q|k|v."""
+        if self.packed is not None:
+            raise RuntimeError("a packed Linear's weight is in oneDNN's layout; take rows before packing")
+        with torch.device("meta"):
+            rows = type(self)(self.in_features, self.out_features - start, bias=self.bias is not None)
+        rows.weight = nn.Parameter(self.weight.detach()[start:], requires_grad=False)
+        if self.bias is not None:
+            rows.bias = nn.Parameter(self.bias.detach()[start:], requires_grad=False)
+        return rows
 
     def pack(self) -> None:
         """Reorder the weight for oneDNN once and drop the plain copy; nothing happens where it cannot pack."""

@@ -32,7 +32,7 @@ class LlamaAttention(nn.Module):
         self.kv_proj: Linear | None = None  # set by prepare() when the hidden cache may need K/V recomputed
         self.kv_inverse: Linear | None = None  # ... and its left inverse (K/V -> x), where one exists
 
-    def prepare(self, keep_kv_projection: bool, paired_rope: bool) -> None:
+    def prepare(self, keep_kv_projection: bool, keep_kv_inverse: bool, paired_rope: bool) -> None:
         """Fuse q|k|v (and k|v for recompute from hidden rows), then pack every weight; `paired_rope`: reorder
         the q and k rows of each head for the complex rotation (model/rope.py)."""
         if paired_rope:
@@ -41,7 +41,7 @@ class LlamaAttention(nn.Module):
                 if projection.bias is not None:
                     projection.bias.data = pair_rows(projection.bias.data, self.head_dim)
         self.qkv_proj, self.kv_proj, self.kv_inverse = fuse_qkv(self.q_proj, self.k_proj, self.v_proj,
-                                                                 keep_kv_projection)
+                                                                 keep_kv_projection, keep_kv_inverse)
         del self.q_proj, self.k_proj, self.v_proj
         self.o_proj.pack()
 
@@ -121,11 +121,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.logits_head: Linear | None = None  # set by prepare()
 
-    def prepare(self, keep_kv_projection: bool = False) -> None:
-        """Fuse and pack the weights for inference (after loading); `keep_kv_projection` for the hidden cache."""
+    def prepare(self, keep_kv_projection: bool = False, keep_kv_inverse: bool = False) -> None:
+        """Fuse and pack the weights for inference (after loading); `keep_kv_projection` for the hidden cache,
+        `keep_kv_inverse` for demotion (CausalLM.prepare)."""
         paired_rope = self.model.embed_tokens.weight.dtype == torch.float32  # complex64 exists for fp32 only
         for layer in self.model.layers:
-            layer.self_attn.prepare(keep_kv_projection, paired_rope)
+            layer.self_attn.prepare(keep_kv_projection, keep_kv_inverse, paired_rope)
             layer.mlp.prepare()
         self.model.rotary_emb.paired = paired_rope
         self.logits_head = packed_head(self, self.model.embed_tokens)

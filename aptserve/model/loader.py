@@ -31,9 +31,10 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str | torch.device,
-               keep_kv_projection: bool = False) -> CausalLM:
+               keep_kv_projection: bool = False, keep_kv_inverse: bool = False) -> CausalLM:
     """Our module for the folder's architecture, weights cast to `dtype` on `device`, fused and packed for
-    inference, in eval mode. `keep_kv_projection`: keep a K/V projection for recomputing from hidden rows."""
+    inference, in eval mode. `keep_kv_projection`: keep a K/V projection for recomputing from hidden rows;
+    `keep_kv_inverse`: also its left inverse, for demoting K/V to hidden rows in place."""
     folder, device = Path(model_config.path), torch.device(device)
     architecture = ARCHITECTURES[model_config.architecture]
     model_class = architecture.model_class()
@@ -48,7 +49,7 @@ def load_model(model_config: ModelConfig, dtype: str | torch.dtype, device: str 
         weights[name] = tensor.to(torch_dtype(dtype))
     model.load_state_dict(weights, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    model.prepare(keep_kv_projection)
+    model.prepare(keep_kv_projection, keep_kv_inverse)
     use_rms_norm_kernel(model)
     return model
 

@@ -34,10 +34,11 @@ class OPTAttention(nn.Module):
         self.kv_proj: Linear | None = None  # set by prepare() when the hidden cache may need K/V recomputed
         self.kv_inverse: Linear | None = None  # ... and its left inverse (K/V -> x)
 
-    def prepare(self, keep_kv_projection: bool) -> None:
-        """Fuse q|k|v (and k|v for recompute from hidden rows, with its inverse), then pack every weight."""
+    def prepare(self, keep_kv_projection: bool, keep_kv_inverse: bool) -> None:
+        """Fuse q|k|v (and k|v for recompute from hidden rows, with its inverse for demotion), then pack every
+        weight."""
         self.qkv_proj, self.kv_proj, self.kv_inverse = fuse_qkv(self.q_proj, self.k_proj, self.v_proj,
-                                                                 keep_kv_projection)
+                                                                 keep_kv_projection, keep_kv_inverse)
         del self.q_proj, self.k_proj, self.v_proj
         self.out_proj.pack()
 
@@ -120,11 +121,12 @@ class OPTForCausalLM(nn.Module):
             self.lm_head = Linear(embed_dim(config), config.vocab_size, bias=False)
         self.logits_head: Linear | None = None  # set by prepare()
 
-    def prepare(self, keep_kv_projection: bool = False) -> None:
-        """Fuse and pack the weights for inference (after loading); `keep_kv_projection` for the hidden cache."""
+    def prepare(self, keep_kv_projection: bool = False, keep_kv_inverse: bool = False) -> None:
+        """Fuse and pack the weights for inference (after loading); `keep_kv_projection` for the hidden cache,
+        `keep_kv_inverse` for demotion (CausalLM.prepare)."""
         decoder = self.model.decoder
         for layer in decoder.layers:
-            layer.self_attn.prepare(keep_kv_projection)
+            layer.self_attn.prepare(keep_kv_projection, keep_kv_inverse)
             layer.fc1.pack()
             layer.fc2.pack()
         for projection in (decoder.project_in, decoder.project_out):

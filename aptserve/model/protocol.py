@@ -24,9 +24,10 @@ __all__ = ["AttentionLayer", "CausalLM", "CausalLMClass"]
 class CausalLM(Protocol):
     """A decoder-only language model as the runner drives it."""
 
-    def prepare(self, keep_kv_projection: bool = False) -> None:
+    def prepare(self, keep_kv_projection: bool = False, keep_kv_inverse: bool = False) -> None:
         """Once, after the weights are loaded: fuse and pack them for inference; `keep_kv_projection` keeps each
-        layer's K/V projection for the hidden cache (project_kv raises without it)."""
+        layer's K/V projection for the hidden cache (project_kv raises without it), `keep_kv_inverse` its left
+        inverse for demoting K/V to hidden rows in place (invert_kv raises without it)."""
         ...
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

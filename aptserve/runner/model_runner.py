@@ -58,9 +58,11 @@ class ModelInput:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_units: int, block_size: int, dtype: str,
                  device: str, seed: int = 0, hidden_scratch_tokens: int | None = None,
-                 logprobs_mode: LogprobsMode = LogprobsMode.RAW, kv_cache_dtype: str | None = None) -> None:
+                 logprobs_mode: LogprobsMode = LogprobsMode.RAW, kv_cache_dtype: str | None = None,
+                 demote_in_place: bool = False) -> None:
         """`hidden_scratch_tokens`: tokens of K/V recomputed from hidden rows at once (one layer, reused
         across layers); 0 when the hybrid cache is off; None: the minimum, one max_model_len context.
+        `demote_in_place`: keep each layer's K/V left inverse, so K/V can become hidden rows in place.
         `kv_cache_dtype`: of the cache and the scratch (None: `dtype`); rows are cast on their way in and out."""
         self.device = torch.device(device)
         if self.device.type == "cpu" and os.environ.get(NUM_THREADS_ENV):
@@ -70,7 +72,8 @@ class ModelRunner:
         num_scratch_blocks = self._num_scratch_blocks(hidden_scratch_tokens, block_size)
         # Without a scratch there is no hidden cache, and nothing needs K/V projected on their own.
         self.model: CausalLM = load_model(model_config, self.dtype, self.device,
-                                          keep_kv_projection=num_scratch_blocks > 0)
+                                          keep_kv_projection=num_scratch_blocks > 0,
+                                          keep_kv_inverse=demote_in_place and num_scratch_blocks > 0)
         # Zeroed, not empty: padded rows are masked out, but NaN garbage would still poison P @ V.
         cache_shape = (model_config.num_layers, num_units, block_size, model_config.kv_dim)
         cache_dtype = torch_dtype(kv_cache_dtype or dtype)
@@ -95,7 +98,8 @@ class ModelRunner:
     def from_config(cls, config: EngineConfig) -> ModelRunner:
         return cls(config.model, config.cache.num_units, config.cache.block_size, config.dtype, config.device,
                    config.seed, hidden_scratch_tokens=config.cache.hidden_scratch_tokens,
-                   logprobs_mode=config.logprobs_mode, kv_cache_dtype=config.cache.dtype)
+                   logprobs_mode=config.logprobs_mode, kv_cache_dtype=config.cache.dtype,
+                   demote_in_place=config.scheduler.demote_in_place)
 
     def _num_scratch_blocks(self, hidden_scratch_tokens: int | None, block_size: int) -> int:
         minimum = min_hidden_scratch_tokens(self.model_config, block_size)

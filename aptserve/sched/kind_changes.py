@@ -14,7 +14,7 @@ class KindChanges:
 
     def request_conversion(self, request_id: str, kind: CacheKind) -> None:
         """Ask for a request's cache to change kind at the next step (HIDDEN -> KV in place by projection once
-        memory allows; KV -> HIDDEN in place by solving K/V back where hidden blocks are smaller, else by
+        memory allows; KV -> HIDDEN in place by solving K/V back where the engine demotes in place, else by
         recompute)."""
         if self.hybrid_cache == HybridMode.OFF and kind == CacheKind.HIDDEN:
             raise ValueError("the hybrid cache is off for this engine; HIDDEN is not available")
@@ -37,9 +37,10 @@ class KindChanges:
                 del self._requested_conversions[request_id]
 
     def _can_demote(self, request: Request) -> bool:
-        """Whether the request's K/V can become hidden rows in place: it holds K/V, and on this model (multi-head
-        attention) they determine the smaller hidden rows."""
-        return (request.cache_kind == CacheKind.KV and request.num_computed_tokens > 0
+        """Whether the request's K/V can become hidden rows in place: it holds K/V, the model keeps each layer's K/V
+        left inverse (demote_in_place), and on this model (multi-head attention) K/V determine the smaller rows."""
+        return (self.config.demote_in_place and request.cache_kind == CacheKind.KV
+                and request.num_computed_tokens > 0
                 and self.cache.units_per_block(CacheKind.HIDDEN) < self.cache.units_per_block(CacheKind.KV))
 
     def _convert_in_place(self, request: Request, kind: CacheKind, out: SchedulerOutput) -> bool:
@@ -61,7 +62,7 @@ class KindChanges:
         """Under memory pressure, turn a running KV request's K/V into hidden rows in place (half its memory on
         multi-head attention) so it keeps decoding, where the policy allows it (`_keeps_running_hidden`); False
         (nothing changed) where it does not or the hidden rows do not fit."""
-        demoted = (self.config.preempt_to_hidden and self._can_demote(request)
+        demoted = (self._can_demote(request)
                    and self._keeps_running_hidden(request, now)
                    and self._convert_in_place(request, CacheKind.HIDDEN, out))
         self.num_demotions += demoted

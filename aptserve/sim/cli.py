@@ -95,7 +95,8 @@ def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost
     if fields["kv_cache_memory"] is None:
         if isinstance(cost_model, RooflineCostModel):
             batched = args.max_num_batched_tokens or max(config.max_model_len, CHUNKED_MAX_NUM_BATCHED_TOKENS)
-            fields["kv_cache_memory"] = cost_model.kv_cache_bytes(batched, args.gpu_memory_utilization)
+            fields["kv_cache_memory"] = cost_model.kv_cache_bytes(batched, args.gpu_memory_utilization,
+                                                                  demote_in_place=fields["preemption_mode"] == "hidden")
         else:
             fields["kv_cache_memory"] = EngineArgs.kv_cache_memory
     return EngineArgs(**fields)

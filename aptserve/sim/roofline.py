@@ -55,6 +55,12 @@ class RooflineCostModel:
         return (self.model.num_layers * self.layer_params + self.model.vocab_size * self.model.hidden_size) \
             * self.bytes_per_value
 
+    @property
+    def kv_inverse_bytes(self) -> int:
+        """Each layer's K/V left inverse (hidden x 2 kv_dim values), which an engine that demotes K/V to hidden rows
+        in place keeps besides its weights (--preemption-mode hidden), across every GPU."""
+        return self.model.num_layers * self.model.hidden_size * 2 * self.model.kv_dim * self.bytes_per_value
+
     # --- pricing -------------------------------------------------------------------------------
     def _phase_s(self, num_bytes: float, flops: float) -> float:
         return max(num_bytes / (self.gpu.hbm_bytes_per_s * self.bandwidth_efficiency),
@@ -104,14 +110,17 @@ class RooflineCostModel:
         """The hidden cache's price (the scheduler's alpha): seconds to re-project one block in every layer."""
         return model_config.num_layers * self._recompute_s(block_size)
 
-    def kv_cache_bytes(self, max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9) -> int:
-        """The cache pool across all GPUs, as vLLM sizes it: each GPU's share of memory, less its weights and the
-        activations of the largest step (here estimated, where vLLM profiles a forward pass)."""
+    def kv_cache_bytes(self, max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
+                       demote_in_place: bool = False) -> int:
+        """The cache pool across all GPUs, as vLLM sizes it: each GPU's share of memory, less its weights (with the
+        K/V left inverses where the engine demotes in place) and the activations of the largest step (here
+        estimated, where vLLM profiles a forward pass)."""
         m, b, tp = self.model, self.bytes_per_value, self.tensor_parallel
         activations = max_num_batched_tokens * (4 * m.hidden_size + 2 * self.intermediate_size // tp) * b
         logits = max_num_batched_tokens * m.vocab_size * 4 // tp  # fp32 logits of a whole step, at worst
-        per_gpu = int(self.gpu.memory_bytes * gpu_memory_utilization) - self.weight_bytes // tp - activations - logits
+        weights = self.weight_bytes + (self.kv_inverse_bytes if demote_in_place else 0)
+        per_gpu = int(self.gpu.memory_bytes * gpu_memory_utilization) - weights // tp - activations - logits
         if per_gpu <= 0:
             raise ValueError(f"{m.served_name or m.path} does not fit {tp} x {self.gpu.name} "
-                             f"({self.weight_bytes / 2**30:.1f} GiB of weights)")
+                             f"({weights / 2**30:.1f} GiB of weights)")
         return per_gpu * tp
