@@ -167,9 +167,9 @@ def resolve_dtypes(args: EngineArgs, model_config: ModelConfig) -> tuple[str, st
 
 def resolve_hybrid_cache(mode: HybridMode, model_config: ModelConfig, policy: type[Scheduler]) -> HybridMode:
     """AUTO -> ON where the hidden cache is smaller than the KV cache (r < 1) and the policy chooses cache kinds,
-    else OFF: under a policy that never chooses HIDDEN the scratch would only take memory, and a context capped by
-    what fits as hidden rows would be admitted by nobody (the engine stepped forever). ON is kept for such a policy
-    (kinds are then set by hand: LLMEngine.convert_request)."""
+    else OFF: under a policy that never chooses HIDDEN the scratch would only take memory. ON is kept for such a
+    policy (kinds are then set by hand: LLMEngine.convert_request); the context stays what fits as KV
+    (geometry.max_tokens_of_one_request)."""
     ratio = model_config.hidden_kv_ratio
     if mode == HybridMode.AUTO and not policy.prices_hidden_cache:
         logger.info("hybrid cache off: the %s policy never chooses the hidden cache", policy.name)

@@ -131,8 +131,8 @@ class InputProcessor:
         return params
 
     def _check_fits_pool(self, max_num_tokens: int) -> None:
-        """Refuse what the whole pool could never hold, in the smallest kind it may use, so that no request can
-        wait forever for memory."""
+        """Refuse what the whole pool is not sure to hold (geometry.max_tokens_of_one_request: as KV, or as hidden rows
+        where every request is), so that no request can wait forever for memory."""
         fitting = max_tokens_of_one_request(self.config.cache)
         if max_num_tokens > fitting:
             raise InvalidRequestError(

@@ -6,6 +6,7 @@ from aptserve.cache.geometry import hidden_units_per_block
 from aptserve.cache.tables import CACHE_OWNER
 from aptserve.config import HybridMode, ModelConfig
 from aptserve.engine_args import resolve_hybrid_cache
+from aptserve.errors import InvalidRequestError
 from aptserve.sampling import SamplingParams
 from aptserve.sched import policy_class
 from aptserve.sim.executor import CostModelExecutor
@@ -211,3 +212,24 @@ def test_hybrid_cache_that_admits_nothing_hidden_schedules_exactly_as_kv_only_on
         steps[hybrid] = [[(s.request_id, s.start_pos, s.num_tokens) for s in out.scheduled]
                          for out in engine.executor.outputs]
     assert steps["on"] == steps["off"]
+
+
+@pytest.mark.parametrize("policy", ["apt-chunked", "fcfs"])
+def test_with_the_hybrid_cache_on_a_request_must_fit_the_pool_as_kv(policy):
+    """Whether a request runs as hidden rows is the policy's choice at each step: here (alpha a second a block) the
+    apt greedy never offers them and fcfs never chooses them. A request the pool could hold only as hidden rows
+    used to be accepted and wait forever (the simulator's loop never drained); now the context is capped to what
+    fits as KV and such a request is refused at the door. All-hidden engines are sized by hidden rows."""
+    engine, _ = make_engine("on", num_units=40, policy=policy, alpha=1.0)
+    pool = engine.cache
+    as_kv, as_hidden = pool.num_units // 2 * 4, (pool.num_units - pool.num_scratch_units) * 4  # 4-token blocks
+    assert engine.config.model.max_model_len == as_kv == 112 and as_hidden == 160
+    with pytest.raises(InvalidRequestError, match="maximum context length is 112 tokens"):
+        engine.add_request(list(range(3, 153)), SamplingParams(max_tokens=4))  # 150 tokens: fit as hidden rows only
+    engine.add_request(list(range(3, 100)), SamplingParams(max_tokens=12, ignore_eos=True), request_id="longest")
+    engine.add_request(list(range(3, 20)), SamplingParams(max_tokens=4), request_id="short")
+    assert set(drain(engine)) == {"longest", "short"}
+    assert pool.num_free_units == pool.num_units
+    hidden, _ = make_engine("all-hidden", num_units=40, policy=policy)
+    pool = hidden.cache
+    assert hidden.config.model.max_model_len == (pool.num_units - pool.num_scratch_units) * 4 > pool.num_units // 2 * 4

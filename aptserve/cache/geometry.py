@@ -38,9 +38,10 @@ def scratch_units(model_config: ModelConfig, scratch_tokens: int, block_size: in
 
 
 def max_tokens_of_one_request(cache: CacheConfig) -> int:
-    """The most tokens one request could ever hold: the whole pool as KV or, beside the scratch, as hidden rows."""
-    as_kv = cache.num_units // KV_UNITS_PER_BLOCK * cache.block_size
-    if cache.hybrid == HybridMode.OFF:
-        return as_kv
-    as_hidden = max(0, cache.num_units - cache.num_scratch_units) // cache.units_per_hidden_block * cache.block_size
-    return max(as_kv, as_hidden)
+    """The most tokens one request is sure to be given room for: the whole pool as KV; where every request is hidden
+    rows (ALL_HIDDEN), the pool beside the scratch as hidden rows. With the hybrid cache ON, whether a request runs
+    hidden is the policy's choice at each step (batch-aware pricing declines hidden rows that would slow the batch,
+    and requests past their SLO get none), so one that fit only as hidden rows could wait forever."""
+    if cache.hybrid == HybridMode.ALL_HIDDEN:
+        return max(0, cache.num_units - cache.num_scratch_units) // cache.units_per_hidden_block * cache.block_size
+    return cache.num_units // KV_UNITS_PER_BLOCK * cache.block_size
