@@ -191,7 +191,7 @@ def bench_one(args, name: str, model_dir: str, kv_bytes: int, spec: BenchSpec, s
             unloaded = measure_unloaded(url, spec)
             if slos is None:
                 slos = slos_from_unloaded(unloaded, args.slo_scale)
-                log(f"SLOs from {name}'s unloaded latency: TTFT {slos['ttft_slo_s']:.3f} s, P99 TBT "
+                log(f"SLOs, {args.slo_scale:g}x {name}'s unloaded latency: TTFT {slos['ttft_slo_s']:.3f} s, P99 TBT "
                     f"{slos['tbt_slo_s']:.3f} s, mean TPOT {slos['tpot_slo_s']:.3f} s")
             result |= {"startup_s": round(startup_s, 1), "unloaded": unloaded, **bench_server(url, spec, slos, name)}
             if not is_peer(name):  # what its scheduler chose over the sweep (the unloaded probe included)
