@@ -29,6 +29,11 @@ AlphaFn = Callable[[ModelConfig, int, str, str], float]
 PREEMPTION_MODES = ("recompute", "hidden")
 
 
+def asks_demotion(preemption_mode: str) -> bool:
+    """Whether this --preemption-mode demotes K/V to hidden rows in place (and so keeps the K/V left inverses)."""
+    return preemption_mode == "hidden"
+
+
 @dataclass(frozen=True)
 class EngineArgs(FlagTable):
     cli_group: ClassVar[str] = "engine"
@@ -194,7 +199,7 @@ def resolve_preemption_mode(mode: str, cache: CacheConfig) -> bool:
     default: the left inverse it needs costs a sixth of an OPT layer's weights in memory (OPT-30B in fp16: 9.9 GB,
     beside a KV budget of 15.5 GiB on one A100-80GB), and the apt policies' own price let it fire in no measured
     cell (benchmarks/results/demotion_ab.md)."""
-    if mode != "hidden":
+    if not asks_demotion(mode):
         return False
     if not (cache.hybrid == HybridMode.ON and cache.units_per_hidden_block < KV_UNITS_PER_BLOCK):
         raise ValueError("preemption_mode 'hidden' needs the hybrid cache on (not all-hidden) and a model whose "

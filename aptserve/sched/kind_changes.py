@@ -37,11 +37,9 @@ class KindChanges:
                 del self._requested_conversions[request_id]
 
     def _can_demote(self, request: Request) -> bool:
-        """Whether the request's K/V can become hidden rows in place: it holds K/V, the model keeps each layer's K/V
-        left inverse (demote_in_place), and on this model (multi-head attention) K/V determine the smaller rows."""
-        return (self.config.demote_in_place and request.cache_kind == CacheKind.KV
-                and request.num_computed_tokens > 0
-                and self.cache.units_per_block(CacheKind.HIDDEN) < self.cache.units_per_block(CacheKind.KV))
+        """Whether the request's K/V can become hidden rows in place: it holds K/V and the model keeps each layer's
+        K/V left inverse (demote_in_place, resolved only where K/V determine the smaller hidden rows: MHA)."""
+        return self.config.demote_in_place and request.cache_kind == CacheKind.KV and request.num_computed_tokens > 0
 
     def _convert_in_place(self, request: Request, kind: CacheKind, out: SchedulerOutput) -> bool:
         """HIDDEN -> KV by projecting the stored rows, KV -> HIDDEN by solving K/V back to them (_can_demote);

@@ -30,7 +30,7 @@ from aptserve.checkpoints import OPT_SHAPES
 from aptserve.cluster.args import RoutingArgs
 from aptserve.cluster.policy import RouteRequest, make_policy
 from aptserve.config import ModelConfig
-from aptserve.engine_args import EngineArgs
+from aptserve.engine_args import EngineArgs, asks_demotion
 from aptserve.sched import policy_class
 from aptserve.sched.chunked import CHUNKED_MAX_NUM_BATCHED_TOKENS
 from aptserve.sim.executor import CostModel, CostModelExecutor, LinearCostModel, SimClock
@@ -95,8 +95,8 @@ def engine_args(args: argparse.Namespace, policy: str, config: ModelConfig, cost
     if fields["kv_cache_memory"] is None:
         if isinstance(cost_model, RooflineCostModel):
             batched = args.max_num_batched_tokens or max(config.max_model_len, CHUNKED_MAX_NUM_BATCHED_TOKENS)
-            fields["kv_cache_memory"] = cost_model.kv_cache_bytes(batched, args.gpu_memory_utilization,
-                                                                  demote_in_place=fields["preemption_mode"] == "hidden")
+            fields["kv_cache_memory"] = cost_model.kv_cache_bytes(
+                batched, args.gpu_memory_utilization, demote_in_place=asks_demotion(fields["preemption_mode"]))
         else:
             fields["kv_cache_memory"] = EngineArgs.kv_cache_memory
     return EngineArgs(**fields)

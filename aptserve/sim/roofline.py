@@ -42,10 +42,15 @@ class RooflineCostModel:
         return self.model.intermediate_size or 4 * self.model.hidden_size
 
     @property
+    def kv_projection_params(self) -> int:
+        """One layer's k and v projections (hidden x 2 kv_dim); its K/V left inverse is as large."""
+        return 2 * self.model.hidden_size * self.model.kv_dim
+
+    @property
     def layer_params(self) -> int:
         m = self.model
         query_dim = m.num_heads * m.head_dim
-        attention = 2 * m.hidden_size * query_dim + 2 * m.hidden_size * m.kv_dim  # q, o; k, v
+        attention = 2 * m.hidden_size * query_dim + self.kv_projection_params  # q, o; k, v
         ffn_matrices = ARCHITECTURES[m.architecture].ffn_matrices
         return attention + ffn_matrices * m.hidden_size * self.intermediate_size
 
@@ -59,7 +64,7 @@ class RooflineCostModel:
     def kv_inverse_bytes(self) -> int:
         """Each layer's K/V left inverse (hidden x 2 kv_dim values), which an engine that demotes K/V to hidden rows
         in place keeps besides its weights (--preemption-mode hidden), across every GPU."""
-        return self.model.num_layers * self.model.hidden_size * 2 * self.model.kv_dim * self.bytes_per_value
+        return self.model.num_layers * self.kv_projection_params * self.bytes_per_value
 
     # --- pricing -------------------------------------------------------------------------------
     def _phase_s(self, num_bytes: float, flops: float) -> float:
@@ -94,7 +99,7 @@ class RooflineCostModel:
             return 0.0
         activation_bytes = num_tokens * (2 * m.hidden_size + self.intermediate_size) * b
         # Conversions alone read only the K/V projection weights (in _recompute_s's GEMM), not the layer's.
-        weight_bytes = self.layer_params * b / tp if num_tokens else 2 * m.hidden_size * m.kv_dim * b / tp
+        weight_bytes = (self.layer_params if num_tokens else self.kv_projection_params) * b / tp
         dense_s = self._phase_s(weight_bytes + activation_bytes, 2 * num_tokens * self.layer_params / tp)
         attention_s = sum(self._attention_s(r.num_tokens, r.start_pos) for r in sched_out.scheduled)
         recompute_s = sum(self._recompute_s(r.start_pos) for r in sched_out.scheduled
