@@ -4,6 +4,7 @@ clients' streams go on. On the simulator's executor with the real tokenizer (see
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -60,13 +61,18 @@ def test_chat_work_is_bounded_before_rendering_and_detokenize_takes_one_context(
 
 
 def _bounded_chat_and_detokenize(live, max_chat_items: int) -> None:
+    many = [{"role": "user", "content": "a"}] * 200_000  # 5.8 MB: under the body limit
+    # Encoded before the bystander starts: json.dumps of it holds this process's GIL ~0.25 s, which the server's
+    # thread (in this process too) would wait out, a gap the client made, not the server.
+    many_body = json.dumps({"model": SIM, "messages": many}).encode()
+    ids_body = json.dumps({"model": SIM, "tokens": [100] * 1_000_000}).encode()
     bystander = Bystander(live.base_url, completion(max_tokens=100))  # >= 3 s: through every probe
     bystander.start()
     assert bystander.started.wait(30)
-    many = [{"role": "user", "content": "a"}] * 200_000  # 5.8 MB: under the body limit
     for path in ("chat/completions", "../tokenize"):
         start = time.perf_counter()
-        response = post(live, {"model": SIM, "messages": many}, path)
+        response = httpx.post(f"{live.base_url}/v1/{path}", content=many_body, timeout=30,
+                              headers={"content-type": "application/json"})
         assert response.status_code == 400 and f"at most {max_chat_items} messages" in response.text, response.text
         assert time.perf_counter() - start < 2
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}] * max_chat_items}]
@@ -76,7 +82,8 @@ def _bounded_chat_and_detokenize(live, max_chat_items: int) -> None:
         response = post(live, {"model": SIM, "messages": long_text}, path)
         assert response.status_code == 400 and "characters" in response.text, response.text
     max_model_len = live.engine.config.model.max_model_len
-    too_many = httpx.post(f"{live.base_url}/detokenize", json={"model": SIM, "tokens": [100] * 1_000_000}, timeout=30)
+    too_many = httpx.post(f"{live.base_url}/detokenize", content=ids_body, timeout=30,
+                          headers={"content-type": "application/json"})
     assert too_many.status_code == 400 and f"at most {max_model_len}" in too_many.text
     assert httpx.post(f"{live.base_url}/detokenize", json={"model": SIM, "tokens": [100] * max_model_len},
                       timeout=30).status_code == 200
