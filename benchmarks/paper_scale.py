@@ -1,5 +1,6 @@
 """The paper's evaluation at its scale, simulated: OPT-13B on one A100-40GB (the authors' setup), OPT-30B on two and
-OPT-66B on four A100-80GB; ShareGPT, HumanEval (its 164 problems repeated, as DistServe's x10) and the LongBench-like
+OPT-66B on four A100-80GB, and the memory-bound cells (OPT-30B on one A100-80GB, OPT-66B on two, OPT-13B on two
+L4s and OPT-6.7B on one); ShareGPT, HumanEval (its 164 problems repeated, as DistServe's x10) and the LongBench-like
 set (prompts up to 1,900 tokens, under OPT's 2,048 positions); Poisson (cv 1) and bursty (cv 4) arrivals; two SLO
 sets (DistServe-style templates, and 5x the unloaded latency); fcfs (vLLM v0-like), chunked (Sarathi-like), apt and
 apt-chunked, the last two with the hybrid cache off (KV only) and auto.
@@ -42,10 +43,12 @@ class Setup:
 
 
 # The authors' setups, and larger models on fewer GPUs, where weights leave the KV cache little memory (the cells
-# where the paper says the hidden cache pays most): OPT-30B on one A100-80GB, OPT-66B on two.
+# where the paper says the hidden cache pays most): OPT-30B on one A100-80GB, OPT-66B on two; and 24 GB cards
+# (L4: GDDR6, PCIe): OPT-13B's 24 GiB of fp16 weights need two of them, OPT-6.7B fits one.
 SETUPS = {"opt-13b": Setup("opt-13b", "a100-40gb", 1), "opt-30b": Setup("opt-30b", "a100-80gb", 2),
           "opt-66b": Setup("opt-66b", "a100-80gb", 4), "opt-30b-1gpu": Setup("opt-30b", "a100-80gb", 1),
-          "opt-66b-2gpu": Setup("opt-66b", "a100-80gb", 2)}
+          "opt-66b-2gpu": Setup("opt-66b", "a100-80gb", 2), "opt-13b-2l4": Setup("opt-13b", "l4", 2),
+          "opt-6.7b-l4": Setup("opt-6.7b", "l4", 1)}
 WORKLOAD_FLAGS = {"sharegpt": ["--max-total-len", "2048"], "humaneval": [],
                   "longbench": ["--target-prompt-len", "1900"]}
 # DistServe's (TTFT, TPOT) SLOs for the workloads it published (its artifact's plotting script); the others take the
@@ -53,7 +56,8 @@ WORKLOAD_FLAGS = {"sharegpt": ["--max-total-len", "2048"], "humaneval": [],
 # Apt-Serve's stricter rule.
 TEMPLATE_SLOS = {("opt-13b", "sharegpt"): (0.25, 0.1), ("opt-66b", "sharegpt"): (0.4, 0.1),
                  ("opt-66b", "humaneval"): (0.125, 0.2), ("opt-66b", "longbench"): (15.0, 0.15)}
-NEAREST_PUBLISHED = {"opt-13b": ("opt-13b", "opt-66b"), "opt-30b": ("opt-66b",), "opt-66b": ("opt-66b",)}
+NEAREST_PUBLISHED = {"opt-6.7b": ("opt-13b", "opt-66b"), "opt-13b": ("opt-13b", "opt-66b"), "opt-30b": ("opt-66b",),
+                     "opt-66b": ("opt-66b",)}
 SLO_SCALE = 5.0
 MIN_RATE = 1 / 16  # req/s: the lowest rate probed
 # (name, policy, engine flags). The baselines never choose the hidden cache, so they run KV only. chunked/tbt is

@@ -69,6 +69,19 @@ def test_tensor_parallelism_splits_the_weights_and_pays_all_reduces():
     assert model("opt-66b", "a100-80gb", 4).kv_cache_bytes(2048) > 100 * GIB
 
 
+def test_a_24_gb_card_holds_opt_6_7b_but_opt_13b_only_across_two():
+    """The L4 (24 GB GDDR6, PCIe): OPT-13B's fp16 weights alone are more than one card holds; over PCIe the
+    all-reduces of two cost more of a step than over an A100's NVLink."""
+    with pytest.raises(ValueError, match="does not fit 1 x l4"):
+        model("opt-13b", "l4", 1).kv_cache_bytes(2048)
+    assert 4 * GIB < model("opt-6.7b", "l4", 1).kv_cache_bytes(2048) < 10 * GIB
+    assert model("opt-13b", "l4", 2).kv_cache_bytes(2048) > 10 * GIB
+    l4, a100 = model("opt-13b", "l4", 2), model("opt-13b", "a100-80gb", 2)
+    assert l4._all_reduce_s(512) > 5 * a100._all_reduce_s(512)
+    decode = step(*[(1, 512, CacheKind.KV)] * 8)  # the weights once per step at 300 GB/s, not 2 TB/s
+    assert l4.step_time(decode) > 4 * a100.step_time(decode)
+
+
 def test_demotion_in_place_pays_for_its_left_inverses_in_kv_memory():
     """OPT-30B on one A100-80GB: the K/V left inverses demotion keeps (a sixth of the layers' weights) come out of
     the KV budget; the simulator sizes a demoting engine's pool with them."""
