@@ -310,7 +310,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def markdown(payload: dict) -> str:
+    runs = payload["config"].get("merged_from") or [{"setups": payload["config"]["setups"],
+                                                      "commit": payload["git"]["commit"]}]
     lines = ["# Paper-scale study (simulated)", "",
+             f"{payload['config']['num_requests']} requests per rate probed; "
+             + "; ".join(f"setups {r['setups']} run at {r['commit'][:7]}" for r in runs) + ".", "",
              "Effective throughput (req/s at which 90% of requests meet TTFT and P99 TBT), simulated by `aptserve "
              "sim` on the roofline cost model. `<r (a at 1/s)`: even the lowest rate probed "
              "failed, and the attainment at 1 req/s was a; `>=r`: none failed;"
@@ -384,9 +388,10 @@ def disagreements(cells: list[dict]) -> list[str]:
            f"{costly['unloaded']['median_p99_tbt_s'] * 1e3:.1f} ms for an unloaded step. " if costly else
            "it adds a large share of a step. ")
         + "Under TBT SLOs of 0.1-0.2 s the step time binds before the KV budget does, and the scheduler's alpha "
-          "prices the hidden cache out for all but a few requests. Where the hybrid cache lowers the effective "
-          "throughput (long prompts, bursts), the few long contexts it turns hidden lengthen every step of their "
-          "batch: alpha weighs the recompute against the chosen request's value, not against the TBT of the others.",
+          "prices the hidden cache out for all but a few requests. The greedy prices hidden rows by the step time "
+          "they add to every request batched with them, against those requests' TBT slack, so it admits them only "
+          "where the recompute costs less than a request's share of a full KV batch's step (each setup's section "
+          "above gives both): where it does not, hybrid auto runs as KV only.",
         f"- The greedy value order (apt over fcfs, KV only): {spread('greedy_order_gain/apt')}; apt-chunked over "
         f"chunked/tbt (the same SLO-sized chunks, FCFS order): {spread('greedy_order_gain/apt-chunked')}.",
         f"- Chunks sized to the TBT SLO (chunked/tbt over chunked's fixed {CHUNKED_BUDGET}-token budget): "
@@ -415,7 +420,7 @@ def plot(path: Path, results: list[dict]) -> None:
         ratios = [_ratio(r["summary"]["rates"][name], r["summary"]["rates"]["fcfs"]) or 0.0 for r in results]
         ax.bar(x + (i - len(VARIANTS) / 2 + 0.5) * width, ratios, width, label=name)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(x, [f"{r['setup']['model']} x{r['setup']['tensor_parallel']}\n{r['workload']}\ncv {r['cv']:g}\n"
+    ax.set_xticks(x, [f"{r['setup']['model']}\n{r['setup']['tensor_parallel']}x {r['setup']['gpu']}\n{r['workload']}\ncv {r['cv']:g}\n"
                       f"{r['slo_set']}" for r in results],
                   fontsize=6)
     ax.set_ylabel("effective throughput / fcfs")
