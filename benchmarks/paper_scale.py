@@ -420,9 +420,8 @@ def plot(path: Path, results: list[dict]) -> None:
         ratios = [_ratio(r["summary"]["rates"][name], r["summary"]["rates"]["fcfs"]) or 0.0 for r in results]
         ax.bar(x + (i - len(VARIANTS) / 2 + 0.5) * width, ratios, width, label=name)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(x, [f"{r['setup']['model']}\n{r['setup']['tensor_parallel']}x {r['setup']['gpu']}\n{r['workload']}\ncv {r['cv']:g}\n"
-                      f"{r['slo_set']}" for r in results],
-                  fontsize=6)
+    ax.set_xticks(x, [f"{r['setup']['model']}\n{r['setup']['tensor_parallel']}x {r['setup']['gpu']}\n{r['workload']}\n"
+                      f"cv {r['cv']:g}\n{r['slo_set']}" for r in results], fontsize=6)
     ax.set_ylabel("effective throughput / fcfs")
     ax.set_yscale("log" if any((r["summary"]["best_apt/fcfs"] or 0) > 4 for r in results) else "linear")
     ax.set_title("simulated paper-scale study: effective throughput relative to fcfs (paper rule, 90%)")
