@@ -71,22 +71,32 @@ class HFSystem:
 
 
 class AptSystem:
-    def __init__(self, dtype: str, kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, dtype: str, kv_cache_dtype: str = "auto", **engine) -> None:
         from aptserve import LLM, SamplingParams
 
         self.params = SamplingParams
-        self.llm = LLM(model="default", dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=256 << 20)
+        self.llm = LLM(model="default", dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=256 << 20,
+                       **engine)
 
     def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         return [o.outputs[0].token_ids for o in self.llm.generate(prompts, params, use_tqdm=False)]
 
     def scored(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[tuple[float, bool]]]:
-        params = self.params(temperature=0, max_tokens=1, prompt_logprobs=0)
-        outputs = self.llm.generate([p + c for p, c in zip(prompts, continuations)], params, use_tqdm=False)
-        # prompt_logprobs[i] is prompt token i + 1's; rank 1 = the most likely token.
-        return [[(o.prompt_logprobs[len(p) - 1 + i].logprob, o.prompt_logprobs[len(p) - 1 + i].rank == 1)
-                 for i in range(len(c))] for p, c, o in zip(prompts, continuations, outputs)]
+        outputs = self.llm.generate([p + c for p, c in zip(prompts, continuations)], self.scoring_params(),
+                                    use_tqdm=False)
+        return continuation_scores(prompts, continuations, outputs)
+
+    def scoring_params(self):
+        return self.params(temperature=0, max_tokens=1, prompt_logprobs=0)
+
+
+def continuation_scores(prompts: list[list[int]], continuations: list[list[int]],
+                        outputs: list) -> list[list[tuple[float, bool]]]:
+    """(log probability of each continuation token, whether it is the most likely one), from the prompt logprobs of
+    each prompt + continuation: prompt_logprobs[i] is prompt token i + 1's; rank 1 = the most likely token."""
+    return [[(o.prompt_logprobs[len(p) - 1 + i].logprob, o.prompt_logprobs[len(p) - 1 + i].rank == 1)
+             for i in range(len(c))] for p, c, o in zip(prompts, continuations, outputs)]
 
 
 def compare(a: dict, b: dict) -> dict:

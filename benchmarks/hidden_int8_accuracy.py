@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
-from benchmarks.dtype_accuracy import compare, held_back_prompts  # noqa: E402
+from benchmarks.dtype_accuracy import AptSystem, compare, continuation_scores, held_back_prompts  # noqa: E402
 
 INT8_MAX = 127
 
@@ -59,27 +59,19 @@ def int8_hidden_rows(group_size: int | None):
         attention.write_hidden_rows = write
 
 
-class AptSystem:
+class HiddenRowsSystem(AptSystem):
+    """Greedy on apt-chunked; scoring one prompt at a time through `chunk`-token prefill steps, so that each chunk
+    reads the rows of those before it."""
+
     def __init__(self, hybrid_cache: str, chunk: int) -> None:
-        from aptserve import LLM, SamplingParams
-
-        self.params = SamplingParams
-        common = dict(model="default", dtype="float32", hybrid_cache=hybrid_cache, kv_cache_memory=256 << 20)
-        self.llm = LLM(scheduler="apt-chunked", **common)
-        self.chunked = LLM(scheduler="chunked", max_num_batched_tokens=chunk, **common)
-
-    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        return [o.outputs[0].token_ids for o in self.llm.generate(prompts, params, use_tqdm=False)]
+        super().__init__("float32", hybrid_cache=hybrid_cache, scheduler="apt-chunked")
+        self.chunked = AptSystem("float32", hybrid_cache=hybrid_cache, scheduler="chunked",
+                                 max_num_batched_tokens=chunk).llm
 
     def scored(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[tuple[float, bool]]]:
-        params = self.params(temperature=0, max_tokens=1, prompt_logprobs=0)
-        rows = []
-        for p, c in zip(prompts, continuations):  # one at a time: each chunk of a step reads the rows before it
-            o = self.chunked.generate([p + c], params, use_tqdm=False)[0]
-            rows.append([(o.prompt_logprobs[len(p) - 1 + i].logprob, o.prompt_logprobs[len(p) - 1 + i].rank == 1)
-                         for i in range(len(c))])
-        return rows
+        outputs = [self.chunked.generate([p + c], self.scoring_params(), use_tqdm=False)[0]
+                   for p, c in zip(prompts, continuations)]
+        return continuation_scores(prompts, continuations, outputs)
 
 
 def int8_error(prompts: list[list[int]], group_size: int) -> dict:
@@ -116,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     quantised = {"hidden-int8-row": None, f"hidden-int8-g{args.group_size}": args.group_size}  # name: group size
     for name, hybrid in (("kv", "off"), ("hidden-fp32", "all-hidden"), *((q, "all-hidden") for q in quantised)):
         with int8_hidden_rows(quantised[name]) if name in quantised else nullcontext():
-            system = AptSystem(hybrid, args.chunk)
+            system = HiddenRowsSystem(hybrid, args.chunk)
             greedy = system.greedy(prompts, args.max_tokens)
             reference = reference or greedy  # the KV cache's continuations, scored by every system
             results[name] = {"greedy": greedy, "scored": system.scored(prompts, reference)}

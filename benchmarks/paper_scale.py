@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="cells simulated in parallel")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="instead of simulating: merge earlier runs' "
+                        "paper_scale.json (the same options but --setups) into one table, each run's commit named")
     return parser.parse_args(argv)
 
 
@@ -255,6 +258,9 @@ def load_traces(workloads: list[str], options: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    if options.merge:
+        merge(options.merge, Path(options.out_dir))
+        return 0
     workloads = options.workloads.split(",")
     cells = [(SETUPS[m], w, float(cv), s) for m in options.setups.split(",") for w in workloads
              for cv in options.cvs.split(",") for s in options.slo_sets.split(",")]
@@ -272,12 +278,35 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "paper_scale", "config": vars(options), "paper_headline": PAPER_HEADLINE,
                "traces": {w: trace_stats(t) for w, t in traces.items()}, "cells": results,
                "claims": claims(results)}
-    out_dir = Path(options.out_dir)
+    write_outputs(payload, Path(options.out_dir))
+    return 0
+
+
+def write_outputs(payload: dict, out_dir: Path) -> None:
     write_json(out_dir / "paper_scale.json", payload)
     (out_dir / "paper_scale.md").write_text(markdown(payload))
-    plot(out_dir / "paper_scale.png", results)
+    plot(out_dir / "paper_scale.png", payload["cells"])
     print(f"wrote {out_dir / 'paper_scale.json'}, .md and .png")
-    return 0
+
+
+def merge(paths: list[str], out_dir: Path) -> None:
+    """One table from runs of the same options but --setups (each run's commit kept in config.merged_from, which
+    markdown() names), the cells in SETUPS' order, the claims taken over all of them."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+
+    def options(run: dict) -> dict:
+        return {k: v for k, v in run["config"].items() if k not in ("setups", "out_dir", "merge", "merged_from")}
+
+    if any(options(run) != options(runs[0]) for run in runs):
+        raise SystemExit("paper_scale --merge: the runs differ in more than --setups")
+    order = list(SETUPS.values())
+    cells = sorted((c for run in runs for c in run["cells"]), key=lambda c: order.index(Setup(**c["setup"])))
+    merged_from = [entry for run in runs for entry in run["config"].get("merged_from")
+                   or [{"setups": run["config"]["setups"], "commit": run["git"]["commit"]}]]
+    present = {Setup(**c["setup"]) for c in cells}
+    config = {**runs[-1]["config"], "setups": ",".join(k for k, s in SETUPS.items() if s in present),
+              "out_dir": str(out_dir), "merged_from": merged_from}
+    write_outputs({**runs[-1], "config": config, "cells": cells, "claims": claims(cells)}, out_dir)
 
 
 def claims(results: list[dict]) -> dict:

@@ -19,8 +19,12 @@ from tests.test_server import running_server
 from tests.test_server_robustness import POISON_TOKEN_ID, SIM, completion, sim_engine
 
 
-def post(live, body, path: str = "completions", **kwargs) -> httpx.Response:
-    return httpx.post(f"{live.base_url}/v1/{path}", json=body, timeout=30, **kwargs)
+def post(live, body: dict | bytes, path: str = "completions", **kwargs) -> httpx.Response:
+    """POST `body` (a dict, or JSON already encoded) to /v1/`path`."""
+    url = f"{live.base_url}/v1/{path}"
+    if isinstance(body, bytes):
+        return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30, **kwargs)
+    return httpx.post(url, json=body, timeout=30, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +75,7 @@ def _bounded_chat_and_detokenize(live, max_chat_items: int) -> None:
     assert bystander.started.wait(30)
     for path in ("chat/completions", "../tokenize"):
         start = time.perf_counter()
-        response = httpx.post(f"{live.base_url}/v1/{path}", content=many_body, timeout=30,
-                              headers={"content-type": "application/json"})
+        response = post(live, many_body, path)
         assert response.status_code == 400 and f"at most {max_chat_items} messages" in response.text, response.text
         assert time.perf_counter() - start < 2
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}] * max_chat_items}]
@@ -82,8 +85,7 @@ def _bounded_chat_and_detokenize(live, max_chat_items: int) -> None:
         response = post(live, {"model": SIM, "messages": long_text}, path)
         assert response.status_code == 400 and "characters" in response.text, response.text
     max_model_len = live.engine.config.model.max_model_len
-    too_many = httpx.post(f"{live.base_url}/detokenize", content=ids_body, timeout=30,
-                          headers={"content-type": "application/json"})
+    too_many = post(live, ids_body, "../detokenize")
     assert too_many.status_code == 400 and f"at most {max_model_len}" in too_many.text
     assert httpx.post(f"{live.base_url}/detokenize", json={"model": SIM, "tokens": [100] * max_model_len},
                       timeout=30).status_code == 200
