@@ -3,11 +3,12 @@
 - packed: oneDNN-packed (and fused, with the activations and residual adds inside the GEMMs) linears, vs the same
   fused linears on plain F.linear (what machines without oneDNN packing run);
 - paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA;
-- rms_norm kernel: Llama's RMSNorm in one pass (our C++ kernel) vs torch's F.rms_norm.
+- rms_norm kernel: Llama's RMSNorm in one pass (our C++ kernel) vs torch's F.rms_norm;
+- prefill kernel: bf16 prefill attention with AVX-512 BF16 dot products (our C++ kernel) vs torch's SDPA.
 
 Each configuration builds its own engine on the default model and is timed with step_speed's figures (decode step
 at --decode-rows rows of --decode-contexts-token contexts, prefill of one prompt of each --prefill-lens), min of
---repeats.
+--repeats; the decode step is the median of the steps timed one by one, as step_speed.py times it.
 
     .venv/bin/python benchmarks/engine_ab.py        # ~6 min
     .venv/bin/python benchmarks/engine_ab.py --configs "as shipped,plain linears" --prefill-lens 256,1024,2048
@@ -17,15 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks._step_speed_common import measure  # noqa: E402
 from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
+from benchmarks.step_speed import aptserve_stepping_run  # noqa: E402
 
 CONFIGS = {"as shipped": (), "plain linears": ("packed",), "gather attention": ("kernel",),
-           "neither": ("packed", "kernel"), "torch rms_norm": ("rms_norm",)}
+           "neither": ("packed", "kernel"), "torch rms_norm": ("rms_norm",),
+           "torch prefill attention": ("prefill_kernel",)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-rows", default="1,8,32")
     parser.add_argument("--decode-contexts", default="256")
     parser.add_argument("--prefill-lens", default="512")
+    parser.add_argument("--dtype", default="float32", help="the engine's --dtype (auto: this CPU's default)")
+    parser.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     parser.add_argument("--name", default="engine_ab", help="file name of the results")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
@@ -43,39 +47,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def switched_off(features: tuple[str, ...]):
-    from aptserve.model import linear, rms_norm
+    from aptserve.model import attention, linear, rms_norm
     from aptserve.runner import model_runner
 
-    saved = linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels
+    saved = linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels, attention.bf16_prefill_kernel
     if "packed" in features:
         linear.can_pack = lambda weight: False
     if "kernel" in features:
         model_runner.cpu_kernels = lambda: None
     if "rms_norm" in features:
         rms_norm.cpu_kernels = lambda: None
+    if "prefill_kernel" in features:
+        attention.bf16_prefill_kernel = lambda: None
     try:
         yield
     finally:
-        linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels = saved
+        linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels, attention.bf16_prefill_kernel = saved
 
 
 def run(args, features: tuple[str, ...]) -> dict:
-    from aptserve import LLM, SamplingParams
+    from aptserve import LLM
 
-    with switched_off(features):
-        llm = LLM(model=args.model, kv_cache_memory=512 << 20, max_num_seqs=64, max_model_len=4096)
-
-    def generate(prompts, max_tokens):
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-        return time.perf_counter() - start
-
-    return measure(generate, _ints(args.decode_rows), _ints(args.prefill_lens), args.repeats,
-                   _ints(args.decode_contexts))
+    with switched_off(features):  # the whole run: the prefill kernel is looked up at each call
+        llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64,
+                  max_model_len=4096)
+        return {**measure(aptserve_stepping_run(llm), _ints(args.decode_rows), _ints(args.prefill_lens),
+                          args.repeats, _ints(args.decode_contexts)), "dtype": llm.engine.config.dtype}
 
 
 def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",")]
+    return [int(part) for part in text.split(",") if part]
 
 
 def main(argv: list[str] | None = None) -> int:

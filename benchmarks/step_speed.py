@@ -50,10 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_aptserve(args) -> dict:
-    from aptserve import LLM, SamplingParams
+    from aptserve import LLM
 
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64,
               max_model_len=args.max_model_len)
+    return {**measure(aptserve_stepping_run(llm), *figures_args(args)), "dtype": llm.engine.config.dtype}
+
+
+def aptserve_stepping_run(llm):
+    """step_speed's `run` over an aptserve LLM's engine (greedy, ignore_eos)."""
+    from aptserve import SamplingParams
 
     engine = llm.engine
 
@@ -61,8 +67,7 @@ def run_aptserve(args) -> dict:
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                            request_id=request_id)
 
-    run = stepping_run(add_request, engine.step, engine.has_unfinished_requests)
-    return {**measure(run, *figures_args(args)), "dtype": llm.engine.config.dtype}
+    return stepping_run(add_request, engine.step, engine.has_unfinished_requests)
 
 
 def figures_args(args) -> tuple[list[int], list[int], int, list[int]]:

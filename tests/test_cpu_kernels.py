@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aptserve.model import linear, rms_norm
+from aptserve.model import attention, linear, rms_norm
 from aptserve.model.cpu_kernels import DISABLE_ENV, cpu_kernels
 from aptserve.runner import model_runner
 from tests.model_fixtures import Driver, DriverRequest, assert_matches_hf_greedy, save_tiny_llama
@@ -23,15 +23,18 @@ needs_kernels = pytest.mark.skipif(kernels is None, reason="the CPU kernels did 
 
 
 @needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 64), (6, 2, 32), (4, 2, 128), (3, 1, 20)])
-def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_heads, head_dim):
-    """Head sizes of whole vectors (the vectorised blocks) and one that is not (20: the plain loops)."""
+def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_heads, head_dim, cache_dtype):
+    """Head sizes of whole vectors (the vectorised blocks) and one that is not (20: the plain loops); bf16 rows are
+    widened exactly, so they match SDPA over the same rows in fp32 as closely as fp32 rows do."""
     generator = torch.Generator().manual_seed(num_heads)
     block_size, num_requests = 16, 7
     context_lens = torch.tensor([1, 15, 16, 17, 100, 250, 33])
     num_blocks = (context_lens + block_size - 1) // block_size
     max_blocks = int(num_blocks.max())
-    cache = torch.randn(2 * int(num_blocks.sum()) + 4, block_size, num_kv_heads * head_dim, generator=generator)
+    cache = torch.randn(2 * int(num_blocks.sum()) + 4, block_size, num_kv_heads * head_dim,
+                        generator=generator).to(cache_dtype)
     order = torch.randperm(cache.shape[0], generator=generator)
     k_units = torch.zeros(num_requests, max_blocks, dtype=torch.long)
     v_units = torch.zeros_like(k_units)
@@ -42,11 +45,47 @@ def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_hea
     q = torch.randn(num_requests, num_heads, head_dim, generator=generator)
     out = torch.empty_like(q)
     kernels.paged_decode_attention(out, q, cache, k_units, v_units, context_lens, head_dim**-0.5, num_kv_heads)
+    cache = cache.float()
     for b, length in enumerate(context_lens.tolist()):
         k = cache[k_units[b]].reshape(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
         v = cache[v_units[b]].reshape(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
         expected = F.scaled_dot_product_attention(q[b][:, None], k, v, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def cpu_has_bf16() -> bool:
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else False
+
+
+@needs_kernels
+def test_the_bf16_prefill_kernel_is_built_exactly_where_the_cpu_has_avx512_bf16():
+    assert kernels.has_bf16_prefill() == cpu_has_bf16()
+    assert (attention.bf16_prefill_kernel() is not None) == cpu_has_bf16()
+
+
+@pytest.mark.skipif(kernels is None or not kernels.has_bf16_prefill(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("num_queries, offset", [(1, 0), (5, 0), (37, 0), (100, 300), (260, 0), (16, 17)])
+def test_bf16_prefill_kernel_is_as_close_to_fp32_attention_as_torchs_bf16_sdpa(num_heads, num_kv_heads, head_dim,
+                                                                               num_queries, offset):
+    """Causal over the context and the chunk (queries at offset ..), tiles cut mid-block, GQA and MHA; its error
+    against fp32 attention over the same bf16 inputs is that of torch's own bf16 SDPA."""
+    generator = torch.Generator().manual_seed(num_queries + offset)
+    num_keys = offset + num_queries
+    q = torch.randn(num_queries, num_heads, head_dim, generator=generator).bfloat16()
+    k, v = (torch.randn(num_keys, num_kv_heads, head_dim, generator=generator).bfloat16() for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    kernels.prefill_attention_bf16(out, q, k, v, offset, head_dim**-0.5)
+    mask = torch.ones(num_queries, num_keys, dtype=torch.bool).tril_(offset)
+    heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*[t.float() for t in heads_first], attn_mask=mask, enable_gqa=True)
+    torch_bf16 = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, enable_gqa=True)
+    exact = exact[0].transpose(0, 1)
+    ours_error = (out.float() - exact).abs().max().item()
+    torch_error = (torch_bf16[0].transpose(0, 1).float() - exact).abs().max().item()
+    assert ours_error <= 1.5 * torch_error + 2e-3, (ours_error, torch_error)
+    with pytest.raises(RuntimeError, match="keys"):
+        kernels.prefill_attention_bf16(out, q, k[1:], v[1:], offset, head_dim**-0.5)
 
 
 @needs_kernels

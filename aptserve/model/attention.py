@@ -17,6 +17,8 @@ context with an offset causal mask. The per-step metadata is built once for all 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -71,12 +73,12 @@ def _attend(out, q, k, v, cache, decode_groups: list[DecodeGroup], prefills: lis
 def _decode_attention(q, cache, group: DecodeGroup, buffer, scale) -> torch.Tensor:
     num_decodes, num_heads, head_dim = q.shape
     num_kv_heads = cache.shape[-1] // head_dim
-    if group.k_units is not None:  # the paged kernel reads K/V where they are
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        cpu_kernels().paged_decode_attention(out, q.contiguous(), cache, group.k_units, group.v_units,
+    if group.k_units is not None:  # the paged kernel reads K/V where they are (fp32 or bf16), in fp32
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        cpu_kernels().paged_decode_attention(out, q.float().contiguous(), cache, group.k_units, group.v_units,
                                              group.context_lens, head_dim**-0.5 if scale is None else scale,
                                              num_kv_heads)
-        return out
+        return out.to(q.dtype)
     flat_units = cache.view(cache.shape[0], -1)
     gathered = torch.index_select(flat_units, 0, group.block_ids, out=buffer[: len(group.block_ids)])
     # [2, B, S, kv_heads, head_dim] -> K and V as [B, kv_heads, S, head_dim] (strided views, no copy).
@@ -85,6 +87,13 @@ def _decode_attention(q, cache, group: DecodeGroup, buffer, scale) -> torch.Tens
     q_groups = q.view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(q_groups, kv[0], kv[1], attn_mask=group.mask, scale=scale)
     return out.reshape(num_decodes, num_heads, head_dim)
+
+
+@functools.cache
+def bf16_prefill_kernel():
+    """Our bf16 prefill attention (csrc/prefill_attention.cpp) where it is built for this CPU (AVX-512 BF16)."""
+    kernels = cpu_kernels()
+    return kernels if kernels is not None and kernels.has_bf16_prefill() else None
 
 
 def _prefill_attention(q, k, v, cache, chunk: PrefillChunk, scale) -> torch.Tensor:
@@ -96,6 +105,12 @@ def _prefill_attention(q, k, v, cache, chunk: PrefillChunk, scale) -> torch.Tens
         gathered = cache.index_select(0, chunk.block_ids).view(2, -1, num_kv_heads, k.shape[2]).to(q.dtype)
         k, v = gathered[0, :context_len], gathered[1, :context_len]
         mask, is_causal = chunk.mask, False
+    kernel = bf16_prefill_kernel() if q.dtype == torch.bfloat16 and k.shape[2] in (32, 64, 128) else None
+    if kernel is not None:  # its causal mask is the offset one: keys up to each query's own position
+        out = torch.empty(q.shape, dtype=q.dtype)
+        kernel.prefill_attention_bf16(out, q.contiguous(), k, v, k.shape[0] - q.shape[0],
+                                      q.shape[2] ** -0.5 if scale is None else scale)
+        return out
     # A batch dim of 1: torch's CPU flash kernel takes only 4-D inputs (3-D falls back to the math path, 2x slower).
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),

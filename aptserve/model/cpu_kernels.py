@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "APTSERVE_CPU_KERNELS"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "paged_decode.cpp", CSRC / "rms_norm.cpp", CSRC / "bindings.cpp"]
+SOURCES = [CSRC / "paged_decode.cpp", CSRC / "prefill_attention.cpp", CSRC / "rms_norm.cpp", CSRC / "bindings.cpp"]
 HEADERS = [CSRC / "attention_common.h"]
 MODULE_NAME = "aptserve_cpu_kernels"
 

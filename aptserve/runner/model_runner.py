@@ -31,6 +31,8 @@ from aptserve.sched.output import RunnerOutput, ScheduledRequest, SchedulerOutpu
 
 # CPU threads for torch; unset keeps torch's default (OMP_NUM_THREADS, else one per core).
 NUM_THREADS_ENV = "APTSERVE_NUM_THREADS"
+# The model and cache dtypes the paged decode kernel serves (it widens bf16 rows to fp32 as it reads them).
+PAGED_KERNEL_DTYPES = {torch.float32, torch.bfloat16}
 
 
 def default_decode_group_bytes(device: torch.device, paged_kernel: bool) -> int:
@@ -81,8 +83,8 @@ class ModelRunner:
         # The scratch holds one layer's K/V of num_scratch_blocks in pool units a step lends it (runner/metadata.py).
         self.num_scratch_units = (scratch_units(model_config, num_scratch_blocks * block_size, block_size)
                                   if num_scratch_blocks else 0)
-        # Decode attention reads K/V in place where our CPU kernel is built for this machine (fp32).
-        paged_kernel = (self.device.type == "cpu" and self.dtype == cache_dtype == torch.float32
+        # Decode attention reads K/V in place where our CPU kernel is built for this machine (fp32 or bf16 rows).
+        paged_kernel = (self.device.type == "cpu" and {self.dtype, cache_dtype} <= PAGED_KERNEL_DTYPES
                         and cpu_kernels() is not None)
         self.metadata_builder = AttentionMetadataBuilder(
             self.kv_cache, num_scratch_blocks, model_config.hidden_size, self.model.rope, self.dtype, paged_kernel)
