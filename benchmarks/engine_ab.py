@@ -4,7 +4,7 @@
   fused linears on plain F.linear (what machines without oneDNN packing run);
 - paged kernel: decode attention reading K/V in place (our C++ kernel) vs gathering K/V and calling SDPA;
 - rms_norm kernel: Llama's RMSNorm in one pass (our C++ kernel) vs torch's F.rms_norm;
-- prefill kernel: bf16 prefill attention with AVX-512 BF16 dot products (our C++ kernel) vs torch's SDPA.
+- prefill kernel: prefill attention on AVX-512 (our C++ kernel; bf16 with vdpbf16ps) vs torch's SDPA.
 
 Each configuration builds its own engine on the default model and is timed with step_speed's figures (decode step
 at --decode-rows rows of --decode-contexts-token contexts, prefill of one prompt of each --prefill-lens), min of
@@ -50,7 +50,7 @@ def switched_off(features: tuple[str, ...]):
     from aptserve.model import attention, linear, rms_norm
     from aptserve.runner import model_runner
 
-    saved = linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels, attention.bf16_prefill_kernel
+    saved = linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels, attention.prefill_kernel_dtypes
     if "packed" in features:
         linear.can_pack = lambda weight: False
     if "kernel" in features:
@@ -58,11 +58,11 @@ def switched_off(features: tuple[str, ...]):
     if "rms_norm" in features:
         rms_norm.cpu_kernels = lambda: None
     if "prefill_kernel" in features:
-        attention.bf16_prefill_kernel = lambda: None
+        attention.prefill_kernel_dtypes = frozenset
     try:
         yield
     finally:
-        linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels, attention.bf16_prefill_kernel = saved
+        linear.can_pack, model_runner.cpu_kernels, rms_norm.cpu_kernels, attention.prefill_kernel_dtypes = saved
 
 
 def run(args, features: tuple[str, ...]) -> dict:

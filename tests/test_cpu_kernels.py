@@ -1,6 +1,6 @@
 """Our CPU kernels and the plain paths they replace: the paged decode kernel against SDPA over gathered K/V, the
-RMSNorm kernel against torch's, and the whole runner with neither kernel nor packed weights still matching HF token
-for token."""
+prefill kernel against exact attention, the RMSNorm kernel against torch's, and the whole runner with no kernel nor
+packed weights still matching HF token for token."""
 from __future__ import annotations
 
 import os
@@ -53,39 +53,42 @@ def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_hea
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
 
 
-def cpu_has_bf16() -> bool:
-    return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else False
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    return set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
 
 
 @needs_kernels
-def test_the_bf16_prefill_kernel_is_built_exactly_where_the_cpu_has_avx512_bf16():
-    assert kernels.has_bf16_prefill() == cpu_has_bf16()
-    assert (attention.bf16_prefill_kernel() is not None) == cpu_has_bf16()
+def test_the_prefill_kernel_is_built_for_the_dtypes_this_cpu_computes():
+    """bf16 where the CPU has AVX-512 BF16; elsewhere none (torch's SDPA runs)."""
+    expected = {"bfloat16"} if "avx512_bf16" in cpu_flags() else set()
+    assert set(kernels.prefill_attention_dtypes()) == expected
+    assert attention.prefill_kernel_dtypes() == {getattr(torch, name) for name in expected}
 
 
-@pytest.mark.skipif(kernels is None or not kernels.has_bf16_prefill(), reason="needs AVX-512 BF16")
+@pytest.mark.skipif(kernels is None or not kernels.prefill_attention_dtypes(), reason="needs AVX-512 BF16")
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
 @pytest.mark.parametrize("num_queries, offset", [(1, 0), (5, 0), (37, 0), (100, 300), (260, 0), (16, 17)])
-def test_bf16_prefill_kernel_is_as_close_to_fp32_attention_as_torchs_bf16_sdpa(num_heads, num_kv_heads, head_dim,
-                                                                               num_queries, offset):
+def test_bf16_prefill_kernel_is_as_close_to_exact_attention_as_torchs_sdpa(num_heads, num_kv_heads, head_dim,
+                                                                          num_queries, offset):
     """Causal over the context and the chunk (queries at offset ..), tiles cut mid-block, GQA and MHA; its error
-    against fp32 attention over the same bf16 inputs is that of torch's own bf16 SDPA."""
+    against attention in float64 over the same bf16 inputs is that of torch's own bf16 SDPA."""
     generator = torch.Generator().manual_seed(num_queries + offset)
     num_keys = offset + num_queries
     q = torch.randn(num_queries, num_heads, head_dim, generator=generator).bfloat16()
-    k, v = (torch.randn(num_keys, num_kv_heads, head_dim, generator=generator).bfloat16() for _ in range(2))
+    k, v = (torch.randn(num_keys, num_kv_heads, head_dim, generator=generator).to(q.dtype) for _ in range(2))
     out = torch.full_like(q, float("nan"))
-    kernels.prefill_attention_bf16(out, q, k, v, offset, head_dim**-0.5)
+    kernels.prefill_attention(out, q, k, v, offset, head_dim**-0.5)
     mask = torch.ones(num_queries, num_keys, dtype=torch.bool).tril_(offset)
     heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]
-    exact = F.scaled_dot_product_attention(*[t.float() for t in heads_first], attn_mask=mask, enable_gqa=True)
-    torch_bf16 = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, enable_gqa=True)
+    exact = F.scaled_dot_product_attention(*[t.double() for t in heads_first], attn_mask=mask, enable_gqa=True)
+    torch_sdpa = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, enable_gqa=True)
     exact = exact[0].transpose(0, 1)
-    ours_error = (out.float() - exact).abs().max().item()
-    torch_error = (torch_bf16[0].transpose(0, 1).float() - exact).abs().max().item()
+    ours_error = (out.double() - exact).abs().max().item()
+    torch_error = (torch_sdpa[0].transpose(0, 1).double() - exact).abs().max().item()
     assert ours_error <= 1.5 * torch_error + 2e-3, (ours_error, torch_error)
     with pytest.raises(RuntimeError, match="keys"):
-        kernels.prefill_attention_bf16(out, q, k[1:], v[1:], offset, head_dim**-0.5)
+        kernels.prefill_attention(out, q, k[1:], v[1:], offset, head_dim**-0.5)
 
 
 @needs_kernels
@@ -155,6 +158,7 @@ def test_plain_paths_without_kernel_or_packing_match_hf(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_runner, "cpu_kernels", lambda: None)
     monkeypatch.setattr(rms_norm, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(attention, "prefill_kernel_dtypes", frozenset)
     monkeypatch.setattr(linear, "can_pack", lambda weight: False)
     path = save_tiny_llama(tmp_path, num_kv_heads=2, tie_word_embeddings=True)
 

@@ -90,10 +90,11 @@ def _decode_attention(q, cache, group: DecodeGroup, buffer, scale) -> torch.Tens
 
 
 @functools.cache
-def bf16_prefill_kernel():
-    """Our bf16 prefill attention (csrc/prefill_attention.cpp) where it is built for this CPU (AVX-512 BF16)."""
+def prefill_kernel_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes our prefill attention kernel (csrc/prefill_attention.cpp) is built for on this CPU: fp32 with
+    AVX-512, bf16 with AVX-512 BF16; none elsewhere (torch's SDPA runs)."""
     kernels = cpu_kernels()
-    return kernels if kernels is not None and kernels.has_bf16_prefill() else None
+    return frozenset(getattr(torch, name) for name in kernels.prefill_attention_dtypes()) if kernels else frozenset()
 
 
 def _prefill_attention(q, k, v, cache, chunk: PrefillChunk, scale) -> torch.Tensor:
@@ -105,11 +106,10 @@ def _prefill_attention(q, k, v, cache, chunk: PrefillChunk, scale) -> torch.Tens
         gathered = cache.index_select(0, chunk.block_ids).view(2, -1, num_kv_heads, k.shape[2]).to(q.dtype)
         k, v = gathered[0, :context_len], gathered[1, :context_len]
         mask, is_causal = chunk.mask, False
-    kernel = bf16_prefill_kernel() if q.dtype == torch.bfloat16 and k.shape[2] in (32, 64, 128) else None
-    if kernel is not None:  # its causal mask is the offset one: keys up to each query's own position
-        out = torch.empty(q.shape, dtype=q.dtype)
-        kernel.prefill_attention_bf16(out, q.contiguous(), k, v, k.shape[0] - q.shape[0],
-                                      q.shape[2] ** -0.5 if scale is None else scale)
+    if q.device.type == "cpu" and q.dtype in prefill_kernel_dtypes() and k.shape[2] in (32, 64, 128):
+        out = torch.empty(q.shape, dtype=q.dtype)  # causal with the offset: keys up to each query's own position
+        cpu_kernels().prefill_attention(out, q.contiguous(), k, v, k.shape[0] - q.shape[0],
+                                        q.shape[2] ** -0.5 if scale is None else scale)
         return out
     # A batch dim of 1: torch's CPU flash kernel takes only 4-D inputs (3-D falls back to the math path, 2x slower).
     out = F.scaled_dot_product_attention(

@@ -1,12 +1,13 @@
-// Causal attention of a prefill chunk in bf16, for CPUs with AVX-512 BF16 (vdpbf16ps): flash-style, fp32 sums.
+// Causal attention of a bf16 prefill chunk on CPUs with AVX-512 BF16, flash-style: vdpbf16ps products, fp32 sums.
+// (An fp32 twin with FMAs drew even with torch's SDPA at 1,024 tokens and lost at 2,048, so fp32 keeps torch's.)
 //
 // A chunk's T queries sit at absolute positions offset .. offset + T - 1 and attend to the S = offset + T keys
 // before and at them (offset 0: a prompt's first chunk over its own K/V; otherwise K/V gathered from the cache).
 // Work items are (KV head, block of kQueryRows queries); the query heads of one KV head (GQA) share each K/V tile
-// read. Per key tile of kKeys keys: scores Q K^T with vdpbf16ps (K packed once as pairs of dims), an online softmax
-// in fp32, then P V with vdpbf16ps (V packed once as pairs of keys, P rounded to bf16 as it is multiplied). Only the
-// tiles at or below the diagonal are computed. Where the CPU lacks AVX-512 BF16 the module reports so
-// (has_bf16_prefill) and torch's SDPA runs instead.
+// read. Per key tile of kKeys keys: scores Q K^T (K packed once per call so that a tile's keys lie across the
+// vector lanes), an online softmax in fp32, then P V (V packed so that a key's dims lie across the lanes; P is
+// rounded to bf16 as it is multiplied). Only the tiles at or below the diagonal are computed. The dtypes built
+// for this CPU are listed by prefill_attention_dtypes; for the others torch's SDPA runs instead.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -22,67 +24,90 @@
 namespace {
 constexpr int64_t kKeys = 32;       // keys per tile: two 16-lane score vectors per query row
 constexpr int64_t kQueryRows = 16;  // query positions per work item
-constexpr int kRowsAtOnce = 4;      // query rows whose scores share each K load
-
+constexpr int kRowsAtOnce = 4;      // query rows whose scores share each K load (a fixed count, so that the
+                                    // accumulators stay in registers; a last partial group is padded)
 using aptserve::kNoScore;
 
-// K of one KV head as tiles of kKeys keys: [tile][dim pair][key][2] (the two dims of a pair side by side, as
-// vdpbf16ps takes them), keys past S zero. V likewise as [tile][key pair][dim][2].
-void pack_tiles(const uint16_t* src, int64_t stride, int64_t num_keys, int64_t head_dim, uint16_t* k_tiles,
-                bool as_values) {
-  const int64_t num_tiles = (num_keys + kKeys - 1) / kKeys, tile_size = kKeys * head_dim;
-  std::fill(k_tiles, k_tiles + num_tiles * tile_size, uint16_t{0});
-  for (int64_t j = 0; j < num_keys; ++j) {
-    uint16_t* tile = k_tiles + (j / kKeys) * tile_size;
-    const int64_t key = j % kKeys;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const uint16_t value = src[j * stride + d];
-      if (as_values) {
-        tile[((key / 2) * head_dim + d) * 2 + key % 2] = value;
-      } else {
-        tile[((d / 2) * kKeys + key) * 2 + d % 2] = value;
+// bf16 (as its bits): a K tile is [dim pair][key][2] (a pair's two dims side by side, as vdpbf16ps takes them), a V
+// tile [key pair][dim][2]; one vdpbf16ps per two value pairs, P rounded to bf16.
+struct Bf16 {
+  using T = uint16_t;
+  using Probs = uint32_t;  // keys 2j and 2j + 1 of a row's tile weights as one bf16 pair
+  static constexpr int64_t kProbsPerRow = kKeys / 2;
+
+  static void pack(const T* src, int64_t key, int64_t head_dim, T* tile, bool as_values) {
+    for (int64_t d = 0; d < head_dim; ++d)
+      (as_values ? tile[((key / 2) * head_dim + d) * 2 + key % 2] : tile[((d / 2) * kKeys + key) * 2 + d % 2]) = src[d];
+  }
+
+  static void scores(const T* const* q_rows, const T* k_tile, int64_t head_dim, __m512 acc[kRowsAtOnce][2]) {
+    for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k_tile + pair * kKeys * 2);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k_tile + pair * kKeys * 2 + 32);
+      for (int r = 0; r < kRowsAtOnce; ++r) {
+        uint32_t bits;
+        std::memcpy(&bits, q_rows[r] + 2 * pair, sizeof(bits));
+        const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], q, k0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], q, k1);
       }
     }
   }
-}
 
-// scores[r][0..kKeys) = q_r . k over one K tile, for kRowsAtOnce query rows of head_dim values (a fixed count, so
-// that the accumulators stay in registers; callers pad with repeated rows).
-inline void tile_scores(const uint16_t* const* q_rows, const uint16_t* k_tile, int64_t head_dim, float* scores) {
-  __m512 acc[kRowsAtOnce][2];
-  for (int r = 0; r < kRowsAtOnce; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
-    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k_tile + pair * kKeys * 2);
-    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k_tile + pair * kKeys * 2 + 32);
-    for (int r = 0; r < kRowsAtOnce; ++r) {
-      uint32_t bits;
-      std::memcpy(&bits, q_rows[r] + 2 * pair, sizeof(bits));
-      const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], q, k0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], q, k1);
+  template <int C>
+  static void values(const Probs* const* p_rows, const T* v_tile, __m512 acc[kRowsAtOnce][C]) {
+    for (int64_t pair = 0; pair < kKeys / 2; ++pair) {
+      __m512bh v[C];
+      for (int c = 0; c < C; ++c) v[c] = (__m512bh)_mm512_loadu_si512(v_tile + (pair * C * 16 + c * 16) * 2);
+      for (int r = 0; r < kRowsAtOnce; ++r) {
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(p_rows[r][pair]));
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, v[c]);
+      }
     }
   }
+
+  // Key k's weight is bf16 element k: the 32-bit lane j holds keys 2j and 2j + 1, the pair vdpbf16ps takes.
+  static void store_probs(__m512 e0, __m512 e1, Probs* probs) {
+    _mm512_storeu_si512(probs, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+
+  static T from_float(float x) {  // round to nearest even (no NaNs here)
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return static_cast<T>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+  }
+};
+
+// One KV head's K (or V) as tiles of kKeys keys in the dtype's layout, keys past the end zero.
+template <typename D>
+void pack_tiles(const typename D::T* src, int64_t stride, int64_t num_keys, int64_t head_dim, typename D::T* tiles,
+                bool as_values) {
+  const int64_t num_tiles = (num_keys + kKeys - 1) / kKeys, tile_size = kKeys * head_dim;
+  std::fill(tiles, tiles + num_tiles * tile_size, typename D::T{0});
+  for (int64_t j = 0; j < num_keys; ++j)
+    D::pack(src + j * stride, j % kKeys, head_dim, tiles + (j / kKeys) * tile_size, as_values);
+}
+
+// scores[r][0..kKeys) = q_r . k over one K tile, for kRowsAtOnce query rows.
+template <typename D>
+inline void tile_scores(const typename D::T* const* q_rows, const typename D::T* k_tile, int64_t head_dim,
+                        float* scores) {
+  __m512 acc[kRowsAtOnce][2];
+  for (int r = 0; r < kRowsAtOnce; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  D::scores(q_rows, k_tile, head_dim, acc);
   for (int r = 0; r < kRowsAtOnce; ++r) {
     _mm512_storeu_ps(scores + r * kKeys, acc[r][0]);
     _mm512_storeu_ps(scores + r * kKeys + 16, acc[r][1]);
   }
 }
 
-// out_r[0..head_dim) += sum over the tile's keys of p_r[key] v[key], p as bf16 pairs ([key pair] as uint32), for
-// kRowsAtOnce rows (padded as above).
-template <int C>  // head_dim / 16
-inline void tile_values(const uint32_t* const* p_rows, const uint16_t* v_tile, float* const* out_rows) {
+// out_r[0..head_dim) += sum over the tile's keys of p_r[key] v[key], for kRowsAtOnce rows.
+template <typename D, int C>  // C = head_dim / 16
+inline void tile_values(const typename D::Probs* const* p_rows, const typename D::T* v_tile, float* const* out_rows) {
   __m512 acc[kRowsAtOnce][C];
   for (int r = 0; r < kRowsAtOnce; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_loadu_ps(out_rows[r] + 16 * c);
-  for (int64_t pair = 0; pair < kKeys / 2; ++pair) {
-    __m512bh v[C];
-    for (int c = 0; c < C; ++c) v[c] = (__m512bh)_mm512_loadu_si512(v_tile + (pair * C * 16 + c * 16) * 2);
-    for (int r = 0; r < kRowsAtOnce; ++r) {
-      const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(p_rows[r][pair]));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, v[c]);
-    }
-  }
+  D::template values<C>(p_rows, v_tile, acc);
   for (int r = 0; r < kRowsAtOnce; ++r)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out_rows[r] + 16 * c, acc[r][c]);
 }
@@ -106,9 +131,10 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 // One row's online softmax over a tile of kKeys scores, of which the first `visible` count: updates the running max
-// and sum, rescales the row's accumulator and writes the tile's weights as bf16 pairs for tile_values.
+// and sum, rescales the row's accumulator and writes the tile's weights for tile_values.
+template <typename D>
 inline void softmax_tile(const float* scores, int64_t visible, float scale, float& running_max, float& running_sum,
-                         float* acc, int64_t head_dim, uint32_t* probs) {
+                         float* acc, int64_t head_dim, typename D::Probs* probs) {
   const __mmask16 low = visible >= 16 ? 0xffff : visible <= 0 ? 0 : (1u << visible) - 1;
   const __mmask16 high = visible >= kKeys ? 0xffff : visible <= 16 ? 0 : (1u << (visible - 16)) - 1;
   const __m512 none = _mm512_set1_ps(kNoScore), scale_v = _mm512_set1_ps(scale);
@@ -125,32 +151,26 @@ inline void softmax_tile(const float* scores, int64_t visible, float scale, floa
     const __m512 c = _mm512_set1_ps(correction);
     for (int64_t d = 0; d < head_dim; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), c));
   }
-  // Key k's weight is bf16 element k: the 32-bit lane j holds keys 2j and 2j + 1, the pair vdpbf16ps takes.
-  _mm512_storeu_si512(probs, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  D::store_probs(e0, e1, probs);
 }
 
-inline uint16_t to_bf16(float x) {  // round to nearest even (no NaNs here)
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
-template <int C>
+template <typename D, int C>
 void attend(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value, int64_t offset, double scale) {
+  using T = typename D::T;
   const int64_t num_queries = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_keys = key.size(0), num_kv_heads = key.size(1), group = num_heads / num_kv_heads;
   const int64_t num_tiles = (num_keys + kKeys - 1) / kKeys, tile_size = kKeys * head_dim;
-  const auto* q = reinterpret_cast<const uint16_t*>(query.data_ptr<at::BFloat16>());
-  const auto* k = reinterpret_cast<const uint16_t*>(key.data_ptr<at::BFloat16>());
-  const auto* v = reinterpret_cast<const uint16_t*>(value.data_ptr<at::BFloat16>());
-  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto* q = static_cast<const T*>(query.data_ptr());
+  const auto* k = static_cast<const T*>(key.data_ptr());
+  const auto* v = static_cast<const T*>(value.data_ptr());
+  auto* o = static_cast<T*>(out.data_ptr());
   const int64_t kv_stride = key.stride(0);
 
-  std::vector<uint16_t> k_tiles(num_kv_heads * num_tiles * tile_size), v_tiles(k_tiles.size());
+  std::vector<T> k_tiles(num_kv_heads * num_tiles * tile_size), v_tiles(k_tiles.size());
   at::parallel_for(0, num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      pack_tiles(k + g * head_dim, kv_stride, num_keys, head_dim, k_tiles.data() + g * num_tiles * tile_size, false);
-      pack_tiles(v + g * head_dim, value.stride(0), num_keys, head_dim, v_tiles.data() + g * num_tiles * tile_size,
+      pack_tiles<D>(k + g * head_dim, kv_stride, num_keys, head_dim, k_tiles.data() + g * num_tiles * tile_size, false);
+      pack_tiles<D>(v + g * head_dim, value.stride(0), num_keys, head_dim, v_tiles.data() + g * num_tiles * tile_size,
                  true);
     }
   });
@@ -163,7 +183,7 @@ void attend(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value, 
     const int64_t rows_max = kQueryRows * group + kRowsAtOnce;  // + the padding rows of a last partial group
     std::vector<float> scores(rows_max * kKeys), acc(rows_max * head_dim, 0.f), running_max(rows_max),
         running_sum(rows_max);
-    std::vector<uint32_t> probs(rows_max * kKeys / 2, 0);
+    std::vector<typename D::Probs> probs(rows_max * D::kProbsPerRow, 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / num_blocks, nth = item % num_blocks;
       const int64_t block = nth % 2 == 0 ? num_blocks - 1 - nth / 2 : nth / 2;
@@ -173,66 +193,73 @@ void attend(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value, 
       std::fill(running_max.begin(), running_max.begin() + rows, kNoScore);
       std::fill(running_sum.begin(), running_sum.begin() + rows, 0.f);
       const int64_t last_key = offset + first + count - 1;  // the last row's own position
-      const uint16_t* k_head = k_tiles.data() + g * num_tiles * tile_size;
-      const uint16_t* v_head = v_tiles.data() + g * num_tiles * tile_size;
+      const T* k_head = k_tiles.data() + g * num_tiles * tile_size;
+      const T* v_head = v_tiles.data() + g * num_tiles * tile_size;
       for (int64_t tile = 0; tile * kKeys <= last_key; ++tile) {
         const int64_t key0 = tile * kKeys;
         for (int64_t r0 = 0; r0 < rows; r0 += kRowsAtOnce) {
-          const uint16_t* q_rows[kRowsAtOnce];
+          const T* q_rows[kRowsAtOnce];
           for (int r = 0; r < kRowsAtOnce; ++r) {
             const int64_t row = std::min(r0 + r, rows - 1);  // padding repeats the last row
             q_rows[r] = q + ((first + row / group) * num_heads + g * group + row % group) * head_dim;
           }
-          tile_scores(q_rows, k_head + tile * tile_size, head_dim, scores.data() + r0 * kKeys);
+          tile_scores<D>(q_rows, k_head + tile * tile_size, head_dim, scores.data() + r0 * kKeys);
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t visible = offset + first + r / group - key0 + 1;  // keys up to the row's own position
-          softmax_tile(scores.data() + r * kKeys, std::min(visible, kKeys), qk_scale, running_max[r], running_sum[r],
-                       acc.data() + r * head_dim, head_dim, probs.data() + r * (kKeys / 2));
+          softmax_tile<D>(scores.data() + r * kKeys, std::min(visible, kKeys), qk_scale, running_max[r], running_sum[r],
+                       acc.data() + r * head_dim, head_dim, probs.data() + r * D::kProbsPerRow);
         }
         for (int64_t r0 = 0; r0 < rows; r0 += kRowsAtOnce) {
-          const uint32_t* p_rows[kRowsAtOnce];
+          const typename D::Probs* p_rows[kRowsAtOnce];
           float* out_rows[kRowsAtOnce];
           for (int r = 0; r < kRowsAtOnce; ++r) {  // rows past the end: the padding rows of the buffers
-            p_rows[r] = probs.data() + (r0 + r) * (kKeys / 2);
+            p_rows[r] = probs.data() + (r0 + r) * D::kProbsPerRow;
             out_rows[r] = acc.data() + (r0 + r) * head_dim;
           }
-          tile_values<C>(p_rows, v_head + tile * tile_size, out_rows);
+          tile_values<D, C>(p_rows, v_head + tile * tile_size, out_rows);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        uint16_t* dst = o + ((first + r / group) * num_heads + g * group + r % group) * head_dim;
+        T* dst = o + ((first + r / group) * num_heads + g * group + r % group) * head_dim;
         const float inv = 1.f / running_sum[r];  // every row sees at least its own key
-        for (int64_t d = 0; d < head_dim; ++d) dst[d] = to_bf16(acc[r * head_dim + d] * inv);
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = D::from_float(acc[r * head_dim + d] * inv);
       }
     }
   });
 }
+
+template <typename D>
+void dispatch(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value, int64_t offset, double scale) {
+  switch (query.size(2)) {
+    case 32: return attend<D, 2>(out, query, key, value, offset, scale);
+    case 64: return attend<D, 4>(out, query, key, value, offset, scale);
+    case 128: return attend<D, 8>(out, query, key, value, offset, scale);
+  }
+  TORCH_CHECK(false, "head_dim 32, 64 or 128");
+}
 }  // namespace
 
-bool has_bf16_prefill() { return true; }
+std::vector<std::string> prefill_attention_dtypes() { return {"bfloat16"}; }
 
-void prefill_attention_bf16(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value, int64_t offset,
-                            double scale) {
-  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key.scalar_type() == at::kBFloat16 &&
-                  value.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16, "bf16 only");
+void prefill_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value, int64_t offset,
+                       double scale) {
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(key.scalar_type() == dtype && value.scalar_type() == dtype && out.scalar_type() == dtype,
+              "one dtype for q, k, v and out");
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && key.stride(2) == 1 && value.stride(2) == 1 &&
                   key.stride(1) == key.size(2) && value.stride(1) == value.size(2), "rows of heads, dims contiguous");
   TORCH_CHECK(key.size(0) == offset + query.size(0) && value.sizes() == key.sizes(), "keys: the context, then the chunk");
   TORCH_CHECK(query.size(1) % key.size(1) == 0, "head layout");
-  switch (query.size(2)) {
-    case 32: return attend<2>(out, query, key, value, offset, scale);
-    case 64: return attend<4>(out, query, key, value, offset, scale);
-    case 128: return attend<8>(out, query, key, value, offset, scale);
-  }
-  TORCH_CHECK(false, "head_dim 32, 64 or 128");
+  TORCH_CHECK(dtype == at::kBFloat16, "a dtype of prefill_attention_dtypes()");
+  dispatch<Bf16>(out, query, key, value, offset, scale);
 }
 
 #else  // no AVX-512 BF16: the caller keeps torch's SDPA
 
-bool has_bf16_prefill() { return false; }
+std::vector<std::string> prefill_attention_dtypes() { return {}; }
 
-void prefill_attention_bf16(at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, double) {
+void prefill_attention(at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, double) {
   TORCH_CHECK(false, "built without AVX-512 BF16");
 }
 
