@@ -10,7 +10,7 @@ Every system is scored on the same token sequences: each prompt followed by HF's
 
     .venv/bin/python benchmarks/dtype_accuracy.py          # ~6 min on 2 AVX2 cores (bf16 is emulated there)
 
-Writes <out-dir>/dtype_accuracy.json.
+Writes <out-dir>/<name>.json (default dtype_accuracy.json).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=20261203, help="of the ShareGPT sample (not the tests' prompts)")
+    parser.add_argument("--name", default="dtype_accuracy", help="file name of the results")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = {f"{a} vs {b}": compare(results[a], results[b]) for a, b in pairs}
     for name, figures in comparisons.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
-    write_json(Path(args.out_dir) / "dtype_accuracy.json", {
+    write_json(Path(args.out_dir) / f"{args.name}.json", {
         "benchmark": "dtype_accuracy", "config": vars(args), "num_prompts": len(prompts),
         "seconds": round(time.perf_counter() - start_s, 1), "comparisons": comparisons})
     return 0

@@ -13,7 +13,8 @@ prefill chunks. Decodes attend in groups: each group's K/V blocks are gathered i
 kept a few MiB, so SDPA reads it from cache rather than from memory (about 2x faster attention at
 batch 64, context 200, than one big gather); elsewhere the cap only bounds the buffer. Each prefill
 chunk attends on its own: causally over its fresh K/V when it starts at 0, else over its gathered
-context with an offset causal mask. The per-step metadata is built once for all layers (runner/metadata.py).
+context with an offset causal mask (in bf16 on CPUs with AVX-512 BF16, through our prefill kernel, which skips the
+tiles above the offset diagonal). The per-step metadata is built once for all layers (runner/metadata.py).
 """
 from __future__ import annotations
 
