@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None,
                         help="comma-separated configurations to run (baseline and variant names); no tuned rows")
     parser.add_argument("--references", default="aptserve", help="comma-separated: aptserve, vllm; empty: none")
+    parser.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16", "default"),
+                        help="the references' --dtype; 'default': no flag (each server's own choice)")
     parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times")
     parser.add_argument("--max-tries", type=int, default=3,
                         help="measure a configuration again while other processes disturbed it")
@@ -198,8 +200,9 @@ def max_model_len(args: argparse.Namespace) -> int:
 def reference_row(name: str, args: argparse.Namespace, model_dir: str, kv_bytes: int, log_dir: Path) -> dict:
     common = (kv_bytes, args.streams, max_model_len(args), args.port, args.threads)
     try:
-        argv, env = (aptserve_command(args.model, *common) if name == "aptserve"
-                     else vllm_command(vllm_python(), model_dir, *common))
+        dtype = None if args.reference_dtype == "default" else args.reference_dtype
+        argv, env = (aptserve_command(args.model, *common, dtype=dtype) if name == "aptserve"
+                     else vllm_command(vllm_python(), model_dir, *common, dtype=dtype))
     except RuntimeError as error:
         return {"name": name, "error": str(error)}
     return run_config(name, argv, env, args, log_dir)
