@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slo-scale", type=float, default=5.0)
     parser.add_argument("--ttft-slo", type=float, default=None, help="explicit SLOs (s) instead of --slo-scale")
     parser.add_argument("--tbt-slo", type=float, default=None)
+    parser.add_argument("--tpot-slo", type=float, default=None,
+                        help="with the two above: vLLM's rule's mean-TPOT bound (default: the TBT SLO)")
     parser.add_argument("--slo-reference", default=None,
                         help="'vllm' or an aptserve server name (default: vllm; with --skip-vllm the first "
                              "of --aptserve-schedulers)")
@@ -160,7 +162,7 @@ def server_names(args) -> list[str]:
     names = []
     for peer in peers(args):
         names += vllm_names(args) if peer == VLLM else [peer]
-    names += [f"aptserve-{s}" for s in args.aptserve_schedulers.split(",")]
+    names += [f"aptserve-{s}" for s in args.aptserve_schedulers.split(",") if s]  # '': the peers alone
     reference = args.slo_reference or names[0]
     reference = reference if is_peer(reference) or reference in names else f"aptserve-{reference}"
     if args.ttft_slo is None and reference not in names:
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     kv_bytes = kv_budget(args, model_dir, pool)
     if (args.ttft_slo is None) != (args.tbt_slo is None):
         raise SystemExit("give both --ttft-slo and --tbt-slo, or neither (then --slo-scale applies)")
-    slos = None if args.ttft_slo is None else explicit_slos(args.ttft_slo, args.tbt_slo, None)
+    slos = None if args.ttft_slo is None else explicit_slos(args.ttft_slo, args.tbt_slo, args.tpot_slo)
     log(f"model {model_dir}; KV {kv_bytes / 2**20:.0f} MiB; trace {trace_stats(pool)}; load {load_average()}")
     llamacpp = prepare_llamacpp(args, model_dir)
     servers = {LLAMACPP: llamacpp} if llamacpp and "skipped" in llamacpp else {}
