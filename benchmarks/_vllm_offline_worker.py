@@ -17,7 +17,7 @@ import time
 def build_llm(spec: dict):
     from vllm import LLM
 
-    return LLM(model=spec["model"], dtype="float32", enforce_eager=True,
+    return LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=spec.get("enforce_eager", True),
                gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3),
                kv_cache_memory_bytes=spec["kv_cache_memory_bytes"], max_num_seqs=spec["max_num_seqs"],
                max_model_len=spec.get("max_model_len"), seed=0)

@@ -9,7 +9,7 @@ short warm-up first; the measured run is timed with time.perf_counter. vLLM runs
     .venv/bin/python benchmarks/offline_throughput.py                 # all three, ~10 min on 2 cores
     .venv/bin/python benchmarks/offline_throughput.py --skip-vllm     # aptserve vs HF only
 
-Writes <out-dir>/offline_throughput.json and .png. Targets: aptserve >= 3x HF, and >= vLLM.
+Writes <out-dir>/<name>.json and .png (default offline_throughput). Targets: aptserve >= 3x HF, and >= vLLM.
 """
 from __future__ import annotations
 
@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-idle-s", type=float, default=180,
                         help="before each system, wait up to this long for other processes to go quiet (0: don't)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of all three systems")
+    parser.add_argument("--vllm-mode", default="eager", choices=("eager", "compiled"),
+                        help="vLLM with --enforce-eager or with its compiled graph")
+    parser.add_argument("--name", default="offline_throughput", help="file name of the results")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
 
@@ -144,7 +148,7 @@ def run_aptserve(args, prompts: list[list[int]], kv_bytes: int) -> tuple[dict, l
     from aptserve import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=args.model, dtype="float32", kv_cache_memory=kv_bytes, max_num_seqs=args.num_requests,
+    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=kv_bytes, max_num_seqs=args.num_requests,
               seed=args.seed)
     load_s = time.perf_counter() - start
     llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=WARMUP_OUTPUT_LEN,
@@ -176,7 +180,8 @@ def run_hf(args, model_dir: str, prompts: list[list[int]]) -> tuple[dict, dict[i
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=args.hf_attn)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation=args.hf_attn)
     model.eval()
     with torch.inference_mode():
         hf_generate(model, warmup_prompts(prompts), WARMUP_REQUESTS, WARMUP_OUTPUT_LEN)
@@ -196,6 +201,7 @@ def run_vllm(args, model_dir: str, prompts: list[list[int]], kv_bytes: int) -> t
     spec = {"model": model_dir, "prompts": prompts, "warmup_prompts": warmup_prompts(prompts),
             "warmup_max_tokens": WARMUP_OUTPUT_LEN, "max_tokens": args.output_len,
             "kv_cache_memory_bytes": kv_bytes, "max_num_seqs": args.num_requests, "repeats": args.repeats,
+            "dtype": args.dtype, "enforce_eager": args.vllm_mode == "eager",
             # vLLM refuses a KV pool smaller than one max_model_len request (8192 for this model).
             "max_model_len": args.prompt_len + args.output_len}
     env = dict(os.environ)
@@ -259,7 +265,7 @@ def plot(path: Path, systems: dict, ratios: dict, args) -> None:
         values.append(result["output_tokens_per_s"])
         notes.append("" if name == "aptserve" or ratios.get(name) is None else f"aptserve = {ratios[name]:.2f}x")
     title = (f"Offline throughput: {args.num_requests} requests x ({args.prompt_len} in, {args.output_len} out), "
-             f"greedy fp32, model {args.model}, {os.cpu_count()} CPUs")
+             f"greedy {args.dtype}, vLLM {args.vllm_mode}, model {args.model}, {os.cpu_count()} CPUs")
     bar_chart(path, labels, values, title=title, ylabel="output tokens / s", annotations=notes,
               footnote="; ".join(failed))
 
@@ -325,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"aptserve_over_hf": 3.0, "aptserve_over_vllm": 1.0},
         "greedy_agreement": agreements(systems, tokens),
     }
-    json_path = write_json(out_dir / "offline_throughput.json", payload)
-    plot(out_dir / "offline_throughput.png", systems, ratios, args)
+    json_path = write_json(out_dir / f"{args.name}.json", payload)
+    plot(out_dir / f"{args.name}.png", systems, ratios, args)
     log(f"ratios: aptserve/HF = {ratios['hf']}, aptserve/vLLM = {ratios['vllm']}; wrote {json_path}")
     return 0 if "output_tokens_per_s" in systems.get("aptserve", {}) else 1
 

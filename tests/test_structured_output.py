@@ -49,7 +49,7 @@ def tight_budget() -> int:
 
 @pytest.fixture(scope="module")
 def tight():
-    args = EngineArgs(model=MODEL, kv_cache_memory=tight_budget(), max_num_seqs=8)
+    args = EngineArgs(model=MODEL, dtype="float32", kv_cache_memory=tight_budget(), max_num_seqs=8)  # budget's dtype
     with running_server(LLMEngine.from_engine_args(args)) as server:
         yield server
 

@@ -1,6 +1,6 @@
-// Helpers shared by the attention kernels: fp32 arithmetic over fp32 or bf16 rows, compiled with -O3 -ffast-math -march=native (see
-// cpu_kernels.py), so that these loops are vectorised with the host's widest registers and exp comes from glibc's
-// vector math. Nothing here is ever inf or NaN (-ffast-math assumes so): masked scores are kNoScore.
+// Helpers shared by the attention kernels: fp32 arithmetic over fp32 or bf16 rows, compiled with -O3 -ffast-math
+// -march=native (see cpu_kernels.py), so that these loops are vectorised with the host's widest registers and exp
+// comes from glibc's vector math. Nothing here is ever inf or NaN (-ffast-math assumes so): masked scores are kNoScore.
 #pragma once
 
 #include <cstdint>

@@ -10,7 +10,8 @@ void prefill_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Ten
                        double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged K/V cache (fp32 or bf16 rows)");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over the paged K/V cache (fp32 or bf16 rows)");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass");
   m.def("prefill_attention_dtypes", &prefill_attention_dtypes, "the dtypes prefill_attention is built for here");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prefill chunk over its context");

@@ -249,7 +249,8 @@ void prefill_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Ten
               "one dtype for q, k, v and out");
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && key.stride(2) == 1 && value.stride(2) == 1 &&
                   key.stride(1) == key.size(2) && value.stride(1) == value.size(2), "rows of heads, dims contiguous");
-  TORCH_CHECK(key.size(0) == offset + query.size(0) && value.sizes() == key.sizes(), "keys: the context, then the chunk");
+  TORCH_CHECK(key.size(0) == offset + query.size(0) && value.sizes() == key.sizes(),
+              "keys: the context, then the chunk");
   TORCH_CHECK(query.size(1) % key.size(1) == 0, "head layout");
   TORCH_CHECK(dtype == at::kBFloat16, "a dtype of prefill_attention_dtypes()");
   dispatch<Bf16>(out, query, key, value, offset, scale);
