@@ -17,7 +17,7 @@ GFLOP/s, bytes / DRAM bandwidth), at all cores.
     .venv/bin/python benchmarks/cpu_roofline.py                    # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/cpu_roofline.py --quick --out-dir /tmp/roof   # smoke test, ~40 s
 
-Writes <out-dir>/cpu_roofline.json and .png.
+Writes <out-dir>/<name>.json and .png (default cpu_roofline).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-call-s", type=float, default=0.6, help="skip GEMM shapes one call would exceed")
     parser.add_argument("--wait-idle-s", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats, smaller arrays (smoke)")
+    parser.add_argument("--name", default="cpu_roofline", help="file name of the results")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
 
@@ -503,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     payload = finish_payload(args, config, peaks, results, busy, load_before, time.perf_counter() - started)
     out_dir = Path(args.out_dir)
-    json_path = write_json(out_dir / "cpu_roofline.json", payload)
-    plot(out_dir / "cpu_roofline.png", payload)
+    json_path = write_json(out_dir / f"{args.name}.json", payload)
+    plot(out_dir / f"{args.name}.png", payload)
     log(f"wrote {json_path} in {payload['duration_s']:.0f} s")
     return 0
 
