@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 from benchmarks._step_speed_common import measure  # noqa: E402
 from benchmarks.common import RESULTS_DIR, bar_chart, write_json  # noqa: E402
-from benchmarks.step_speed import aptserve_stepping_run  # noqa: E402
+from benchmarks.step_speed import aptserve_stepping_run, figures_args  # noqa: E402
 
 CONFIGS = {"as shipped": (), "plain linears": ("packed",), "gather attention": ("kernel",),
            "neither": ("packed", "kernel"), "torch rms_norm": ("rms_norm",),
@@ -71,12 +71,7 @@ def run(args, features: tuple[str, ...]) -> dict:
     with switched_off(features):  # the whole run: the prefill kernel is looked up at each call
         llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=64,
                   max_model_len=4096)
-        return {**measure(aptserve_stepping_run(llm), _ints(args.decode_rows), _ints(args.prefill_lens),
-                          args.repeats, _ints(args.decode_contexts)), "dtype": llm.engine.config.dtype}
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
+        return {**measure(aptserve_stepping_run(llm), *figures_args(args)), "dtype": llm.engine.config.dtype}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,8 @@ from benchmarks._llamacpp import parse_flags, prepare_peer, settings_record  # n
 from benchmarks.common import (RESULTS_DIR, bar_chart, cpu_snapshot, fp32_kv_bytes_per_token,  # noqa: E402
                                other_cpu_fraction, wait_until_idle, write_json)
 from benchmarks.served_ab import trace  # noqa: E402
-from benchmarks.servers import (SERVED_NAME, aptserve_command, llamacpp_command, running_server,  # noqa: E402
-                                settings_lines, vllm_command, vllm_python)
+from benchmarks.servers import (SERVED_DTYPES, SERVED_NAME, aptserve_command, llamacpp_command,  # noqa: E402
+                                running_server, served_dtype, settings_lines, vllm_command, vllm_python)
 
 from aptserve.bench.client import run_trace  # noqa: E402
 from aptserve.bench.metrics import request_metrics  # noqa: E402
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None,
                         help="comma-separated configurations to run (baseline and variant names); no tuned rows")
     parser.add_argument("--references", default="aptserve", help="comma-separated: aptserve, vllm; empty: none")
-    parser.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16", "default"),
+    parser.add_argument("--reference-dtype", default="float32", choices=SERVED_DTYPES,
                         help="the references' --dtype; 'default': no flag (each server's own choice)")
     parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times")
     parser.add_argument("--max-tries", type=int, default=3,
@@ -200,7 +200,7 @@ def max_model_len(args: argparse.Namespace) -> int:
 def reference_row(name: str, args: argparse.Namespace, model_dir: str, kv_bytes: int, log_dir: Path) -> dict:
     common = (kv_bytes, args.streams, max_model_len(args), args.port, args.threads)
     try:
-        dtype = None if args.reference_dtype == "default" else args.reference_dtype
+        dtype = served_dtype(args.reference_dtype)
         argv, env = (aptserve_command(args.model, *common, dtype=dtype) if name == "aptserve"
                      else vllm_command(vllm_python(), model_dir, *common, dtype=dtype))
     except RuntimeError as error:

@@ -42,8 +42,9 @@ from aptserve.bench.serving import (BenchSpec, bench_server, load_bench_trace, m
                                     slos_from_unloaded, throughput_ratios, trace_stats)
 from benchmarks._llamacpp import LlamaCppPeer, parse_flags, prepare_peer, settings_record  # noqa: E402
 from benchmarks.common import RESULTS_DIR, fp32_kv_bytes_per_token, load_average, write_json  # noqa: E402
-from benchmarks.servers import (LLAMACPP, SERVED_NAME, VLLM, aptserve_command, llamacpp_command,  # noqa: E402
-                                running_server, scrape, settings_lines, vllm_command, vllm_python)
+from benchmarks.servers import (LLAMACPP, SERVED_DTYPES, SERVED_NAME, VLLM, aptserve_command,  # noqa: E402
+                                llamacpp_command, running_server, scrape, served_dtype, settings_lines, vllm_command,
+                                vllm_python)
 
 PEERS = (VLLM, LLAMACPP)
 
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="llama-server settings over the tuned ones, in its spelling, e.g. '--poll 0 -ub 256 "
                              "-ctk f16 -ctv f16'; also --weights f32|bf16|f16 (the GGUF) and --cpu-backend "
                              "auto|wheel|avx2")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "default"),
+    parser.add_argument("--dtype", default="float32", choices=SERVED_DTYPES,
                         help="of aptserve and vLLM alike; 'default': no flag, the defaults side by side")
     parser.add_argument("--threads", type=int, default=2, help="compute threads (cores) of each server")
     parser.add_argument("--port", type=int, default=8123)
@@ -126,18 +127,13 @@ def is_peer(name: str) -> bool:
     return name.startswith(PEERS)
 
 
-def served_dtype(args) -> str | None:
-    """The --dtype both aptserve and vLLM get; 'default' gives neither a flag (each server's own choice)."""
-    return None if args.dtype == "default" else args.dtype
-
-
 def server_command(args, name: str, model_dir: str, kv_bytes: int, slos: dict | None) -> tuple[list[str], dict]:
     """vLLM's server (default or eager), llama.cpp's, or aptserve with a scheduler (and extra flags after a
     colon); the apt policies schedule against the benchmark's SLOs, so aptserve gets them too."""
     common = (kv_bytes, args.max_num_seqs, max_model_len(args), args.port, args.threads)
     if name.startswith(VLLM):
         return vllm_command(vllm_python(args.vllm_python), model_dir, *common, eager=name.endswith("eager"),
-                            dtype=served_dtype(args))
+                            dtype=served_dtype(args.dtype))
     if name == LLAMACPP:
         peer: LlamaCppPeer = args.llamacpp_peer
         return llamacpp_command(peer.server, str(peer.gguf), model_dir, *common,
@@ -146,7 +142,7 @@ def server_command(args, name: str, model_dir: str, kv_bytes: int, slos: dict | 
     extra = flags.replace("=", " ").split()
     if slos:
         extra += ["--ttft-slo", str(slos["ttft_slo_s"]), "--tbt-slo", str(slos["tbt_slo_s"])]
-    return aptserve_command(args.model, *common, scheduler=scheduler, extra=extra, dtype=served_dtype(args))
+    return aptserve_command(args.model, *common, scheduler=scheduler, extra=extra, dtype=served_dtype(args.dtype))
 
 
 def vllm_names(args) -> list[str]:

@@ -61,6 +61,15 @@ def vllm_env(threads: int) -> dict:
             "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
+# A harness's --dtype choices for the servers it starts; "default" passes none (each server's own choice).
+SERVED_DTYPES = ("float32", "bfloat16", "default")
+
+
+def served_dtype(choice: str) -> str | None:
+    """The dtype a server gets for a SERVED_DTYPES choice: None (no flag) for 'default'."""
+    return None if choice == "default" else choice
+
+
 def dtype_flag(dtype: str | None) -> list[str]:
     """`--dtype X`, or nothing for None: each server's own default (both resolve 'auto' from the checkpoint and the
     CPU), which is what a user comparing the two out of the box gets."""

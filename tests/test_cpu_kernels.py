@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aptserve.hardware import cpu_flags
 from aptserve.model import attention, linear, rms_norm
 from aptserve.model.cpu_kernels import DISABLE_ENV, cpu_kernels
 from aptserve.runner import model_runner
@@ -51,11 +52,6 @@ def test_paged_decode_kernel_matches_sdpa_over_gathered_kv(num_heads, num_kv_hea
         v = cache[v_units[b]].reshape(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
         expected = F.scaled_dot_product_attention(q[b][:, None], k, v, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
-
-
-def cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    return set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
 
 
 @needs_kernels

@@ -92,8 +92,8 @@ def _decode_attention(q, cache, group: DecodeGroup, buffer, scale) -> torch.Tens
 
 @functools.cache
 def prefill_kernel_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes our prefill attention kernel (csrc/prefill_attention.cpp) is built for on this CPU: fp32 with
-    AVX-512, bf16 with AVX-512 BF16; none elsewhere (torch's SDPA runs)."""
+    """The dtypes our prefill attention kernel (csrc/prefill_attention.cpp) is built for on this CPU: bf16 where it
+    has AVX-512 BF16, none elsewhere (torch's SDPA runs)."""
     kernels = cpu_kernels()
     return frozenset(getattr(torch, name) for name in kernels.prefill_attention_dtypes()) if kernels else frozenset()
 
