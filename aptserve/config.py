@@ -144,3 +144,5 @@ class EngineConfig:
     # Most alternatives per token a request may ask log probabilities of, and which distribution they come from.
     max_logprobs: int = 20
     logprobs_mode: LogprobsMode = LogprobsMode.RAW
+    # On a CPU, each step's torch threads are the cores other processes leave free (runner/cpu_threads.py).
+    cpu_threads_follow_load: bool = True

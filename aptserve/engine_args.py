@@ -68,6 +68,10 @@ class EngineArgs(FlagTable):
                                        "of computing them (as vLLM; per cache kind)",
                                        action=argparse.BooleanOptionalAction)
     watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
+    cpu_threads_follow_load: bool = flag(
+        True, "on a CPU, run each step on the cores the other processes leave free (measured over the last 0.1 s), "
+        "at most torch's thread count: a thread sharing a core with a busy process stalls the others at every "
+        "barrier", action=argparse.BooleanOptionalAction)
     warm_up: bool = flag(True, "a served engine runs two prompts before its first request and fits its step-time "
                          "model on them (about 1.5 s of the start)", action=argparse.BooleanOptionalAction)
     # The least that works by default: it borrows pool units while hidden rows are held, and batch-aware pricing
@@ -137,7 +141,8 @@ def resolve(args: EngineArgs, model_config: ModelConfig | None = None,
     max_logprobs = model_config.vocab_size if args.max_logprobs == -1 else args.max_logprobs
     return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype,
                         device=args.device, seed=args.seed, max_logprobs=max_logprobs,
-                        logprobs_mode=LogprobsMode(args.logprobs_mode))
+                        logprobs_mode=LogprobsMode(args.logprobs_mode),
+                        cpu_threads_follow_load=args.cpu_threads_follow_load)
 
 
 def check_flags(args: EngineArgs) -> None:

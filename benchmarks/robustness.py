@@ -101,17 +101,20 @@ def idle_connections(num: int):
 
 
 def disconnects(url: str) -> str:
-    def one() -> None:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body(max_tokens=200, stream=True, ignore_eos=True),
-                          timeout=300) as response:
-            for _ in zip(range(3), response.iter_lines()):
-                pass
+    """70 streams, each closed by its client after the first events. They share one client, as a program opening
+    many streams does: a client each would spend ~25 ms of CPU apiece building TLS contexts on the server's cores."""
+    with httpx.Client(timeout=300, limits=httpx.Limits(max_connections=70)) as client:
+        def one() -> None:
+            with client.stream("POST", f"{url}/v1/completions",
+                               json=body(max_tokens=200, stream=True, ignore_eos=True)) as response:
+                for _ in zip(range(3), response.iter_lines()):
+                    pass
 
-    threads = [threading.Thread(target=one) for _ in range(70)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        threads = [threading.Thread(target=one) for _ in range(70)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     return "70 streams closed after their first events"
 
 

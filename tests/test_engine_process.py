@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -74,6 +75,8 @@ def test_served_by_a_separate_engine_process_with_step_accounting(served):
     forward_count = next(line for line in metrics.splitlines()
                          if line.startswith('aptserve:step_phase_seconds_count{phase="forward"}'))
     assert float(forward_count.split()[-1]) >= 3  # one prefill step and two decode steps at least
+    threads = next(line for line in metrics.splitlines() if line.startswith("aptserve:step_cpu_threads "))
+    assert 1 <= float(threads.split()[-1]) <= os.cpu_count()
 
 
 def test_engine_death_fails_open_streams_and_ends_the_server(served):

@@ -265,7 +265,7 @@ def _step_stats(sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerO
     return StepStats(sched_out.step_id, len(sched_out.scheduled), num_decode,
                      num_tokens - num_decode, schedule_s, runner_out.prepare_s, forward_s,
                      runner_out.sample_s, update_s, max(0.0, gap_s), sched_out.num_context_tokens,
-                     sched_out.num_recompute_tokens)
+                     sched_out.num_recompute_tokens, runner_out.num_threads)
 
 
 def build_served_core(args: EngineArgs) -> EngineCore:

@@ -55,6 +55,7 @@ class StepStats(msgspec.Struct, array_like=True):
     # What a step-cost model prices besides the tokens: context tokens attended, tokens re-projected from hidden rows.
     num_context_tokens: int = 0
     num_recompute_tokens: int = 0
+    num_threads: int = 0  # the CPU threads the forward ran on (0: not on a CPU)
 
 
 class EngineStats(msgspec.Struct, array_like=True):

@@ -24,6 +24,7 @@ from aptserve.model.cpu_kernels import cpu_kernels
 from aptserve.model.hidden import apply_conversions
 from aptserve.model.loader import load_model, torch_dtype
 from aptserve.model.protocol import CausalLM
+from aptserve.runner.cpu_threads import CpuThreadBudget
 from aptserve.runner.metadata import AttentionMetadataBuilder, order_for_step
 from aptserve.runner.prompt_logprobs import prompt_logprobs, wants_prompt_logprobs
 from aptserve.runner.sampler import Sampler
@@ -61,14 +62,17 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_units: int, block_size: int, dtype: str,
                  device: str, seed: int = 0, hidden_scratch_tokens: int | None = None,
                  logprobs_mode: LogprobsMode = LogprobsMode.RAW, kv_cache_dtype: str | None = None,
-                 demote_in_place: bool = False) -> None:
+                 demote_in_place: bool = False, cpu_threads_follow_load: bool = False) -> None:
         """`hidden_scratch_tokens`: tokens of K/V recomputed from hidden rows at once (one layer, reused
         across layers); 0 when the hybrid cache is off; None: the minimum, one max_model_len context.
         `demote_in_place`: keep each layer's K/V left inverse, so K/V can become hidden rows in place.
-        `kv_cache_dtype`: of the cache and the scratch (None: `dtype`); rows are cast on their way in and out."""
+        `kv_cache_dtype`: of the cache and the scratch (None: `dtype`); rows are cast on their way in and out.
+        `cpu_threads_follow_load`: each step on the cores other processes leave free (runner/cpu_threads.py)."""
         self.device = torch.device(device)
         if self.device.type == "cpu" and os.environ.get(NUM_THREADS_ENV):
             torch.set_num_threads(int(os.environ[NUM_THREADS_ENV]))
+        self.thread_budget = (CpuThreadBudget.for_this_process(torch.get_num_threads())
+                              if self.device.type == "cpu" and cpu_threads_follow_load else None)
         self.model_config = model_config
         self.dtype = torch_dtype(dtype)
         num_scratch_blocks = self._num_scratch_blocks(hidden_scratch_tokens, block_size)
@@ -101,7 +105,8 @@ class ModelRunner:
         return cls(config.model, config.cache.num_units, config.cache.block_size, config.dtype, config.device,
                    config.seed, hidden_scratch_tokens=config.cache.hidden_scratch_tokens,
                    logprobs_mode=config.logprobs_mode, kv_cache_dtype=config.cache.dtype,
-                   demote_in_place=config.scheduler.demote_in_place)
+                   demote_in_place=config.scheduler.demote_in_place,
+                   cpu_threads_follow_load=config.cpu_threads_follow_load)
 
     def _num_scratch_blocks(self, hidden_scratch_tokens: int | None, block_size: int) -> int:
         minimum = min_hidden_scratch_tokens(self.model_config, block_size)
@@ -130,6 +135,9 @@ class ModelRunner:
                 raise ConversionFailedError([c.request_id for c in sched_out.conversions]) from exc
         if sched_out.is_empty:
             return RunnerOutput()
+        if self.thread_budget is not None and (threads := self.thread_budget.next_step_threads()) != \
+                torch.get_num_threads():
+            torch.set_num_threads(threads)
         model_input = self.prepare_inputs(sched_out.scheduled, sched_out.scratch_unit_ids)
         prepared_s = time.perf_counter()
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.attn_metadata)
@@ -142,6 +150,7 @@ class ModelRunner:
             out.prompt_logprobs[request.request_id] = prompt_logprobs(self.model, hidden, request, first_row)
         out.prepare_s, out.forward_s = prepared_s - start_s, forwarded_s - prepared_s
         out.sample_s = time.perf_counter() - forwarded_s
+        out.num_threads = torch.get_num_threads() if self.device.type == "cpu" else 0
         return out
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> RunnerOutput:

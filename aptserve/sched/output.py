@@ -121,3 +121,5 @@ class RunnerOutput:
     prepare_s: float = 0.0
     forward_s: float = 0.0
     sample_s: float = 0.0
+    # The CPU threads the step ran on (0: not a CPU step).
+    num_threads: int = 0

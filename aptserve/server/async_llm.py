@@ -259,7 +259,7 @@ class AsyncLLM:
     def _observe_step(self, step: StepStats, output_s: float) -> None:
         self.metrics.observe_step(step, output_s)
         if self._step_log is not None:
-            self._step_log.write(json.dumps({**msgspec.structs.asdict(step), "output_s": output_s}) + "\n")
+            self._step_log.write(json.dumps({**msgspec.structs.asdict(step), "output_s": output_s, "logged_at": time.time()}) + "\n")
         if self.log_step_stats:
             logger.info("step %d: %d requests (%d decodes, %d prefill tokens); schedule %.1f ms, prepare %.1f, "
                         "forward %.1f, sample %.1f, update %.1f, output %.1f, gap %.1f", step.step_id,

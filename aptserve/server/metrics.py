@@ -53,6 +53,9 @@ class ServerMetrics:
         self.step_tokens = Histogram(
             "aptserve:step_tokens", "Tokens fed to the model per engine step.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=self.registry)
+        self.step_cpu_threads = Gauge(
+            "aptserve:step_cpu_threads", "CPU threads the last engine step ran on (the cores other processes left "
+            "free, at most torch's count; --no-cpu-threads-follow-load keeps torch's).", registry=self.registry)
         self.registry.register(_EngineStatsCollector(engine_stats, replica_stats))
 
     def observe_finished(self, output: RequestOutput) -> None:
@@ -72,6 +75,8 @@ class ServerMetrics:
         for phase, seconds in zip(STEP_PHASES, phases):
             self.step_seconds.labels(phase).observe(seconds)
         self.step_tokens.observe(step.num_decode_tokens + step.num_prefill_tokens)
+        if step.num_threads:
+            self.step_cpu_threads.set(step.num_threads)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
