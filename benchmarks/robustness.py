@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-nice", type=int, default=0,
                         help="run each probe's client at this niceness (19: the server's processes get the CPU "
                              "first, as with a client on another machine); the JSON's name says it when not 0")
+    parser.add_argument("--server-args", default="", help="more `aptserve serve` flags, as one string (A/Bs)")
+    parser.add_argument("--name", default=None, help="file name of the results (default: robustness, with "
+                        "_client_nice<N> when --client-nice is set)")
     return parser.parse_args(argv)
 
 
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(tempfile.mkdtemp(prefix="robustness-")) / "server.log"
     command = [sys.executable, "-m", "aptserve.cli", "serve", "--model", MODEL, "--port", str(args.port),
                "--kv-cache-memory", args.kv_cache_memory, "--max-queue-len", "32", "--max-num-seqs", "32",
-               "--shutdown-timeout", "10", "--disable-uvicorn-access-log"]
+               "--shutdown-timeout", "10", "--disable-uvicorn-access-log", *shlex.split(args.server_args)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     rows = []
@@ -317,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         process.wait()
     log_text = log_path.read_text(errors="replace")
     summary = {"tracebacks_in_log": log_text.count("Traceback"), "log_lines": log_text.count("\n")}
-    name = f"robustness_client_nice{args.client_nice}.json" if args.client_nice else "robustness.json"
-    path = write_json(Path(args.out_dir) / name,
+    name = args.name or (f"robustness_client_nice{args.client_nice}" if args.client_nice else "robustness")
+    path = write_json(Path(args.out_dir) / f"{name}.json",
                       {"benchmark": "robustness", "command": command, "bystander_tbt_slo_s": args.bystander_tbt_slo,
                        "client_nice": args.client_nice, "probes": rows, "log": summary})
     print(f"wrote {path}; log: {summary}")

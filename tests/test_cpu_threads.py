@@ -73,6 +73,16 @@ def test_the_count_never_exceeds_torchs_and_holds_until_a_window_has_passed():
     assert budget.next_step_threads() == 2
 
 
+def test_what_others_did_while_no_step_ran_is_not_counted():
+    machine = FakeMachine()
+    budget = machine.budget(max_threads=2, num_cpus=2)
+    steps(machine, budget, 8, others_cores=0.0)
+    machine.run(0.4, own_cores=0.0, others_cores=1.0)  # idle while a client process starts up
+    assert steps(machine, budget, 8, others_cores=0.0) == [2] * 8
+    machine.run(0.4, own_cores=0.0, others_cores=1.0)  # ... and when it keeps running once the steps resume
+    assert steps(machine, budget, 12, others_cores=1.0)[-1] == 1
+
+
 def test_busy_seconds_reads_only_the_given_cores(tmp_path):
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
@@ -97,7 +107,9 @@ def test_a_real_process_spinning_on_a_core_takes_it_from_the_budget():
         counts = []
         for _ in range(5):
             counts.append(budget.next_step_threads())
-            time.sleep(WINDOW_S)
+            busy_until = time.monotonic() + WINDOW_S  # a step of our own: idle spells are not measured
+            while time.monotonic() < busy_until:
+                pass
     finally:
         hog.kill()
         hog.wait()

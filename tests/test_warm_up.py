@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aptserve.core.engine_core import WARM_UP_OUTPUT_TOKENS, WARM_UP_PROMPT_LENS, build_engine_core
+from aptserve.core.engine_core import WARM_UP_OUTPUT_TOKENS, WARM_UP_PROMPTS, build_engine_core
 from aptserve.engine_args import EngineArgs
 from aptserve.sched.step_cost import StepCostModel
 
@@ -21,10 +21,12 @@ def test_warm_up_fits_the_step_time_model_on_real_steps(warmed_core):
     core, prior = warmed_core
     rows = core.step_cost_fitter.rows
     # each prompt in one chunk (or more), then its decodes: at least the fitter's min_steps rows
-    assert len(rows) >= len(WARM_UP_PROMPT_LENS) * WARM_UP_OUTPUT_TOKENS
-    assert max(row[0] for row in rows) >= max(WARM_UP_PROMPT_LENS) // 2  # a real prompt chunk was timed
+    assert len(rows) >= len(WARM_UP_PROMPTS) * WARM_UP_OUTPUT_TOKENS
+    assert max(row[0] for row in rows) >= max(length for length, _ in WARM_UP_PROMPTS) // 2  # a real chunk was timed
     model = core.scheduler.step_cost
     assert model is core.step_cost_fitter.model and model != prior and model != StepCostModel()
+    # a prompt was scored for its logprobs, so the first echo request is planned with scoring's price
+    assert max(row[3] for row in rows) > 0 and model.per_scored_token_s > 0
     assert all(row[2] > 0 for row in rows)
 
 

@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 # How long a step with nothing to run but grammars compiling waits for one (instead of spinning).
 GRAMMAR_WAIT_S = 0.01
 # What a served core runs before its first request (warm_up): a prompt of each length, then decodes, one at a time.
-WARM_UP_PROMPT_LENS = (256, 32)
+# (prompt length, alternatives scored per prompt token or None): the last prompt is scored as an echo request
+# would be, so the first one served is planned with scoring's price (which the chunk and decode steps cannot give).
+WARM_UP_PROMPTS = ((256, None), (32, None), (128, 20))
 WARM_UP_OUTPUT_TOKENS = 8
 WARM_UP_MAX_STEPS = 64
 
@@ -68,9 +70,11 @@ class EngineCore:
         start the scheduler afresh (no counters, no cached prefixes, no requests) with that model. Without it a fresh
         server sizes its first prompt chunks by a generic prior, 2x too large for this model on a 2-core CPU, and
         the requests already decoding wait through them."""
-        params = SamplingParams(temperature=0.0, max_tokens=WARM_UP_OUTPUT_TOKENS, ignore_eos=True)
         max_prompt_len = self.config.model.max_model_len - WARM_UP_OUTPUT_TOKENS
-        for index, length in enumerate(WARM_UP_PROMPT_LENS):
+        for index, (length, prompt_logprobs) in enumerate(WARM_UP_PROMPTS):
+            params = SamplingParams(temperature=0.0, max_tokens=WARM_UP_OUTPUT_TOKENS, ignore_eos=True,
+                                    prompt_logprobs=None if prompt_logprobs is None else
+                                    min(prompt_logprobs, self.config.max_logprobs))
             token_ids = [(7 * i + 3) % self.config.model.vocab_size for i in range(min(length, max_prompt_len))]
             self.add_request(EngineCoreRequest(f"warm-up-{index}", token_ids, params, self.clock.now()))
             for _ in range(WARM_UP_MAX_STEPS):  # a pool too small for the prompt never admits it

@@ -19,6 +19,9 @@ OTHERS_CORE_SHARE = 0.5
 # The window the others' use is measured over: long enough for the kernel's 10 ms accounting ticks to average,
 # short enough to react within a few decode steps.
 WINDOW_S = 0.1
+# A window in which this process used less than this many cores was an idle spell (no step ran): what others did
+# then (a client starting up, say) cost us nothing and says little about the step to come, so it is not counted.
+IDLE_OWN_CORES = 0.25
 
 Sample = tuple[float, float, float]  # (wall s, busy CPU s of our cores, this process's CPU s)
 
@@ -61,7 +64,8 @@ class CpuThreadBudget:
         return cls(max_threads, cpus) if cpus else None
 
     def others_cpus(self) -> float | None:
-        """Cores' worth of CPU the other processes used over the last window (None until a window has passed)."""
+        """Cores' worth of CPU the other processes used over the last window (None until a window has passed, and
+        after an idle spell, which starts the measuring afresh)."""
         now = (self._read_wall_s(), self._read_busy_s(), self._read_own_s())
         self._samples.append(now)
         while len(self._samples) > 2 and now[0] - self._samples[1][0] >= WINDOW_S:
@@ -70,10 +74,14 @@ class CpuThreadBudget:
         elapsed = now[0] - then[0]
         if elapsed < WINDOW_S:
             return None
-        return max(0.0, (now[1] - then[1]) - (now[2] - then[2])) / elapsed
+        own_s = now[2] - then[2]
+        if own_s < IDLE_OWN_CORES * elapsed:
+            self._samples = collections.deque([now])
+            return None
+        return max(0.0, (now[1] - then[1]) - own_s) / elapsed
 
     def next_step_threads(self) -> int:
-        """The thread count for the step about to run (the last one's until a window has been measured)."""
+        """The thread count for the step about to run (the last one's until a window of steps has been measured)."""
         others = self.others_cpus()
         if others is not None:
             taken = int(others + 1 - OTHERS_CORE_SHARE)  # a core used OTHERS_CORE_SHARE or more counts whole
