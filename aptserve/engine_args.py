@@ -69,7 +69,7 @@ class EngineArgs(FlagTable):
                                        action=argparse.BooleanOptionalAction)
     watermark: float = flag(0.01, "fraction of the pool kept free when admitting new requests", float)
     cpu_threads_follow_load: bool = flag(
-        True, "on a CPU, run each step on the cores the other processes leave free (measured over the last 0.1 s), "
+        True, "on a CPU, run each step on the cores the other processes leave free (measured over the last 0.2 s), "
         "at most torch's thread count: a thread sharing a core with a busy process stalls the others at every "
         "barrier", action=argparse.BooleanOptionalAction)
     warm_up: bool = flag(True, "a served engine runs two prompts before its first request and fits its step-time "

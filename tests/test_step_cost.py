@@ -138,3 +138,25 @@ def test_the_planned_gap_stays_within_the_slo_and_keeps_the_p99_there(num_gaps, 
         return
     gaps = past + [allowance] + [min(typical_s, allowance)] * (num_gaps - num_slow - 1)
     assert np.percentile(gaps, 99) <= 1.0 + 1e-9
+
+
+def test_chunks_that_run_slower_than_predicted_shrink_the_next_chunks_within_a_bounded_margin():
+    model = StepCostModel(base_s=0.02, per_token_s=0.001, per_attention_s=0.0)
+    fitter = StepCostFitter(model, refit_every=10_000, min_steps=10_000)  # never refits: the margin alone acts
+    for _ in range(4):
+        fitter.observe(1, 0.0, 1.3 * model.predict(1, 0.0))  # decodes: not chunks, no margin
+    assert fitter.model.chunk_margin == 1.0
+    for _ in range(8):
+        fitter.observe(300, 0.0, 1.3 * model.predict(300, 0.0))
+    assert abs(fitter.model.chunk_margin - 1.3) < 0.01
+    # planned within 0.4 s / 1.3: (0.4 / 1.3 - 0.021) / 0.001 tokens join a step of one decode
+    assert abs(fitter.model.max_extra_tokens(0.4, 1, 0.0, 0) - 286) <= 1
+    for _ in range(8):
+        fitter.observe(300, 0.0, 3.0 * model.predict(300, 0.0))  # something else slowed every step 3x
+    assert fitter.model.chunk_margin == 1.5
+    for _ in range(12):
+        fitter.observe(300, 0.0, 0.8 * model.predict(300, 0.0))  # faster than predicted: no margin below 1
+    assert fitter.model.chunk_margin == 1.0
+    fitter.observe(300, 0.0, 1.3 * model.predict(300, 0.0))
+    fitter.forget_chunk_margin()
+    assert fitter.model.chunk_margin == 1.0 and fitter.model.max_extra_tokens(0.4, 1, 0.0, 0) == 379

@@ -18,7 +18,7 @@ from collections.abc import Callable
 OTHERS_CORE_SHARE = 0.5
 # The window the others' use is measured over: long enough for the kernel's 10 ms accounting ticks to average,
 # short enough to react within a few decode steps.
-WINDOW_S = 0.1
+WINDOW_S = 0.2
 # A window in which this process used less than this many cores was an idle spell (no step ran): what others did
 # then (a client starting up, say) cost us nothing and says little about the step to come, so it is not counted.
 IDLE_OWN_CORES = 0.25

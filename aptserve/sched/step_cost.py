@@ -21,13 +21,16 @@ import numpy as np
 class StepCostModel:
     """seconds = base_s + per_token_s * tokens fed + per_attention_s * attention work (context tokens read)
     + per_scored_token_s * prompt tokens scored for their logprobs
-    + per_recompute_token_s * context tokens whose K/V are re-projected from hidden rows (alpha / block size)."""
+    + per_recompute_token_s * context tokens whose K/V are re-projected from hidden rows (alpha / block size).
+    Prompt chunks are sized within target / chunk_margin: how much slower than predicted the recent chunk steps ran
+    (at least 1), the part of a linear fit's error that lands on the steps a stream waits through."""
 
     base_s: float = 0.01
     per_token_s: float = 0.001
     per_attention_s: float = 1e-7
     per_recompute_token_s: float = 0.0
     per_scored_token_s: float = 0.0
+    chunk_margin: float = 1.0
 
     def predict(self, num_tokens: int, attention_work: float, recompute_tokens: int = 0,
                 scored_tokens: int = 0) -> float:
@@ -39,7 +42,8 @@ class StepCostModel:
         """Prompt tokens that can join a step already holding `num_tokens`, `attention_work`, `recompute_tokens`
         and `scored_tokens` while it stays within `target_s`, for a chunk that starts after `context_len` cached
         tokens (and is scored itself if `scored_chunk`)."""
-        spare_s = target_s - self.predict(num_tokens, attention_work, recompute_tokens, scored_tokens)
+        spare_s = target_s / self.chunk_margin - self.predict(num_tokens, attention_work, recompute_tokens,
+                                                              scored_tokens)
         if spare_s <= 0:
             return 0
         # n tokens cost n * per_token + per_attention * attention_work(context_len, n): the quadratic in n.
@@ -66,6 +70,10 @@ ANCHOR_WEIGHT = 0.01
 # chunks (a fresh server's prior) is corrected by the first chunk it got wrong; so does the first step that scores
 # prompt tokens while their price is still unknown (0).
 SURPRISE_FACTOR = 1.5
+# chunk_margin: an exponential average of the chunk steps' time over their prediction, with this weight on the
+# newest, kept within [1, MAX_CHUNK_MARGIN] (a step slowed by something else for once must not halve the chunks).
+CHUNK_MARGIN_WEIGHT = 0.5
+MAX_CHUNK_MARGIN = 1.5
 
 
 class StepCostFitter:
@@ -78,6 +86,7 @@ class StepCostFitter:
         self.window, self.refit_every, self.min_steps = window, refit_every, min_steps
         self._ring = np.zeros((window, 4))  # (tokens, work, seconds, scored tokens), the oldest overwritten
         self._num_rows = self._num_since_fit = 0
+        self._chunk_ratio = 1.0
 
     def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0,
                 scored_tokens: int = 0) -> None:
@@ -89,11 +98,21 @@ class StepCostFitter:
         unpriced = scored_tokens > 0 and self.model.per_scored_token_s == 0  # the first scored step it sees
         if (self._num_since_fit >= self.refit_every or surprised or unpriced) and self._num_rows >= self.min_steps:
             self.refit()
+        # against the model now in use (a refit on this very step leaves it little to correct)
+        predicted_s = self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
+        if num_tokens > SMALL_STEP_TOKENS and predicted_s > 0:
+            self._chunk_ratio += CHUNK_MARGIN_WEIGHT * (seconds / predicted_s - self._chunk_ratio)
+            self.model = replace(self.model, chunk_margin=min(MAX_CHUNK_MARGIN, max(1.0, self._chunk_ratio)))
 
     @property
     def rows(self) -> np.ndarray:
         """The steps in the window: (tokens, work, seconds less the known recompute, scored tokens) each."""
         return self._ring[:min(self._num_rows, self.window)]
+
+    def forget_chunk_margin(self) -> None:
+        """Start the margin afresh (after a warm-up whose chunks were planned by the prior, not by the fit)."""
+        self._chunk_ratio = 1.0
+        self.model = replace(self.model, chunk_margin=1.0)
 
     def refit(self) -> None:
         """Fit the model on the steps seen so far (and the anchors they lack) now."""
