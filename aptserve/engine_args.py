@@ -73,7 +73,7 @@ class EngineArgs(FlagTable):
         "at most torch's thread count: a thread sharing a core with a busy process stalls the others at every "
         "barrier", action=argparse.BooleanOptionalAction)
     warm_up: bool = flag(True, "a served engine runs two prompts before its first request and fits its step-time "
-                         "model on them (about 1.5 s of the start)", action=argparse.BooleanOptionalAction)
+                         "model on them (1-2 s of the start on a 2-core CPU)", action=argparse.BooleanOptionalAction)
     # The least that works by default: it borrows pool units while hidden rows are held, and batch-aware pricing
     # makes hidden rows rare, so a larger scratch (several hidden requests per GEMM) would cost KV rows in use.
     hidden_scratch_tokens: int = flag(0, "tokens of K/V recomputed from hidden rows at once; the pool lends its "
