@@ -72,7 +72,7 @@ class EngineArgs(FlagTable):
         True, "on a CPU, run each step on the cores the other processes leave free (measured over the last 0.2 s), "
         "at most torch's thread count: a thread sharing a core with a busy process stalls the others at every "
         "barrier", action=argparse.BooleanOptionalAction)
-    warm_up: bool = flag(True, "a served engine runs two prompts before its first request and fits its step-time "
+    warm_up: bool = flag(True, "a served engine runs three prompts before its first request and fits its step-time "
                          "model on them (1-2 s of the start on a 2-core CPU)", action=argparse.BooleanOptionalAction)
     # The least that works by default: it borrows pool units while hidden rows are held, and batch-aware pricing
     # makes hidden rows rare, so a larger scratch (several hidden requests per GEMM) would cost KV rows in use.
