@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_outputs(payload: dict, out_dir: Path) -> None:
-    write_json(out_dir / "paper_scale.json", payload)
-    (out_dir / "paper_scale.md").write_text(markdown(payload))
+    record = json.loads(write_json(out_dir / "paper_scale.json", payload).read_text())  # with its commit
+    (out_dir / "paper_scale.md").write_text(markdown(record))
     plot(out_dir / "paper_scale.png", payload["cells"])
     print(f"wrote {out_dir / 'paper_scale.json'}, .md and .png")
 
