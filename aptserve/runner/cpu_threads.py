@@ -43,6 +43,8 @@ def busy_seconds(cpus: frozenset[int], path: str = "/proc/stat") -> float:
 
 
 class CpuThreadBudget:
+    """Asked before each step; the readers are injectable so the rule can be tested on a machine of any load."""
+
     def __init__(self, max_threads: int, cpus: frozenset[int],
                  read_busy_s: Callable[[], float] | None = None,
                  read_own_s: Callable[[], float] = time.process_time,
