@@ -52,6 +52,19 @@ def test_ties_go_to_the_replica_with_more_free_memory():
     assert AptSlo().choose([replica("a", free_units=900), replica("b", free_units=1000)], REQUEST) == "b"
 
 
+def test_a_busy_replica_whose_own_fit_is_a_little_faster_does_not_win_on_noise():
+    """Each replica predicts with its own fitted step cost; fits of the same machine differ by a few ms."""
+    quicker_fit = dataclasses.replace(COST, base_s=COST.base_s - 0.001)
+    busy = replica("busy", num_running=1, running_context_tokens=40, free_units=1900, step_cost=quicker_fit)
+    idle = replica("idle")
+    assert predict(busy, REQUEST).slack(REQUEST) > predict(idle, REQUEST).slack(REQUEST)
+    assert AptSlo().choose([busy, idle], REQUEST) == "idle"
+    # a real difference still decides: a fit 20 ms quicker per step beats the memory held by one request
+    much_quicker = dataclasses.replace(COST, base_s=COST.base_s - 0.02)
+    assert AptSlo().choose([replica("busy", num_running=1, free_units=1900, step_cost=much_quicker), idle],
+                           REQUEST) == "busy"
+
+
 def test_the_ledger_adds_what_was_sent_since_the_last_poll():
     ledger = Ledger()
     ledger.book("idle", "a", REQUEST)

@@ -129,15 +129,25 @@ class PowerOfTwo:
         return min(pair, key=load_score).replica_id
 
 
+# Slacks within this share of the SLO are a tie: each replica predicts with its own fitted step cost, and two fits
+# of the same machine differ by more than one decode row of a small model costs (a busy replica could look faster).
+SLACK_TIE = 0.02
+
+
 class AptSlo:
     def __init__(self, shed: bool = False) -> None:
         self.shed = shed
 
     def choose(self, replicas: Sequence[ReplicaSnapshot], request: RouteRequest) -> str | None:
-        # Ties (all idle, or all predicted to wait for memory) go to the most free memory, then the lightest load.
-        slack, _, _, chosen = max((predict(r, request).slack(request), r.free_units, -load_score(r), -i)
-                                  for i, r in enumerate(replicas))
-        return None if self.shed and slack < 0 else replicas[-chosen].replica_id
+        slacks = [predict(r, request).slack(request) for r in replicas]
+        best = max(slacks)
+        if self.shed and best < 0:
+            return None
+        # Ties (all idle, all predicted to wait for memory, or within SLACK_TIE) go to the most free memory, then
+        # the lightest load, then the first.
+        _, _, chosen = max((r.free_units, -load_score(r), -i) for i, r in enumerate(replicas)
+                           if slacks[i] >= best - SLACK_TIE)
+        return replicas[-chosen].replica_id
 
 
 def make_policy(name: str, seed: int = 0, shed: bool = False) -> RoutingPolicy:
