@@ -56,13 +56,23 @@ def test_a_busy_replica_whose_own_fit_is_a_little_faster_does_not_win_on_noise()
     """Each replica predicts with its own fitted step cost; fits of the same machine differ by a few ms."""
     quicker_fit = dataclasses.replace(COST, base_s=COST.base_s - 0.001)
     busy = replica("busy", num_running=1, running_context_tokens=40, free_units=1900, step_cost=quicker_fit)
-    idle = replica("idle")
+    idle = replica("idle", free_units=1800)  # less free memory: prefixes it cached for earlier requests
     assert predict(busy, REQUEST).slack(REQUEST) > predict(idle, REQUEST).slack(REQUEST)
     assert AptSlo().choose([busy, idle], REQUEST) == "idle"
     # a real difference still decides: a fit 20 ms quicker per step beats the memory held by one request
     much_quicker = dataclasses.replace(COST, base_s=COST.base_s - 0.02)
     assert AptSlo().choose([replica("busy", num_running=1, free_units=1900, step_cost=much_quicker), idle],
                            REQUEST) == "busy"
+
+
+def test_a_replica_not_yet_fitted_is_priced_by_a_fitted_peer_not_by_the_prior():
+    fitted = StepCostModel(base_s=0.036, per_token_s=0.0016, per_attention_s=0.0)
+    idle = replica("idle", step_cost=fitted, step_cost_fitted=True)
+    busy = replica("busy", num_running=1, running_context_tokens=40, free_units=1990)  # still the prior (0.02 s)
+    assert predict(busy, REQUEST).slack(REQUEST) > predict(idle, REQUEST).slack(REQUEST) + 0.05
+    assert AptSlo().choose([busy, idle], REQUEST) == "idle"
+    # with no fitted replica, the prior prices them all
+    assert AptSlo().choose([busy, replica("idle")], REQUEST) == "idle"
 
 
 def test_the_ledger_adds_what_was_sent_since_the_last_poll():

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from aptserve.cluster.args import ClusterArgs
 from tests.test_engine_process import free_port
 from tests.test_server import wait_until
 
@@ -22,6 +23,7 @@ pytest.importorskip("ray.serve", reason="the cluster extra (ray[serve]) is not i
 pytestmark = pytest.mark.cluster  # `make test` runs these after the parallel run, on an otherwise idle machine
 
 MAX_NUM_SEQS, MAX_QUEUE_LEN = 2, 1  # small, so that a handful of requests fills the cluster
+ROUTING_STATS_PERIOD_S = ClusterArgs.routing_stats_period_s  # how often the router polls each replica
 LONG = {"model": "default", "prompt": "Count from one to one thousand:", "max_tokens": 400, "temperature": 0,
         "ignore_eos": True}
 
@@ -128,7 +130,9 @@ def test_routing_follows_the_replicas_reports(idle_cluster):
     busy = next(r for r, n in per_replica(idle_cluster, "aptserve:replica_num_requests_running").items() if n)
     for _ in range(4):
         client.completions.create(model="default", prompt="Hello", max_tokens=2, temperature=0)
-        # The next one is routed on a report taken after this one finished (a stale report still shows it running).
+        # The next one is routed on a report taken after this one finished: the router holds a request it sent as
+        # booked until a report shows it, and a report taken before it started would pass the wait below at once.
+        time.sleep(2 * ROUTING_STATS_PERIOD_S)
         wait_until(lambda: sum(per_replica(idle_cluster, "aptserve:replica_num_requests_running").values()) == 1, 10,
                    "the replicas to report the short request finished")
     after = per_replica(idle_cluster, "aptserve:replica_requests_routed_total")

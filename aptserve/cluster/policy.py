@@ -129,6 +129,16 @@ class PowerOfTwo:
         return min(pair, key=load_score).replica_id
 
 
+def priced_alike(replicas: Sequence[ReplicaSnapshot]) -> Sequence[ReplicaSnapshot]:
+    """Replicas whose step cost is still the generic prior priced by a fitted one's model instead (replicas of one
+    deployment run the same model on the same hardware): the prior is several times off either way, and a busy
+    replica that had not refit yet looked three times faster than an idle one that had."""
+    fitted = next((r.step_cost for r in replicas if r.step_cost_fitted), None)
+    if fitted is None:
+        return replicas
+    return [r if r.step_cost_fitted else dataclasses.replace(r, step_cost=fitted) for r in replicas]
+
+
 # Slacks within this share of the SLO are a tie: each replica predicts with its own fitted step cost, and two fits
 # of the same machine differ by more than one decode row of a small model costs (a busy replica could look faster).
 SLACK_TIE = 0.02
@@ -139,13 +149,14 @@ class AptSlo:
         self.shed = shed
 
     def choose(self, replicas: Sequence[ReplicaSnapshot], request: RouteRequest) -> str | None:
+        replicas = priced_alike(replicas)
         slacks = [predict(r, request).slack(request) for r in replicas]
         best = max(slacks)
         if self.shed and best < 0:
             return None
-        # Ties (all idle, all predicted to wait for memory, or within SLACK_TIE) go to the most free memory, then
-        # the lightest load, then the first.
-        _, _, chosen = max((r.free_units, -load_score(r), -i) for i, r in enumerate(replicas)
+        # Ties (all idle, all predicted to wait for memory, or within SLACK_TIE) go to the lightest load, then the
+        # most free memory (cached prefixes count as used, so memory alone can favour a busy replica), then the first.
+        _, _, chosen = max((-load_score(r), r.free_units, -i) for i, r in enumerate(replicas)
                            if slacks[i] >= best - SLACK_TIE)
         return replicas[-chosen].replica_id
 

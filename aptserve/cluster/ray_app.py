@@ -66,8 +66,8 @@ class EngineReplica:
 
     async def record_routing_stats(self) -> dict:
         """The router's poll: the engine core's snapshot, taken now, and the gauges for the ingress's /metrics."""
-        snapshot = await self.engine.snapshot()
-        return {"snapshot": msgspec.msgpack.encode(snapshot), "stats": msgspec.msgpack.encode(self.engine.stats),
+        snapshot, stats = await self.engine.snapshot()  # taken together: the gauges show what the router sees
+        return {"snapshot": msgspec.msgpack.encode(snapshot), "stats": msgspec.msgpack.encode(stats),
                 "taken_s": time.time(), "pid": os.getpid()}
 
     def check_health(self) -> None:

@@ -79,11 +79,13 @@ class PolicyRouter(RequestRouter):
         self.ledger.polled(replica_id)
 
     def _snapshot(self, replica: RunningReplica) -> ReplicaSnapshot | None:
-        """The replica's last report; a new one replaces what the ledger booked for it before."""
+        """The replica's latest report; a newer one replaces what the ledger booked for it before. Serve can hand back
+        an older report after a newer one (observed: a short request shown running again after its end was
+        reported), so only a report taken later than the one held replaces it."""
         report, replica_id = replica.routing_stats, replica.replica_id.unique_id
         if not report:
-            return None
-        if self._report_times.get(replica_id) != report["taken_s"]:
+            return self._snapshots.get(replica_id)
+        if report["taken_s"] > self._report_times.get(replica_id, float("-inf")):
             self._report_times[replica_id] = report["taken_s"]
             self.replica_stats[replica_id] = self._stats_decoder.decode(report["stats"])
             self.replica_pids[replica_id] = report["pid"]

@@ -59,7 +59,7 @@ class EngineLoop:
             if (idle := self.core.idle_stats()) is not None:
                 self.emit(idle)
         elif isinstance(message, PollSnapshot):
-            self.emit(EngineCoreOutputs(self.core.clock.now(), snapshot=self.core.snapshot()))
+            self.emit(EngineCoreOutputs(self.core.clock.now(), snapshot=self.core.snapshot(), stats=self.core.stats()))
 
     def _add(self, message: AddRequest) -> None:
         request_id = message.request.request_id

@@ -28,6 +28,7 @@ class ReplicaSnapshot:
     max_step_tokens: int  # tokens per step (the prompt-chunk budget with the decodes)
     step_cost: StepCostModel = StepCostModel()
     alpha_s: float = 0.0  # seconds per step to re-project one block held as hidden rows
+    step_cost_fitted: bool = False  # False: step_cost is still the prior, fitted to no step of this replica
 
     @property
     def prefill_tokens_per_step(self) -> int:
@@ -36,7 +37,7 @@ class ReplicaSnapshot:
 
 
 def take_snapshot(scheduler: Scheduler, config: EngineConfig, replica_id: str = "",
-                  taken_s: float = 0.0) -> ReplicaSnapshot:
+                  taken_s: float = 0.0, step_cost_fitted: bool = False) -> ReplicaSnapshot:
     """The scheduler's state now; the hidden cache's figures only where its policy may choose hidden rows."""
     hybrid = config.cache.hybrid == HybridMode.ON and scheduler.prices_hidden_cache
     return ReplicaSnapshot(
@@ -47,4 +48,4 @@ def take_snapshot(scheduler: Scheduler, config: EngineConfig, replica_id: str = 
         free_units=scheduler.cache.num_free_units, total_units=scheduler.cache.num_units,
         block_size=config.cache.block_size, units_per_hidden_block=config.cache.units_per_hidden_block if hybrid else 0,
         max_step_tokens=config.scheduler.max_num_batched_tokens, step_cost=scheduler.step_cost,
-        alpha_s=config.scheduler.alpha_s if hybrid else 0.0)
+        alpha_s=config.scheduler.alpha_s if hybrid else 0.0, step_cost_fitted=step_cost_fitted)

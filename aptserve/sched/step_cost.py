@@ -87,6 +87,7 @@ class StepCostFitter:
         self._ring = np.zeros((window, 4))  # (tokens, work, seconds, scored tokens), the oldest overwritten
         self._num_rows = self._num_since_fit = 0
         self._chunk_ratio = 1.0
+        self.num_fits = 0  # until the first, the model is the prior, not this machine's
 
     def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0,
                 scored_tokens: int = 0) -> None:
@@ -119,6 +120,7 @@ class StepCostFitter:
         rows = self.rows
         if len(rows):
             self._num_since_fit = 0
+            self.num_fits += 1
             smallest, largest = float(rows[:, 0].min()), float(rows[:, 0].max())
             missing = [DECODE_ANCHOR] * (smallest > SMALL_STEP_TOKENS) + [CHUNK_ANCHOR] * (largest <= SMALL_STEP_TOKENS)
             anchors = [(t, w, self.model.predict(t, w), 0) for t, w in missing]

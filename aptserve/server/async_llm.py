@@ -18,7 +18,7 @@ import msgspec
 
 from aptserve.config import EngineConfig
 from aptserve.core.engine_core import EngineCore
-from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, StepStats
+from aptserve.core.messages import EngineCoreOutputs, EngineCoreRequest, EngineStats, StepStats
 from aptserve.core.snapshot import ReplicaSnapshot
 from aptserve.errors import AptServeError, EngineOverloadedError, InvalidRequestError
 from aptserve.grammar_compiler import GrammarCompiler
@@ -104,7 +104,7 @@ class AsyncLLM:
         self.draining = False  # set on SIGTERM: new requests get 503, running ones finish
         self.dead_reason: str | None = None  # set when the engine core stopped for good
         self._streams: dict[str, RequestStream] = {}
-        self._snapshot_waiters: list[asyncio.Future[ReplicaSnapshot]] = []
+        self._snapshot_waiters: list[asyncio.Future[tuple[ReplicaSnapshot, EngineStats]]] = []
         self._started = False
 
     @classmethod
@@ -192,8 +192,10 @@ class AsyncLLM:
             self.core.abort_requests([request_id])
             self.metrics.requests_finished.labels("abort").inc()
 
-    async def snapshot(self) -> ReplicaSnapshot:
-        """The core's state for a router, taken between its steps (polls that overlap share one answer)."""
+    async def snapshot(self) -> tuple[ReplicaSnapshot, EngineStats]:
+        """The core's state for a router and its gauges, both taken between the same two steps (polls that overlap
+        share one answer): a report whose gauges came from another moment could show a request the snapshot does
+        not, and a router would act on a state its /metrics never showed."""
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine has stopped ({self.dead_reason})")
         waiter = asyncio.get_running_loop().create_future()
@@ -244,9 +246,9 @@ class AsyncLLM:
         if core_outputs.step is not None:
             self._observe_step(core_outputs.step, time.perf_counter() - start_s)
         if core_outputs.snapshot is not None:
-            self._answer_snapshot_polls(core_outputs.snapshot)
+            self._answer_snapshot_polls((core_outputs.snapshot, self.stats))
 
-    def _answer_snapshot_polls(self, answer: ReplicaSnapshot | BaseException) -> None:
+    def _answer_snapshot_polls(self, answer: tuple[ReplicaSnapshot, EngineStats] | BaseException) -> None:
         waiters, self._snapshot_waiters = self._snapshot_waiters, []
         for waiter in waiters:
             if waiter.done():
@@ -259,7 +261,8 @@ class AsyncLLM:
     def _observe_step(self, step: StepStats, output_s: float) -> None:
         self.metrics.observe_step(step, output_s)
         if self._step_log is not None:
-            self._step_log.write(json.dumps({**msgspec.structs.asdict(step), "output_s": output_s, "logged_at": time.time()}) + "\n")
+            line = {**msgspec.structs.asdict(step), "output_s": output_s, "logged_at": time.time()}
+            self._step_log.write(json.dumps(line) + "\n")
         if self.log_step_stats:
             logger.info("step %d: %d requests (%d decodes, %d prefill tokens); schedule %.1f ms, prepare %.1f, "
                         "forward %.1f, sample %.1f, update %.1f, output %.1f, gap %.1f", step.step_id,
