@@ -261,7 +261,7 @@ class EngineCore:
 
     def snapshot(self, replica_id: str = "", taken_s: float = 0.0) -> ReplicaSnapshot:
         """What a router polls: queues, free memory and the fitted step cost, taken now."""
-        return take_snapshot(self.scheduler, self.config, replica_id, taken_s, self.step_cost_fitter.num_fits > 0)
+        return take_snapshot(self.scheduler, self.config, replica_id, taken_s, self.step_cost_fitter.fitted)
 
 
 def _step_stats(sched_out: SchedulerOutput, num_tokens: int, runner_out: RunnerOutput, gap_s: float,

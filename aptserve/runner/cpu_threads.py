@@ -58,12 +58,14 @@ class CpuThreadBudget:
     @classmethod
     def for_this_process(cls, max_threads: int) -> CpuThreadBudget | None:
         """A budget over the cores this process may run on; None where /proc/stat is not there to read."""
-        cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        cpus = frozenset(os.sched_getaffinity(0))
         try:
             busy_seconds(cpus)
         except (OSError, ValueError):
             return None
-        return cls(max_threads, cpus) if cpus else None
+        return cls(max_threads, cpus)
 
     def others_cpus(self) -> float | None:
         """Cores' worth of CPU the other processes used over the last window (None until a window has passed, and

@@ -135,9 +135,8 @@ class ModelRunner:
                 raise ConversionFailedError([c.request_id for c in sched_out.conversions]) from exc
         if sched_out.is_empty:
             return RunnerOutput()
-        if self.thread_budget is not None and (threads := self.thread_budget.next_step_threads()) != \
-                torch.get_num_threads():
-            torch.set_num_threads(threads)
+        if self.thread_budget is not None:
+            torch.set_num_threads(self.thread_budget.next_step_threads())  # unchanged: a no-op
         model_input = self.prepare_inputs(sched_out.scheduled, sched_out.scratch_unit_ids)
         prepared_s = time.perf_counter()
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.attn_metadata)

@@ -87,7 +87,7 @@ class StepCostFitter:
         self._ring = np.zeros((window, 4))  # (tokens, work, seconds, scored tokens), the oldest overwritten
         self._num_rows = self._num_since_fit = 0
         self._chunk_ratio = 1.0
-        self.num_fits = 0  # until the first, the model is the prior, not this machine's
+        self.fitted = False  # until the first refit, the model is the prior, not this machine's
 
     def observe(self, num_tokens: int, work: float, seconds: float, recompute_tokens: int = 0,
                 scored_tokens: int = 0) -> None:
@@ -95,12 +95,13 @@ class StepCostFitter:
         self._ring[self._num_rows % self.window] = (num_tokens, work, seconds, scored_tokens)
         self._num_rows += 1
         self._num_since_fit += 1
-        surprised = seconds > SURPRISE_FACTOR * self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
+        predicted_s = self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
+        surprised = seconds > SURPRISE_FACTOR * predicted_s
         unpriced = scored_tokens > 0 and self.model.per_scored_token_s == 0  # the first scored step it sees
         if (self._num_since_fit >= self.refit_every or surprised or unpriced) and self._num_rows >= self.min_steps:
             self.refit()
-        # against the model now in use (a refit on this very step leaves it little to correct)
-        predicted_s = self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
+            # the margin is taken against the model now in use (a refit on this very step leaves little to correct)
+            predicted_s = self.model.predict(num_tokens, work, scored_tokens=scored_tokens)
         if num_tokens > SMALL_STEP_TOKENS and predicted_s > 0:
             self._chunk_ratio += CHUNK_MARGIN_WEIGHT * (seconds / predicted_s - self._chunk_ratio)
             self.model = replace(self.model, chunk_margin=min(MAX_CHUNK_MARGIN, max(1.0, self._chunk_ratio)))
@@ -120,7 +121,7 @@ class StepCostFitter:
         rows = self.rows
         if len(rows):
             self._num_since_fit = 0
-            self.num_fits += 1
+            self.fitted = True
             smallest, largest = float(rows[:, 0].min()), float(rows[:, 0].max())
             missing = [DECODE_ANCHOR] * (smallest > SMALL_STEP_TOKENS) + [CHUNK_ANCHOR] * (largest <= SMALL_STEP_TOKENS)
             anchors = [(t, w, self.model.predict(t, w), 0) for t, w in missing]
